@@ -1,0 +1,3 @@
+from pxfs.cli.main import main
+
+raise SystemExit(main())

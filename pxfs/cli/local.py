@@ -1,0 +1,216 @@
+"""``pxfs cluster init``, ``pxfs node start``, ``pxfs up`` and ``pxfs down``: running nodes on this host."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from pxfs.cli.output import line
+from pxfs.cli.sizes import parse_size
+from pxfs.cluster.config import init_cluster, load_config, load_secret, save_config
+from pxfs.errors import Invalid, PxfsError, Unavailable
+from pxfs.node import NodeConfig, PoolSpec, run_node
+from pxfs.rpc.bridge import open_bridge
+from pxfs.rpc.client import Connection, split_address
+
+CLASSES = ("high", "medium", "low")
+UP_TIMEOUT = 30.0
+DOWN_TIMEOUT = 15.0
+
+
+def parse_pool(text: str) -> PoolSpec:
+    path, *opts = text.split(",")
+    if not path:
+        raise Invalid(f"pool {text!r}", "expected PATH[,size=SIZE][,class=high|medium|low]")
+    p = Path(path).resolve()
+    size = 0
+    klass = "medium"
+    for opt in opts:
+        k, sep, v = opt.partition("=")
+        if k == "size" and sep:
+            size = parse_size(v, f"pool {path} size")
+        elif k == "class" and v in CLASSES:
+            klass = v
+        else:
+            raise Invalid(f"pool {text!r}", f"unknown option {opt!r} (size=SIZE, class=high|medium|low)")
+    p.mkdir(parents=True, exist_ok=True)
+    if not size:
+        st = os.statvfs(p)
+        size = st.f_blocks * st.f_frsize
+    return PoolSpec(path=p, capacity=size, klass=klass)
+
+
+def cmd_cluster_init(args: argparse.Namespace) -> int:
+    d = Path(args.dir).resolve()
+    split_address(args.seed)
+    cfg = init_cluster(d, args.name or d.name, args.seed)
+    if args.json:
+        from pxfs.cli.output import emit_json
+
+        emit_json({"id": cfg.id, "name": cfg.name, "seed": cfg.seed, "dir": str(d)})
+    else:
+        line(f'cluster "{cfg.name}" ({cfg.id}) initialised in {d}; seed node address {cfg.seed}')
+    return 0
+
+
+def cmd_node_start(args: argparse.Namespace) -> int:
+    if not args.pool:
+        raise Invalid("node", "at least one --pool PATH is required")
+    labels = {}
+    for item in args.label or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise Invalid(f"label {item!r}", "expected KEY=VALUE")
+        labels[k] = v
+    cfg = NodeConfig(cluster_dir=args.cluster, listen=args.listen, pools=[parse_pool(p) for p in args.pool],
+                     labels=labels, node_id=args.id or "", state_dir=Path(args.state).resolve() if args.state else None,
+                     seed=True if args.seed else None)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    trio.run(run_node, cfg)
+    return 0
+
+
+# -- local clusters -----------------------------------------------------------------------------
+
+
+def _pid_alive(pid_file: Path, marker: str) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    if marker not in cmdline:
+        return None
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+        return None
+    return pid
+
+
+def _node_dirs(d: Path) -> list[Path]:
+    nodes = d / "nodes"
+    return sorted((p for p in nodes.iterdir() if (p / "node.json").exists()), key=lambda p: int(p.name[1:])
+                  if p.name[1:].isdigit() else 0) if nodes.exists() else []
+
+
+def _spawn(cluster: Path, nd: Path) -> subprocess.Popen:
+    spec = json.loads((nd / "node.json").read_text())
+    argv = [sys.executable, "-m", "pxfs", "node", "start", "--cluster", str(cluster), "--listen", spec["listen"],
+            "--id", spec["id"], "--state", str(nd / "state")]
+    for p in spec["pools"]:
+        argv += ["--pool", p]
+    for k, v in spec["labels"].items():
+        argv += ["--label", f"{k}={v}"]
+    log = open(nd / "node.log", "ab")
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                            cwd="/")
+    (nd / "pid").write_text(f"{proc.pid}\n")
+    return proc
+
+
+async def _wait_up(cluster: Path, expected: list[str], procs: dict[str, subprocess.Popen]) -> None:
+    cfg = load_config(cluster)
+    secret = load_secret(cluster)
+    async with open_bridge() as bridge:
+        with trio.move_on_after(UP_TIMEOUT) as scope:
+            while True:
+                for nid, proc in procs.items():
+                    if proc.poll() is not None:
+                        logf = cluster / "nodes" / nid / "node.log"
+                        tail = logf.read_text(errors="replace").strip().splitlines()[-1:] if logf.exists() else []
+                        raise Unavailable(f"node {nid}", f"exited with status {proc.returncode}: "
+                                          f"{tail[0] if tail else 'no log'} (log: {logf})")
+                try:
+                    conn = await Connection.open(bridge, cfg.seed, secret, peer="cli", timeout=2)
+                    try:
+                        nodes = await (await conn.admin()).list_nodes()
+                    finally:
+                        await conn.close()
+                    up = {n.id for n in nodes if n.state == "up"}
+                    if all(e in up for e in expected):
+                        return
+                except PxfsError:
+                    pass
+                await trio.sleep(0.2)
+        if scope.cancelled_caught:
+            raise Unavailable(f"cluster in {cluster}", f"nodes not all up after {UP_TIMEOUT:g}s; see nodes/*/node.log")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    d = Path(args.dir).resolve()
+    if not 1 <= args.nodes <= 16:
+        raise Invalid(f"--nodes {args.nodes}", "a local cluster has 1 to 16 nodes")
+    if not 1024 <= args.base_port <= 65535 - args.nodes:
+        raise Invalid(f"--base-port {args.base_port}", "must be between 1024 and 65535 minus the node count")
+    pool_size = args.pool_size
+    parse_size(pool_size, "pool size")
+    if not (d / "cluster.json").exists():
+        init_cluster(d, args.name or d.name, f"127.0.0.1:{args.base_port}")
+        line(f"initialised cluster in {d}")
+    cfg = load_config(d)
+    existing = _node_dirs(d)
+    for i in range(len(existing) + 1, args.nodes + 1):
+        nd = d / "nodes" / f"n{i}"
+        nd.mkdir(parents=True, exist_ok=True)
+        listen = f"127.0.0.1:{args.base_port + i - 1}"
+        spec = {"id": f"n{i}", "listen": listen, "pools": [f"{nd / 'pool'},size={pool_size}"],
+                "labels": {"zone": f"zone-{i}"}}
+        (nd / "node.json").write_text(json.dumps(spec, indent=2) + "\n")
+        if listen not in cfg.nodes:
+            cfg.nodes.append(listen)
+    save_config(d, cfg)
+    procs: dict[str, subprocess.Popen] = {}
+    ids = []
+    for nd in _node_dirs(d):
+        ids.append(nd.name)
+        if _pid_alive(nd / "pid", str(d)) is None:
+            procs[nd.name] = _spawn(d, nd)
+            line(f"started node {nd.name} (pid {procs[nd.name].pid})")
+        else:
+            line(f"node {nd.name} already running")
+    trio.run(_wait_up, d, ids, procs)
+    args.cluster = d
+    from pxfs.cli.admin_cmds import cmd_status
+
+    return trio.run(cmd_status, args)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    d = Path(args.dir).resolve()
+    load_config(d)
+    pids: dict[str, int] = {}
+    for nd in _node_dirs(d):
+        pid = _pid_alive(nd / "pid", str(d))
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            pids[nd.name] = pid
+    stuck = trio.run(_wait_exit, pids)
+    for nid in stuck:
+        os.kill(pids[nid], signal.SIGKILL)
+    for nd in _node_dirs(d):
+        (nd / "pid").unlink(missing_ok=True)
+    line(f"stopped {len(pids)} node(s)" + (f"; killed {', '.join(stuck)} after {DOWN_TIMEOUT:g}s" if stuck else ""))
+    return 0
+
+
+async def _wait_exit(pids: dict[str, int]) -> list[str]:
+    with trio.move_on_after(DOWN_TIMEOUT):
+        while any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids.values()):
+            await trio.sleep(0.05)
+    return [n for n, p in pids.items() if Path(f"/proc/{p}").exists() and not _zombie(p)]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

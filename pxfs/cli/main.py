@@ -1,0 +1,123 @@
+"""The ``pxfs`` command: argument parsing and dispatch; failures become one line and exit code 1."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from pxfs.cli import admin_cmds, local
+from pxfs.cli.output import error
+from pxfs.errors import Invalid, PxfsError
+
+
+def _client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--cluster", metavar="DIR", help="cluster directory (default: $PXFS_CLUSTER)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pxfs", description="pxfs: a replicated filesystem for container clusters")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="start a local cluster of N nodes under DIR (init on first use)")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--base-port", type=int, default=7700)
+    p.add_argument("--pool-size", default="10G", help="capacity of each node's pool (default 10G)")
+    p.add_argument("--name", default="")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=local.cmd_up, sync=True)
+
+    p = sub.add_parser("down", help="stop the nodes of a local cluster")
+    p.add_argument("--dir", required=True)
+    p.set_defaults(run=local.cmd_down, sync=True)
+
+    cl = sub.add_parser("cluster", help="cluster set-up").add_subparsers(dest="sub", required=True, metavar="SUB")
+    p = cl.add_parser("init", help="new cluster: id, secret and client config in DIR")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--name", default="")
+    p.add_argument("--seed", default="127.0.0.1:7700", help="address of the seed node (HOST:PORT)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=local.cmd_cluster_init, sync=True)
+
+    nd = sub.add_parser("node", help="nodes").add_subparsers(dest="sub", required=True, metavar="SUB")
+    p = nd.add_parser("start", help="run a node daemon in the foreground")
+    p.add_argument("--cluster", metavar="DIR")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT")
+    p.add_argument("--pool", action="append", metavar="PATH[,size=SIZE][,class=CLASS]")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE")
+    p.add_argument("--id", default="")
+    p.add_argument("--state", default="", help="node state directory (default: FIRST_POOL/node-state)")
+    p.add_argument("--seed", action="store_true", help="hold the embedded control store")
+    p.set_defaults(run=local.cmd_node_start, sync=True, needs_cluster=True)
+    p = _client(nd.add_parser("list", help="nodes, addresses, labels, up/down"))
+    p.set_defaults(run=admin_cmds.cmd_node_list)
+
+    p = _client(sub.add_parser("status", help="cluster health"))
+    p.set_defaults(run=admin_cmds.cmd_status)
+    pl = sub.add_parser("pool", help="pools").add_subparsers(dest="sub", required=True, metavar="SUB")
+    _client(pl.add_parser("list", help="pools with capacity, used, free")).set_defaults(run=admin_cmds.cmd_pool_list)
+
+    vol = sub.add_parser("volume", help="volumes").add_subparsers(dest="sub", required=True, metavar="SUB")
+    p = _client(vol.add_parser("create", help="create a volume"))
+    p.add_argument("name")
+    p.add_argument("--size", required=True)
+    p.add_argument("--repl", type=int, default=1)
+    p.add_argument("--block-size", default="")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE")
+    p.set_defaults(run=admin_cmds.cmd_volume_create)
+    _client(vol.add_parser("list", help="list volumes")).set_defaults(run=admin_cmds.cmd_volume_list)
+    p = _client(vol.add_parser("inspect", help="one volume in detail"))
+    p.add_argument("name")
+    p.set_defaults(run=admin_cmds.cmd_volume_inspect)
+    p = _client(vol.add_parser("resize", help="change a volume's size (its quota)"))
+    p.add_argument("name")
+    p.add_argument("--size", required=True)
+    p.set_defaults(run=admin_cmds.cmd_volume_resize)
+    p = _client(vol.add_parser("delete", help="delete a volume"))
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="even while mounted")
+    p.set_defaults(run=admin_cmds.cmd_volume_delete)
+
+    _extend(sub, _client)
+    return ap
+
+
+def _extend(sub: argparse._SubParsersAction, client: Callable) -> None:
+    """Commands of the FUSE layer (mount, umount, install-mount-helper), when present."""
+    try:
+        from pxfs.cli import mount_cmds
+    except ImportError:
+        return
+    mount_cmds.register(sub, client)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if hasattr(args, "cluster") and not isinstance(args.cluster, Path):
+            value = args.cluster or os.environ.get("PXFS_CLUSTER")
+            if not value:
+                raise Invalid("cluster", "no cluster directory: pass --cluster DIR or set PXFS_CLUSTER")
+            args.cluster = Path(value).resolve()
+        if getattr(args, "sync", False):
+            return args.run(args)
+        return trio.run(args.run, args)
+    except PxfsError as err:
+        error(str(err))
+        return 1
+    except KeyboardInterrupt:
+        error("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

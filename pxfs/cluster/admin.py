@@ -1,0 +1,155 @@
+"""Cluster administration over a control store: the trio service behind the ``Admin`` RPC."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from pxfs.cluster import placement
+from pxfs.cluster.config import ClusterConfig
+from pxfs.cluster.store import ControlStore
+from pxfs.errors import Conflict, Exists, Invalid, NotFound
+from pxfs.model import NodeInfo, VolumeInfo
+
+VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
+MIN_SIZE = 1 << 20
+MAX_SIZE = 1 << 60
+DEFAULT_BLOCK = 1 << 20
+MIN_BLOCK, MAX_BLOCK = 4096, 16 << 20
+MOUNT_TTL = 15.0
+
+
+def check_volume_name(name: str) -> str:
+    if not VOLUME_NAME.match(name or "") or name in (".", ".."):
+        raise Invalid(f"volume {name!r}", "name must be 1-63 characters of letters, digits, '_', '.', '-' "
+                      "starting with a letter or digit (no '/', no path)")
+    return name
+
+
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    for k, v in labels.items():
+        if not LABEL.match(k) or (v and not LABEL.match(v)):
+            raise Invalid(f"label {k}={v}", "keys and values are up to 63 letters, digits, '_', '.', '/', '-'")
+    return labels
+
+
+def _vol_key(name: str) -> str:
+    return f"volumes/{name}"
+
+
+class ClusterAdmin:
+    """Validates and records volumes; judges health from node liveness."""
+
+    def __init__(self, store: ControlStore, config: ClusterConfig,
+                 overcommit: float = placement.OVERCOMMIT) -> None:
+        self._store = store
+        self._config = config
+        self._overcommit = overcommit
+
+    async def cluster_info(self) -> dict[str, str]:
+        c = self._config
+        return {"id": c.id, "name": c.name, "seed": c.seed, "store": c.store}
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        nodes = await self._store.liveness()
+        return sorted(nodes, key=lambda n: n.id)
+
+    async def _specs(self) -> list[VolumeInfo]:
+        return [VolumeInfo(**json.loads(raw)) for _k, raw in await self._store.range("volumes/")]
+
+    async def _spec(self, name: str) -> tuple[VolumeInfo, bytes]:
+        raw = await self._store.get(_vol_key(check_volume_name(name)))
+        if raw is None:
+            raise NotFound(f'volume "{name}"', "no such volume")
+        return VolumeInfo(**json.loads(raw)), raw
+
+    async def _decorate(self, vols: list[VolumeInfo], nodes: list[NodeInfo] | None = None) -> list[VolumeInfo]:
+        nodes = nodes if nodes is not None else await self._store.liveness()
+        up = {n.id for n in nodes if n.state == "up"}
+        now = time.time()
+        for v in vols:
+            usage = await self._store.get(f"usage/{v.name}")
+            v.used = json.loads(usage).get("used", 0) if usage else 0
+            v.state = "healthy" if all(r in up for r in v.replicas) else "degraded"
+            mounts = await self._store.range(f"mounts/{v.name}/")
+            v.mounts = sum(1 for _k, raw in mounts if now - json.loads(raw).get("ts", 0) <= MOUNT_TTL)
+        return vols
+
+    async def list_volumes(self) -> list[VolumeInfo]:
+        return await self._decorate(sorted(await self._specs(), key=lambda v: v.name))
+
+    async def get_volume(self, name: str) -> VolumeInfo:
+        spec, _raw = await self._spec(name)
+        return (await self._decorate([spec]))[0]
+
+    def _check_size(self, name: str, size: int) -> None:
+        if not MIN_SIZE <= size <= MAX_SIZE:
+            raise Invalid(f'volume "{name}"', f"size {size} out of range (1M to 1E bytes)")
+
+    async def _committed(self, skip: str = "") -> dict[str, int]:
+        committed: dict[str, int] = {}
+        for v in await self._specs():
+            if v.name != skip:
+                for r in v.replicas:
+                    committed[r] = committed.get(r, 0) + v.size
+        return committed
+
+    async def create_volume(self, name: str, size: int, repl: int, block_size: int,
+                            labels: dict[str, str]) -> VolumeInfo:
+        check_volume_name(name)
+        check_labels(labels)
+        self._check_size(name, size)
+        if not 1 <= repl <= 3:
+            raise Invalid(f'volume "{name}"', f"repl must be 1, 2 or 3 (got {repl})")
+        block_size = block_size or DEFAULT_BLOCK
+        if block_size & (block_size - 1) or not MIN_BLOCK <= block_size <= MAX_BLOCK:
+            raise Invalid(f'volume "{name}"', f"block size {block_size} must be a power of two from 4K to 16M")
+        if await self._store.get(_vol_key(name)) is not None:
+            raise Exists(f'volume "{name}"', "a volume with this name exists")
+        nodes = await self._store.liveness()
+        replicas = placement.place(name, nodes, repl, size, await self._committed(), self._overcommit)
+        vol = VolumeInfo(name=name, size=size, repl=repl, block_size=block_size, labels=labels,
+                         replicas=replicas, coordinator=replicas[0], epoch=1, created_ns=time.time_ns())
+        if not await self._store.cas(_vol_key(name), None, json.dumps(vol.spec()).encode()):
+            raise Exists(f'volume "{name}"', "a volume with this name exists")
+        return (await self._decorate([vol], nodes))[0]
+
+    async def resize_volume(self, name: str, size: int) -> VolumeInfo:
+        spec, raw = await self._spec(name)
+        self._check_size(name, size)
+        vol = (await self._decorate([spec]))[0]
+        if size < vol.used:
+            raise Invalid(f'volume "{name}"', f"cannot shrink to {size} bytes below the {vol.used} bytes in use")
+        if size > spec.size:
+            nodes = {n.id: n for n in await self._store.liveness()}
+            committed = await self._committed(skip=name)
+            for r in spec.replicas:
+                n = nodes.get(r)
+                if n and committed.get(r, 0) + size > self._overcommit * placement.node_capacity(n):
+                    raise Invalid(f'volume "{name}"', f"size {size} exceeds the thin-provisioning limit "
+                                  f"({self._overcommit:g}x pool capacity) of replica node {r}")
+        spec.size = size
+        if not await self._store.cas(_vol_key(name), raw, json.dumps(spec.spec()).encode()):
+            raise Conflict(f'volume "{name}"', "changed concurrently; retry")
+        return await self.get_volume(name)
+
+    async def delete_volume(self, name: str, force: bool) -> None:
+        vol = await self.get_volume(name)
+        if vol.mounts and not force:
+            raise Invalid(f'volume "{name}"', f"mounted {vol.mounts} time(s); unmount it first or use --force")
+        await self._store.delete(_vol_key(name))
+        await self._store.delete(f"usage/{name}")
+        for key, _raw in await self._store.range(f"mounts/{name}/"):
+            await self._store.delete(key)
+
+    async def update_volume(self, name: str, change: Any) -> VolumeInfo:
+        """Apply ``change(spec)`` with compare-and-swap (used by failover and repair)."""
+        for _ in range(20):
+            spec, raw = await self._spec(name)
+            change(spec)
+            if await self._store.cas(_vol_key(name), raw, json.dumps(spec.spec()).encode()):
+                return spec
+        raise Conflict(f'volume "{name}"', "too many concurrent changes")

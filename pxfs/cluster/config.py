@@ -1,0 +1,78 @@
+"""The cluster directory: what a client or node needs to find and join a cluster.
+
+Layout of DIR (``pxfs cluster init`` / ``pxfs up``):
+  cluster.json   {"id", "name", "seed": "HOST:PORT", "nodes": ["HOST:PORT", ...], "store": "embedded"}
+  secret         the cluster secret, hex, mode 0600
+  nodes/<id>/    (``pxfs up`` only) node.json with its start arguments, pid, node.log, pool/, state/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pxfs.errors import Exists, Invalid, NotFound
+
+
+@dataclass
+class ClusterConfig:
+    id: str
+    name: str
+    seed: str
+    nodes: list[str] = field(default_factory=list)
+    store: str = "embedded"
+
+    def addresses(self) -> list[str]:
+        """Where a client tries to connect: the seed first, then every known node."""
+        out = [self.seed]
+        out += [a for a in self.nodes if a != self.seed]
+        return out
+
+
+def init_cluster(directory: Path, name: str, seed: str) -> ClusterConfig:
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / "cluster.json").exists():
+        raise Exists(f"cluster directory {str(directory)!r}", "already initialised (cluster.json exists)")
+    cfg = ClusterConfig(id=str(uuid.uuid4()), name=name, seed=seed, nodes=[seed])
+    secret_path = directory / "secret"
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    os.chmod(secret_path, 0o600)
+    save_config(directory, cfg)
+    return cfg
+
+
+def save_config(directory: Path, cfg: ClusterConfig) -> None:
+    tmp = directory / "cluster.json.tmp"
+    tmp.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    os.replace(tmp, directory / "cluster.json")
+
+
+def load_config(directory: Path) -> ClusterConfig:
+    path = directory / "cluster.json"
+    try:
+        raw = json.loads(path.read_text())
+        return ClusterConfig(**raw)
+    except FileNotFoundError:
+        raise NotFound(f"cluster directory {str(directory)!r}",
+                       "no cluster.json (run `pxfs cluster init --dir DIR` or `pxfs up --dir DIR`)") from None
+    except (ValueError, TypeError) as exc:
+        raise Invalid(f"cluster config {str(path)!r}", f"unreadable: {exc}") from None
+
+
+def load_secret(directory: Path) -> bytes:
+    path = directory / "secret"
+    try:
+        text = path.read_text().strip()
+        return bytes.fromhex(text)
+    except FileNotFoundError:
+        raise NotFound(f"cluster directory {str(directory)!r}", "no secret file") from None
+    except PermissionError:
+        raise Invalid(f"secret {str(path)!r}", "not readable by this user (it is mode 0600)") from None
+    except ValueError:
+        raise Invalid(f"secret {str(path)!r}", "not a hex string") from None

@@ -1,0 +1,83 @@
+"""Plain records that cross layers: what the cluster map and the volume metadata talk about.
+
+They are wire-independent: pxfs.rpc converts them to and from Cap'n Proto structs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class PoolInfo:
+    node: str
+    path: str
+    klass: str
+    capacity: int
+    used: int
+    free: int
+    chunks: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "path": self.path, "class": self.klass, "capacity": self.capacity,
+                "used": self.used, "free": self.free, "chunks": self.chunks}
+
+
+@dataclass
+class NodeInfo:
+    id: str
+    address: str
+    labels: dict[str, str] = field(default_factory=dict)
+    state: str = "down"
+    pools: list[PoolInfo] = field(default_factory=list)
+    last_seen_ms: int = 0
+    seed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "address": self.address, "labels": dict(self.labels), "state": self.state,
+                "seed": self.seed, "last_seen_ms": self.last_seen_ms,
+                "pools": [p.to_json() for p in self.pools]}
+
+
+@dataclass
+class VolumeInfo:
+    name: str
+    size: int
+    repl: int
+    block_size: int
+    labels: dict[str, str] = field(default_factory=dict)
+    replicas: list[str] = field(default_factory=list)
+    coordinator: str = ""
+    epoch: int = 1
+    created_ns: int = 0
+    used: int = 0
+    state: str = "healthy"
+    mounts: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "used": self.used, "repl": self.repl,
+                "block_size": self.block_size, "labels": dict(self.labels), "state": self.state,
+                "replicas": list(self.replicas), "coordinator": self.coordinator, "epoch": self.epoch,
+                "mounts": self.mounts}
+
+    def spec(self) -> dict[str, Any]:
+        """The persistent part, as stored in the control store."""
+        d = asdict(self)
+        for k in ("used", "state", "mounts"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int

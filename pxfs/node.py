@@ -1,0 +1,146 @@
+"""The ``pxfs node`` daemon: wires pools, the control store, the RPC server and heartbeats together."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from pxfs.chunks.local import LocalChunkStore
+from pxfs.chunks.pool import Pool
+from pxfs.cluster.admin import ClusterAdmin
+from pxfs.cluster.config import load_config, load_secret
+from pxfs.cluster.remote_store import RemoteStore
+from pxfs.cluster.store import ControlStore, EmbeddedStore
+from pxfs.errors import PxfsError
+from pxfs.model import NodeInfo, PoolInfo
+from pxfs.rpc.bridge import open_bridge
+from pxfs.rpc.client import split_address
+from pxfs.rpc.server import RpcServer, Services
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 1.0
+
+
+@dataclass
+class PoolSpec:
+    path: Path
+    capacity: int
+    klass: str = "medium"
+
+
+@dataclass
+class NodeConfig:
+    cluster_dir: Path
+    listen: str
+    pools: list[PoolSpec]
+    labels: dict[str, str] = field(default_factory=dict)
+    node_id: str = ""
+    state_dir: Path | None = None
+    seed: bool | None = None  # None: seed when listening on the cluster's seed address
+
+
+class ChunkService:
+    """The node's pools as the ChunkStore RPC sees them: LocalChunkStore plus per-pool stats."""
+
+    def __init__(self, node_id: str, store: LocalChunkStore) -> None:
+        self.node_id, self.store = node_id, store
+
+    async def put(self, h: bytes, data: bytes) -> bool:
+        return await self.store.put(h, data)
+
+    async def get(self, h: bytes) -> bytes:
+        return await self.store.get(h)
+
+    async def has_many(self, hashes: list[bytes]) -> list[bool]:
+        return await self.store.has_many(hashes)
+
+    async def stats(self) -> list[PoolInfo]:
+        return [PoolInfo(node=self.node_id, path=str(p.path), klass=p.klass, capacity=p.capacity, used=p.used,
+                         free=p.free, chunks=p.chunk_count) for p in self.store.pools]
+
+
+def _node_id(state: Path, wanted: str) -> str:
+    path = state / "node-id"
+    if path.exists():
+        existing = path.read_text().strip()
+        if wanted and wanted != existing:
+            raise PxfsError(f"node state {str(state)!r}", f"belongs to node {existing!r}, not {wanted!r}")
+        return existing
+    import secrets
+
+    node_id = wanted or f"n-{secrets.token_hex(3)}"
+    path.write_text(node_id + "\n")
+    return node_id
+
+
+async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. Raises PxfsError on a configuration problem at start."""
+    cluster = load_config(cfg.cluster_dir)
+    secret = load_secret(cfg.cluster_dir)
+    split_address(cfg.listen)
+    state = cfg.state_dir or (cfg.pools[0].path / "node-state")
+    state.mkdir(parents=True, exist_ok=True)
+    node_id = _node_id(state, cfg.node_id)
+    is_seed = cfg.seed if cfg.seed is not None else cfg.listen == cluster.seed
+
+    pools = [Pool(p.path, p.capacity, klass=p.klass) for p in cfg.pools]
+    chunks = LocalChunkStore(pools)
+    await chunks.open()
+    chunk_service = ChunkService(node_id, chunks)
+
+    async with open_bridge() as bridge:
+        embedded: EmbeddedStore | None = None
+        store: ControlStore
+        if is_seed:
+            embedded = EmbeddedStore(str(state / "control"))
+            store = embedded
+        else:
+            store = RemoteStore(bridge, cluster.seed, secret, node_id)
+        admin = ClusterAdmin(store, cluster)
+        services = Services(admin=admin, chunks=chunk_service, control=embedded)
+        server = RpcServer(bridge, services, secret, cluster.id, node_id)
+        host, port = split_address(cfg.listen)
+        try:
+            await server.listen(host, port)
+        except OSError as exc:
+            raise PxfsError(f"node {node_id}", f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
+        log.info("node=%s listening=%s seed=%s pools=%d", node_id, cfg.listen, is_seed, len(pools))
+
+        async def heartbeat_loop() -> None:
+            warned = False
+            while True:
+                info = NodeInfo(id=node_id, address=cfg.listen, labels=cfg.labels, pools=await chunk_service.stats(),
+                                seed=is_seed)
+                try:
+                    await store.heartbeat(info)
+                    if warned:
+                        log.info("node=%s control store reachable again", node_id)
+                    warned = False
+                except PxfsError as err:
+                    if not warned:
+                        log.warning("node=%s heartbeat failed: %s", node_id, err)
+                    warned = True
+                await trio.sleep(HEARTBEAT_INTERVAL)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(heartbeat_loop)
+                if ready is not None:
+                    ready.set()
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("node=%s stopping on signal %s", node_id, signal.Signals(signum).name)
+                        break
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await server.close()
+                if isinstance(store, RemoteStore):
+                    await store.close()
+                if embedded is not None:
+                    embedded.close()

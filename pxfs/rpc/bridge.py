@@ -1,0 +1,184 @@
+"""The trio <-> pycapnp bridge: the only module of pxfs that knows about asyncio.
+
+pycapnp 2.x runs its RPC on the running asyncio loop (``capnp.kj_loop()``); pxfs runs on trio.
+Following shared/notes/trio-capnp.md (hosting 1, the measured fastest and public-API only), one
+dedicated thread runs an asyncio loop with the KJ loop attached, and every capnp object is created
+and used only by coroutines on that thread:
+
+* trio -> capnp: ``await bridge.run(coro_fn, *args)`` submits ``coro_fn(*args)`` to the capnp
+  thread and parks the trio task until it finishes. The future's done-callback reschedules the
+  task through the trio token, so no worker thread is parked per call. Cancelling the trio task
+  cancels the coroutine (and with it the pending RPC).
+* capnp -> trio: server methods run on the capnp thread; ``await bridge.to_trio(fn, *args)``
+  runs ``fn(*args)`` as a task in the bridge's trio nursery and awaits its result from asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import capnp
+import outcome
+import trio
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Bridge:
+    """An asyncio+KJ loop in its own thread, joined to the trio run that opened it."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        async def main() -> None:
+            async with capnp.kj_loop():
+                self._loop = asyncio.get_running_loop()
+                self._stop = asyncio.Event()
+                self._ready.set()
+                await self._stop.wait()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 - reported to the opener, not swallowed
+            self._error = exc
+            log.exception("capnp thread failed")
+        finally:
+            self._ready.set()
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._nursery = nursery
+        self._thread = threading.Thread(target=self._thread_main, name="pxfs-capnp", daemon=True)
+        self._thread.start()
+        await trio.to_thread.run_sync(self._ready.wait)
+        if self._loop is None:
+            raise RuntimeError(f"capnp loop did not start: {self._error!r}")
+
+    async def _close(self) -> None:
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:
+                pass
+        if self._thread is not None:
+            await trio.to_thread.run_sync(self._thread.join, 5)
+
+    # -- trio -> asyncio ----------------------------------------------------------------------
+
+    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run coroutine ``fn(*args)`` on the capnp thread and return its result to trio."""
+        if self._loop is None:
+            raise RuntimeError("bridge is not open")
+        fut = asyncio.run_coroutine_threadsafe(fn(*args), self._loop)
+        task = trio.lowlevel.current_task()
+        token = trio.lowlevel.current_trio_token()
+        aborted = False
+
+        def wake(result: outcome.Outcome) -> None:
+            if not aborted:
+                trio.lowlevel.reschedule(task, result)
+
+        def done(f: concurrent.futures.Future) -> None:
+            try:
+                token.run_sync_soon(wake, outcome.capture(f.result))
+            except trio.RunFinishedError:
+                pass
+
+        fut.add_done_callback(done)
+
+        def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
+            nonlocal aborted
+            aborted = True
+            fut.cancel()
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    # -- asyncio -> trio ----------------------------------------------------------------------
+
+    async def to_trio(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """From a coroutine on the capnp thread, run ``fn(*args)`` in trio and await the result."""
+        assert self._token is not None and self._nursery is not None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        scope_box: list[trio.CancelScope] = []
+
+        def settle(result: outcome.Outcome) -> None:
+            if fut.done():
+                return
+            if isinstance(result, outcome.Error):
+                fut.set_exception(result.error)
+            else:
+                fut.set_result(result.value)
+
+        async def runner() -> None:
+            with trio.CancelScope() as scope:
+                scope_box.append(scope)
+                if fut.cancelled():
+                    return
+                result = await outcome.acapture(fn, *args)
+                if isinstance(result, outcome.Error) and isinstance(result.error, trio.Cancelled):
+                    result = outcome.Error(asyncio.CancelledError())
+                try:
+                    loop.call_soon_threadsafe(settle, result)
+                except RuntimeError:
+                    pass
+
+        def start() -> None:
+            assert self._nursery is not None
+            self._nursery.start_soon(runner)
+
+        self._token.run_sync_soon(start)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            token = self._token
+
+            def cancel() -> None:
+                for scope in scope_box:
+                    scope.cancel()
+
+            try:
+                token.run_sync_soon(cancel)
+            except trio.RunFinishedError:
+                pass
+            raise
+
+
+@asynccontextmanager
+async def open_bridge() -> AsyncIterator[Bridge]:
+    """Start the capnp thread for the lifetime of an ``async with`` block."""
+    body_error: Exception | None = None
+    async with trio.open_nursery() as nursery:
+        bridge = Bridge()
+        await bridge._start(nursery)
+        try:
+            yield bridge
+        except Exception as exc:  # noqa: BLE001 - re-raised below
+            # Re-raised below, outside the nursery, so callers see the error itself rather than
+            # an ExceptionGroup: they map PxfsError subclasses to exit codes and errnos.
+            body_error = exc
+        finally:
+            with trio.CancelScope(shield=True):
+                await bridge._close()
+            nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error

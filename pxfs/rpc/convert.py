@@ -1,0 +1,65 @@
+"""Cap'n Proto structs <-> pxfs.model records. Runs on the capnp thread only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pxfs.model import Attr, NodeInfo, PoolInfo, VolumeInfo
+
+
+def labels_to(builder_list: Any, labels: dict[str, str]) -> None:
+    for i, (k, v) in enumerate(sorted(labels.items())):
+        builder_list[i].key = k
+        builder_list[i].value = v
+
+
+def labels_from(reader_list: Any) -> dict[str, str]:
+    return {lb.key: lb.value for lb in reader_list}
+
+
+def pool_to(b: Any, p: PoolInfo) -> None:
+    b.node, b.path, b.capacity, b.used, b.free, b.chunks = p.node, p.path, p.capacity, p.used, p.free, p.chunks
+    setattr(b, "class", p.klass)
+
+
+def pool_from(r: Any) -> PoolInfo:
+    return PoolInfo(node=r.node, path=r.path, klass=getattr(r, "class"), capacity=r.capacity, used=r.used,
+                    free=r.free, chunks=r.chunks)
+
+
+def node_to(b: Any, n: NodeInfo) -> None:
+    b.id, b.address, b.state, b.lastSeenMs, b.seed = n.id, n.address, n.state, n.last_seen_ms, n.seed
+    labels_to(b.init("labels", len(n.labels)), n.labels)
+    pools = b.init("pools", len(n.pools))
+    for i, p in enumerate(n.pools):
+        pool_to(pools[i], p)
+
+
+def node_from(r: Any) -> NodeInfo:
+    return NodeInfo(id=r.id, address=r.address, labels=labels_from(r.labels), state=r.state,
+                    pools=[pool_from(p) for p in r.pools], last_seen_ms=r.lastSeenMs, seed=r.seed)
+
+
+def volume_to(b: Any, v: VolumeInfo) -> None:
+    b.name, b.size, b.used, b.repl, b.blockSize = v.name, v.size, v.used, v.repl, v.block_size
+    b.state, b.coordinator, b.epoch, b.createdNs, b.mounts = v.state, v.coordinator, v.epoch, v.created_ns, v.mounts
+    labels_to(b.init("labels", len(v.labels)), v.labels)
+    reps = b.init("replicas", len(v.replicas))
+    for i, r in enumerate(v.replicas):
+        reps[i] = r
+
+
+def volume_from(r: Any) -> VolumeInfo:
+    return VolumeInfo(name=r.name, size=r.size, used=r.used, repl=r.repl, block_size=r.blockSize,
+                      labels=labels_from(r.labels), state=r.state, replicas=list(r.replicas),
+                      coordinator=r.coordinator, epoch=r.epoch, created_ns=r.createdNs, mounts=r.mounts)
+
+
+def attr_to(b: Any, a: Any) -> None:
+    b.ino, b.mode, b.nlink, b.uid, b.gid, b.rdev, b.size = a.ino, a.mode, a.nlink, a.uid, a.gid, a.rdev, a.size
+    b.atimeNs, b.mtimeNs, b.ctimeNs = a.atime_ns, a.mtime_ns, a.ctime_ns
+
+
+def attr_from(r: Any) -> Attr:
+    return Attr(ino=r.ino, mode=r.mode, nlink=r.nlink, uid=r.uid, gid=r.gid, rdev=r.rdev, size=r.size,
+                atime_ns=r.atimeNs, mtime_ns=r.mtimeNs, ctime_ns=r.ctimeNs)

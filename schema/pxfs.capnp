@@ -1,0 +1,164 @@
+@0xcbf55fc46e2f74fd;
+# pxfs wire protocol, version 1.
+#
+# Every node serves one TCP port whose bootstrap capability is a Gateway. The Gateway offers
+# nothing but a challenge-response login that proves knowledge of the cluster secret without
+# sending it; only a successful login hands out the Admin, ChunkStore, ControlStore and
+# VolumeService capabilities. Errors travel as Cap'n Proto exceptions whose description starts
+# with "pxfs-error:<code>:<errno>:" (see pxfs/rpc/errors.py).
+
+const protocolVersion :UInt16 = 1;
+
+struct Label {
+  key @0 :Text;
+  value @1 :Text;
+}
+
+struct PoolInfo {
+  node @0 :Text;
+  path @1 :Text;
+  class @2 :Text;
+  capacity @3 :UInt64;
+  used @4 :UInt64;
+  free @5 :UInt64;
+  chunks @6 :UInt64;
+}
+
+struct NodeInfo {
+  id @0 :Text;
+  address @1 :Text;
+  labels @2 :List(Label);
+  state @3 :Text;            # "up" / "down", judged by the control store from heartbeats
+  pools @4 :List(PoolInfo);
+  lastSeenMs @5 :UInt64;     # milliseconds since the control store last heard from the node
+  seed @6 :Bool;
+}
+
+struct VolumeInfo {
+  name @0 :Text;
+  size @1 :UInt64;
+  used @2 :UInt64;
+  repl @3 :UInt8;
+  blockSize @4 :UInt32;
+  labels @5 :List(Label);
+  state @6 :Text;            # "healthy" / "degraded"
+  replicas @7 :List(Text);   # node ids; the coordinator is one of them
+  coordinator @8 :Text;
+  epoch @9 :UInt64;
+  createdNs @10 :UInt64;
+  mounts @11 :UInt32;
+}
+
+struct KeyValue {
+  key @0 :Data;
+  value @1 :Data;
+}
+
+struct Attr {
+  ino @0 :UInt64;
+  mode @1 :UInt32;
+  nlink @2 :UInt32;
+  uid @3 :UInt32;
+  gid @4 :UInt32;
+  rdev @5 :UInt64;
+  size @6 :UInt64;
+  atimeNs @7 :Int64;
+  mtimeNs @8 :Int64;
+  ctimeNs @9 :Int64;
+}
+
+struct DirEntry {
+  name @0 :Data;
+  attr @1 :Attr;
+}
+
+struct BlockRef {
+  index @0 :UInt64;
+  hash @1 :Data;             # BLAKE3-256 of the chunk
+  length @2 :UInt32;         # bytes of the chunk that belong to the block; the rest of the block is zeros
+}
+
+# Bootstrap of every node. Called by: every peer (CLI, mounts, other nodes) before anything else.
+interface Gateway {
+  challenge @0 () -> (nonce :Data, clusterId :Text, nodeId :Text, version :UInt16);
+  # proof = HMAC-SHA256(secret, "pxfs-login" || nonce || clientNonce); the nonce is single use.
+  # serverProof = HMAC-SHA256(secret, "pxfs-server" || clientNonce || nonce) lets the peer check the node.
+  login @1 (nonce :Data, clientNonce :Data, proof :Data, peer :Text)
+      -> (session :Session, serverProof :Data);
+}
+
+# What a logged-in peer holds. Called by: CLI, mounts, nodes.
+interface Session {
+  admin @0 () -> (admin :Admin);
+  chunks @1 () -> (chunks :ChunkStore);
+  control @2 () -> (control :ControlStore);
+  volumes @3 () -> (volumes :VolumeService);
+}
+
+# Cluster administration. Called by: the pxfs CLI (any node answers; non-seed nodes use the seed's
+# ControlStore underneath).
+interface Admin {
+  clusterInfo @0 () -> (id :Text, name :Text, seed :Text, store :Text);
+  listNodes @1 () -> (nodes :List(NodeInfo));
+  createVolume @2 (name :Text, size :UInt64, repl :UInt8, blockSize :UInt32, labels :List(Label))
+      -> (volume :VolumeInfo);
+  listVolumes @3 () -> (volumes :List(VolumeInfo));
+  getVolume @4 (name :Text) -> (volume :VolumeInfo);
+  resizeVolume @5 (name :Text, size :UInt64) -> (volume :VolumeInfo);
+  deleteVolume @6 (name :Text, force :Bool) -> ();
+}
+
+# Content-addressed chunks of one node's pools. Called by: mounts (data path), other nodes (repair).
+interface ChunkStore {
+  put @0 (hash :Data, data :Data) -> (stored :Bool);   # stored=false: it was already there
+  get @1 (hash :Data) -> (data :Data);                  # verified against hash before it is sent
+  has @2 (hashes :List(Data)) -> (present :List(Bool));
+  stats @3 () -> (pools :List(PoolInfo));
+}
+
+# The cluster map's key-value store (embedded backend, served by the seed node). Called by: nodes.
+interface ControlStore {
+  get @0 (key :Text) -> (value :Data, found :Bool);
+  put @1 (key :Text, value :Data) -> ();
+  delete @2 (key :Text) -> (deleted :Bool);
+  range @3 (prefix :Text) -> (items :List(KeyValue));
+  # Compare-and-swap: writes value if the current value equals expected (found=false: key absent).
+  cas @4 (key :Text, expected :Data, expectFound :Bool, value :Data) -> (ok :Bool);
+  heartbeat @5 (node :NodeInfo) -> ();
+  liveness @6 () -> (nodes :List(NodeInfo));
+}
+
+# Volume metadata at a node. Called by: mounts (open), coordinators (replication to followers).
+interface VolumeService {
+  open @0 (name :Text, mountId :Text, readOnly :Bool) -> (volume :Volume, info :VolumeInfo);
+  # A coordinator ships batches to a follower; refused when epoch is older than the follower's.
+  apply @1 (name :Text, epoch :UInt64, seq :UInt64, batch :Data) -> (seq :UInt64);
+  lastSeq @2 (name :Text) -> (seq :UInt64, epoch :UInt64);
+}
+
+# One volume's POSIX metadata, served by its coordinator to a mount. Names are raw bytes.
+interface Volume {
+  getattr @0 (ino :UInt64) -> (attr :Attr);
+  lookup @1 (parent :UInt64, name :Data) -> (attr :Attr);
+  mknod @2 (parent :UInt64, name :Data, mode :UInt32, rdev :UInt64, uid :UInt32, gid :UInt32) -> (attr :Attr);
+  mkdir @3 (parent :UInt64, name :Data, mode :UInt32, uid :UInt32, gid :UInt32) -> (attr :Attr);
+  symlink @4 (parent :UInt64, name :Data, target :Data, uid :UInt32, gid :UInt32) -> (attr :Attr);
+  readlink @5 (ino :UInt64) -> (target :Data);
+  link @6 (ino :UInt64, newParent :UInt64, newName :Data) -> (attr :Attr);
+  unlink @7 (parent :UInt64, name :Data) -> ();
+  rmdir @8 (parent :UInt64, name :Data) -> ();
+  rename @9 (parent :UInt64, name :Data, newParent :UInt64, newName :Data, flags :UInt32) -> ();
+  # Fields with their set* flag false are left unchanged.
+  setattr @10 (ino :UInt64, attr :Attr, setMode :Bool, setUid :Bool, setGid :Bool, setSize :Bool,
+               setAtime :Bool, setMtime :Bool, setCtime :Bool) -> (attr :Attr);
+  readdir @11 (ino :UInt64, after :Data, limit :UInt32) -> (entries :List(DirEntry));
+  setxattr @12 (ino :UInt64, name :Data, value :Data, flags :UInt32) -> ();
+  getxattr @13 (ino :UInt64, name :Data) -> (value :Data);
+  listxattr @14 (ino :UInt64) -> (names :List(Data));
+  removexattr @15 (ino :UInt64, name :Data) -> ();
+  open @16 (ino :UInt64) -> (attr :Attr, blocks :List(BlockRef));
+  release @17 (ino :UInt64) -> ();
+  commit @18 (ino :UInt64, blocks :List(BlockRef), size :UInt64, mtimeNs :Int64) -> (attr :Attr);
+  statfs @19 () -> (capacity :UInt64, used :UInt64, inodes :UInt64, blockSize :UInt32);
+  info @20 () -> (info :VolumeInfo);
+}

@@ -1,0 +1,139 @@
+"""Shared fixtures: free loopback ports, a real local cluster of `pxfs node` processes, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pxfs.cluster.config import load_config, load_secret
+from pxfs.rpc.bridge import open_bridge
+from pxfs.rpc.client import Connection
+
+PXFS = [sys.executable, "-m", "pxfs"]
+
+
+def free_port_block(n: int) -> int:
+    """A base port with ``n`` consecutive free loopback ports after it."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65000:
+            continue
+        socks = []
+        try:
+            for i in range(n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError("no free port block")
+
+
+@dataclass
+class Cluster:
+    dir: Path
+    base_port: int
+    nodes: int
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        env = dict(os.environ, PXFS_CLUSTER=str(self.dir))
+        proc = subprocess.run([*PXFS, *args], capture_output=True, text=True, env=env, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"pxfs {' '.join(args)} failed rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def json(self, *args: str) -> object:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def pid(self, node: str) -> int:
+        return int((self.dir / "nodes" / node / "pid").read_text())
+
+    def kill(self, node: str, sig: int = signal.SIGKILL) -> None:
+        pid = self.pid(node)
+        fd = os.pidfd_open(pid)
+        try:
+            os.kill(pid, sig)
+            # The node is not our child: wait for its exit on a pidfd instead of polling.
+            select.select([fd], [], [], 30)
+        finally:
+            os.close(fd)
+
+    def up(self) -> subprocess.CompletedProcess:
+        return self.cli("up", "--dir", str(self.dir), "--nodes", str(self.nodes), "--base-port",
+                        str(self.base_port), "--pool-size", "2G")
+
+    def down(self) -> None:
+        subprocess.run([*PXFS, "down", "--dir", str(self.dir)], capture_output=True, timeout=60)
+
+
+def eventually(predicate, timeout: float = 20.0, what: str = "condition"):  # noqa: ANN001, ANN201
+    """Re-check an observable condition until it holds (bounded): for states judged by heartbeats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout}s")
+        time.sleep(0.2)
+
+
+@asynccontextmanager
+async def node_connection(cluster: Cluster, index: int = 0, secret: bytes | None = None) -> AsyncIterator[Connection]:
+    """A logged-in RPC connection to the cluster's ``index``-th node."""
+    cfg = load_config(cluster.dir)
+    async with open_bridge() as bridge:
+        conn = await Connection.open(bridge, cfg.addresses()[index], secret or load_secret(cluster.dir), peer="test")
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+
+def _leftover_pids(d: Path) -> list[int]:
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(d).encode() in (proc / "cmdline").read_bytes():
+                    out.append(int(proc.name))
+            except OSError:
+                pass
+    return out
+
+
+def make_cluster(tmp_path: Path, nodes: int = 3) -> Iterator[Cluster]:
+    c = Cluster(dir=tmp_path / "cluster", base_port=free_port_block(nodes), nodes=nodes)
+    try:
+        c.up()
+        yield c
+    finally:
+        c.down()
+        left = _leftover_pids(c.dir)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes left behind after pxfs down: {left}"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A fresh 3-node local cluster (real processes on loopback), stopped and checked afterwards."""
+    yield from make_cluster(tmp_path, 3)

@@ -1,0 +1,12 @@
+"""ruff over the whole tree: style is part of the build."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_ruff_clean() -> None:
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "pxfs", "tests", "scripts"], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
