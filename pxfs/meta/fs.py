@@ -1,0 +1,386 @@
+"""POSIX semantics over the metadata KV: the one ``Meta`` a volume's coordinator serves.
+
+``Meta`` is pure and synchronous: it checks, resolves and records; it never does I/O beyond its
+KV and never touches file contents (those are chunks, named by the block map it keeps). Every
+mutation builds one batch and writes it once, so a crash or a failover never shows half an
+operation, and the batch is exactly what the coordinator ships to the followers.
+
+Permission checks are not here: mounts run FUSE with ``default_permissions`` and the kernel checks
+modes and ownership before any request reaches us.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+import time
+from collections.abc import Callable
+
+from pxfs.errors import FsError, Invalid, NoSpace
+from pxfs.meta import dirs, keys
+from pxfs.meta.dirs import RENAME_EXCHANGE, RENAME_NOREPLACE
+from pxfs.meta.keys import HASH_LEN, ROOT_INO, Attr
+from pxfs.meta.kv import KV
+from pxfs.meta.txn import Txn, check_name
+
+__all__ = ["RENAME_EXCHANGE", "RENAME_NOREPLACE", "XATTR_CREATE", "XATTR_REPLACE", "Attr", "Meta"]
+
+log = logging.getLogger(__name__)
+
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+PATH_MAX = 4096
+
+_NODE_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
+
+
+class Meta:
+    """A volume's metadata: inodes, directory entries, block maps, xattrs, quota, open counts."""
+
+    def __init__(
+        self, kv: KV, capacity: int, block_size: int, clock: Callable[[], int] = time.time_ns
+    ) -> None:
+        if block_size <= 0:
+            raise Invalid("meta", f"block size {block_size} must be positive")
+        self.kv = kv
+        self.capacity = capacity  # writable: a volume resize changes the quota in place
+        self.block_size = block_size
+        self.clock = clock
+        # Open counts are per coordinator process on purpose: after a failover the mounts reopen,
+        # and orphans left by the old coordinator are dropped with purge_orphans().
+        self._open: dict[int, int] = {}
+
+    def _txn(self) -> Txn:
+        return Txn(self.kv, self.clock())
+
+    def _is_open(self, ino: int) -> bool:
+        return self._open.get(ino, 0) > 0
+
+    # -- inodes ---------------------------------------------------------------------------------
+    def init_root(self, uid: int = 0, gid: int = 0, mode: int = 0o755) -> Attr:
+        """Create the root directory of a new volume; an existing root is returned untouched."""
+        txn = self._txn()
+        root = txn.find(ROOT_INO)
+        if root is not None:
+            return root
+        now = txn.now
+        root = Attr(ROOT_INO, stat.S_IFDIR | (mode & 0o7777), 2, uid, gid, 0, 0, now, now, now, ROOT_INO)
+        txn.save(root)
+        txn.put(keys.counter_key(keys.NEXT_INODE), keys.encode_u64(ROOT_INO + 1))
+        txn.add_counter(keys.INODES, 1)
+        txn.commit()
+        return root
+
+    def getattr(self, ino: int) -> Attr:
+        return self._txn().attr(ino)
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        txn = self._txn()
+        d = txn.dir(parent)
+        if name == b".":
+            return d
+        if name == b"..":
+            return txn.attr(d.parent)
+        if len(name) > 255:
+            raise FsError(errno.ENAMETOOLONG, repr(name[:32]), "name longer than 255 bytes")
+        return txn.child(parent, name)
+
+    def _create(
+        self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0
+    ) -> tuple[Txn, Attr]:
+        """Common part of every create: checks, SGID inheritance, entry, parent times."""
+        check_name(name, creating=True)
+        txn = self._txn()
+        p = txn.dir(parent)
+        if txn.lookup(parent, name) is not None:
+            raise FsError(errno.EEXIST, repr(name), "entry exists")
+        is_dir = stat.S_ISDIR(mode)
+        if p.mode & stat.S_ISGID:
+            gid = p.gid
+            if is_dir:
+                mode |= stat.S_ISGID
+        a = txn.new_inode(mode, uid, gid, rdev, parent if is_dir else 0)
+        if is_dir:
+            a.nlink = 2
+            p.nlink += 1
+        txn.link_entry(parent, name, a)
+        txn.touch_dir(p)
+        return txn, a
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+        """Regular files, FIFOs, sockets and devices (a type of 0 means a regular file, as mknod(2))."""
+        ftype = stat.S_IFMT(mode) or stat.S_IFREG
+        if ftype not in _NODE_TYPES:
+            raise FsError(errno.EINVAL, repr(name), f"mknod cannot create type {ftype:#o}")
+        if ftype not in (stat.S_IFCHR, stat.S_IFBLK):
+            rdev = 0
+        txn, a = self._create(parent, name, ftype | (mode & 0o7777), uid, gid, rdev)
+        txn.commit()
+        return a
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        txn, a = self._create(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+        txn.commit()
+        return a
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        if not target:
+            raise FsError(errno.ENOENT, repr(name), "empty symlink target")
+        if b"\0" in target:
+            raise FsError(errno.EINVAL, repr(name), "NUL byte in symlink target")
+        if len(target) >= PATH_MAX:
+            raise FsError(errno.ENAMETOOLONG, repr(name), "symlink target too long")
+        txn, a = self._create(parent, name, stat.S_IFLNK | 0o777, uid, gid)
+        a.size = len(target)
+        txn.put(keys.symlink_key(a.ino), target)
+        txn.commit()
+        return a
+
+    def readlink(self, ino: int) -> bytes:
+        txn = self._txn()
+        a = txn.attr(ino)
+        if not stat.S_ISLNK(a.mode):
+            raise FsError(errno.EINVAL, f"inode {ino}", "not a symlink")
+        target = txn.get(keys.symlink_key(ino))
+        if target is None:
+            raise FsError(errno.EIO, f"inode {ino}", "symlink without target")
+        return target
+
+    # -- names ----------------------------------------------------------------------------------
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        txn = self._txn()
+        a = dirs.link(txn, ino, new_parent, new_name)
+        txn.commit()
+        return a
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        txn = self._txn()
+        dirs.unlink(txn, parent, name, self._is_open)
+        txn.commit()
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        txn = self._txn()
+        dirs.rmdir(txn, parent, name)
+        txn.commit()
+
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
+        """Atomic rename (see ``dirs.rename``); flags are RENAME_NOREPLACE and RENAME_EXCHANGE."""
+        txn = self._txn()
+        dirs.rename(txn, parent, name, new_parent, new_name, flags, self._is_open)
+        txn.commit()
+
+    def readdir(self, ino: int, after: bytes = b"", limit: int = 1000) -> list[tuple[bytes, Attr]]:
+        """Entries in byte order strictly after ``after``: a stable cursor across calls and renames."""
+        txn = self._txn()
+        txn.dir(ino)
+        prefix = keys.dentry_prefix(ino)
+        start = prefix + after + b"\0" if after else None
+        out = []
+        for key, value in self.kv.scan(prefix, start, limit):
+            out.append((key[len(prefix) :], txn.attr(keys.decode_dentry(value)[0])))
+        return out
+
+    # -- attributes -----------------------------------------------------------------------------
+    def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> Attr:
+        """Change attributes; a size change truncates or sparsely extends the block map."""
+        txn = self._txn()
+        a = txn.attr(ino)
+        if mode is not None:
+            a.mode = stat.S_IFMT(a.mode) | (mode & 0o7777)
+        if uid is not None:
+            a.uid = uid
+        if gid is not None:
+            a.gid = gid
+        if size is not None:
+            if stat.S_ISDIR(a.mode):
+                raise FsError(errno.EISDIR, f"inode {ino}", "cannot truncate a directory")
+            if not stat.S_ISREG(a.mode):
+                raise FsError(errno.EINVAL, f"inode {ino}", "cannot truncate a special file")
+            if size < 0:
+                raise FsError(errno.EINVAL, f"inode {ino}", f"negative size {size}")
+            if size < a.size:
+                self._cut_blocks(txn, ino, size)
+            a.size = size
+            a.mtime_ns = txn.now
+        if atime_ns is not None:
+            a.atime_ns = atime_ns
+        if mtime_ns is not None:
+            a.mtime_ns = mtime_ns
+        txn.save(a)
+        if ctime_ns is not None:
+            a.ctime_ns = ctime_ns
+        txn.commit()
+        return a
+
+    def _cut_blocks(self, txn: Txn, ino: int, size: int) -> None:
+        """Drop block entries past ``size``; a block cut in the middle keeps its chunk, shorter."""
+        bs = self.block_size
+        first = size // bs
+        freed = 0
+        for key, value in self.kv.scan(keys.block_prefix(ino), keys.block_key(ino, first)):
+            idx = keys.block_idx(key)
+            digest, length = keys.decode_block(value)
+            keep = max(0, min(length, size - idx * bs))
+            freed += length - keep
+            if keep:
+                txn.put(key, keys.encode_block(digest, keep))
+            else:
+                txn.delete(key)
+        if freed:
+            txn.add_counter(keys.USED_BYTES, -freed)
+
+    # -- xattrs ---------------------------------------------------------------------------------
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        if not name or len(name) > XATTR_NAME_MAX:
+            raise FsError(errno.ERANGE if name else errno.EINVAL, f"inode {ino}", "bad xattr name")
+        if len(value) > XATTR_SIZE_MAX:
+            raise FsError(errno.E2BIG, f"inode {ino}", "xattr value too large")
+        txn = self._txn()
+        a = txn.attr(ino)
+        key = keys.xattr_key(ino, name)
+        exists = txn.get(key) is not None
+        if flags & XATTR_CREATE and exists:
+            raise FsError(errno.EEXIST, f"inode {ino}", f"xattr {name!r} exists")
+        if flags & XATTR_REPLACE and not exists:
+            raise FsError(errno.ENODATA, f"inode {ino}", f"no xattr {name!r}")
+        txn.put(key, value)
+        txn.save(a)
+        txn.commit()
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        txn = self._txn()
+        txn.attr(ino)
+        value = txn.get(keys.xattr_key(ino, name))
+        if value is None:
+            raise FsError(errno.ENODATA, f"inode {ino}", f"no xattr {name!r}")
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        self._txn().attr(ino)
+        prefix = keys.xattr_prefix(ino)
+        return [k[len(prefix) :] for k, _ in self.kv.scan(prefix)]
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        txn = self._txn()
+        a = txn.attr(ino)
+        key = keys.xattr_key(ino, name)
+        if txn.get(key) is None:
+            raise FsError(errno.ENODATA, f"inode {ino}", f"no xattr {name!r}")
+        txn.delete(key)
+        txn.save(a)
+        txn.commit()
+
+    # -- data -----------------------------------------------------------------------------------
+    def get_blocks(self, ino: int) -> tuple[Attr, dict[int, tuple[bytes, int]]]:
+        """Attrs and block map {index: (hash, length)}; indexes missing from the map are holes."""
+        a = self._txn().attr(ino)
+        blocks = {keys.block_idx(k): keys.decode_block(v) for k, v in self.kv.scan(keys.block_prefix(ino))}
+        return a, blocks
+
+    def commit_blocks(
+        self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int | None = None
+    ) -> Attr:
+        """Record written blocks and the new size; ENOSPC (nothing changed) past the quota.
+
+        A length of 0 punches a hole. A block may not reach past the resulting size: that would
+        be a block the file cannot show, counted against the quota.
+        """
+        txn = self._txn()
+        a = txn.attr(ino)
+        if stat.S_ISDIR(a.mode):
+            raise FsError(errno.EISDIR, f"inode {ino}", "a directory has no blocks")
+        if not stat.S_ISREG(a.mode):
+            raise FsError(errno.EINVAL, f"inode {ino}", "not a regular file")
+        new_size = max(a.size, size)
+        bs = self.block_size
+        delta = 0
+        for idx, (digest, length) in sorted(blocks.items()):
+            if idx < 0 or not 0 <= length <= bs or len(digest) != HASH_LEN:
+                raise FsError(errno.EINVAL, f"inode {ino}", f"bad block {idx} ({length} bytes)")
+            if idx * bs + length > new_size:
+                raise FsError(errno.EINVAL, f"inode {ino}", f"block {idx} reaches past size {new_size}")
+            key = keys.block_key(ino, idx)
+            old = txn.get(key)
+            if old is not None:
+                delta -= keys.decode_block(old)[1]
+            if length:
+                txn.put(key, keys.encode_block(digest, length))
+            else:
+                txn.delete(key)
+            delta += length
+        if delta > 0:
+            used = keys.decode_u64(txn.get(keys.counter_key(keys.USED_BYTES)))
+            if used + delta > self.capacity:
+                raise NoSpace(f"inode {ino}", f"quota: {used} + {delta} bytes > capacity {self.capacity}")
+        if delta:
+            txn.add_counter(keys.USED_BYTES, delta)
+        a.size = new_size
+        a.mtime_ns = txn.now if mtime_ns is None else mtime_ns
+        txn.save(a)
+        txn.commit()
+        return a
+
+    def statfs(self) -> dict[str, int]:
+        def counter(name: bytes) -> int:
+            return keys.decode_u64(self.kv.get(keys.counter_key(name)))
+
+        return {
+            "capacity": self.capacity,
+            "used": counter(keys.USED_BYTES),
+            "inodes": counter(keys.INODES),
+            "block_size": self.block_size,
+        }
+
+    # -- open files -----------------------------------------------------------------------------
+    def open(self, ino: int) -> Attr:
+        """Count an open handle: an unlinked file lives on (as an orphan) until its last release."""
+        a = self.getattr(ino)
+        self._open[ino] = self._open.get(ino, 0) + 1
+        return a
+
+    def release(self, ino: int) -> None:
+        count = self._open.get(ino, 0)
+        if count == 0:
+            # Handles opened at a previous coordinator: harmless, purge_orphans() covers them.
+            log.debug("release of inode=%d that is not open here", ino)
+            return
+        if count > 1:
+            self._open[ino] = count - 1
+            return
+        del self._open[ino]
+        txn = self._txn()
+        a = txn.find(ino)
+        if a is not None and a.nlink == 0:
+            txn.purge(a)
+            txn.commit()
+
+    def purge_orphans(self) -> int:
+        """Free every orphan not open here (after a coordinator restart); returns how many."""
+        txn = self._txn()
+        count = 0
+        for key, _ in self.kv.scan(keys.ORPHAN_PREFIX):
+            ino = keys.orphan_ino(key)
+            if self._is_open(ino):
+                continue
+            a = txn.find(ino)
+            if a is None:
+                txn.delete(key)
+            else:
+                txn.purge(a)
+            count += 1
+        txn.commit()
+        return count

@@ -1,0 +1,297 @@
+"""The tiny transactional key-value store under the metadata, and its two engines.
+
+The meta layer needs little from storage: point reads, ordered prefix scans and one atomic batch
+per mutation. Keeping the interface that small lets the same POSIX code run on an in-memory engine
+(tests, scratch volumes) and on RocksDB (the coordinator and its followers).
+
+Replication rides on the same atomic write: every batch gets the next sequence number and is
+appended, encoded, to a replication log inside the very write that applies it, so the log can
+never disagree with the data after a crash. Followers feed the coordinator's entries to
+``apply``, which insists on gap-free sequence numbers.
+
+The counter and the log live under ``RESERVED`` (keys starting with ``0xff``), a prefix the
+metadata schema in ``pxfs.meta.keys`` never uses; batches may not touch it and scans hide it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+
+from pxfs.errors import Conflict, Corrupt, Invalid
+
+RESERVED = b"\xff"
+SEQ_KEY = RESERVED + b"seq"  # last applied sequence number
+TRIM_KEY = RESERVED + b"trim"  # highest sequence number dropped from the log
+LOG_PREFIX = RESERVED + b"L"  # + seq:8 big-endian -> encoded batch
+
+_U64 = struct.Struct(">Q")
+_OP = struct.Struct(">BI")  # op tag, key length
+_LEN = struct.Struct(">I")
+_PUT, _DELETE = 1, 2
+
+# One primitive write: (key, value) puts, (key, None) deletes.
+Op = tuple[bytes, bytes | None]
+
+
+class Batch:
+    """An ordered list of puts and deletes applied all-or-nothing; later ops on a key win."""
+
+    __slots__ = ("ops",)
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.ops.append((bytes(key), bytes(value)))
+
+    def delete(self, key: bytes) -> None:
+        self.ops.append((bytes(key), None))
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def __repr__(self) -> str:
+        return f"Batch({len(self.ops)} ops)"
+
+    def encode(self) -> bytes:
+        """Compact binary form shipped to followers: per op a tag, a length-prefixed key and value."""
+        parts: list[bytes] = []
+        for key, value in self.ops:
+            parts.append(_OP.pack(_DELETE if value is None else _PUT, len(key)))
+            parts.append(key)
+            if value is not None:
+                parts.append(_LEN.pack(len(value)))
+                parts.append(value)
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Batch:
+        """Parse ``encode`` output; a truncated or garbled batch is ``Corrupt``, never half-read."""
+        batch = cls()
+        view = memoryview(data)
+        pos = 0
+        try:
+            while pos < len(view):
+                tag, klen = _OP.unpack_from(view, pos)
+                pos += _OP.size
+                key = bytes(view[pos : pos + klen])
+                pos += klen
+                if tag == _DELETE:
+                    value = None
+                elif tag == _PUT:
+                    (vlen,) = _LEN.unpack_from(view, pos)
+                    pos += _LEN.size
+                    value = bytes(view[pos : pos + vlen])
+                    pos += vlen
+                else:
+                    raise Corrupt("batch", f"unknown op tag {tag} at offset {pos - _OP.size}")
+                if pos > len(view):
+                    raise Corrupt("batch", "truncated")
+                batch.ops.append((key, value))
+        except struct.error as e:
+            raise Corrupt("batch", f"truncated: {e}") from None
+        return batch
+
+
+def _log_key(seq: int) -> bytes:
+    return LOG_PREFIX + _U64.pack(seq)
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """Smallest key greater than every key starting with ``prefix`` (None: no upper bound)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+class KV(ABC):
+    """Sequence-numbered, logged, atomic KV; engines supply only the four raw primitives."""
+
+    def __init__(self) -> None:
+        raw = self._raw_get(SEQ_KEY)
+        self._seq = _U64.unpack(raw)[0] if raw else 0
+        raw = self._raw_get(TRIM_KEY)
+        self._trimmed = _U64.unpack(raw)[0] if raw else 0
+
+    # -- engine primitives -------------------------------------------------------------------
+    @abstractmethod
+    def _raw_get(self, key: bytes) -> bytes | None: ...
+
+    @abstractmethod
+    def _raw_iter(self, start: bytes, end: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        """Keys in ``[start, end)`` in byte order (``end`` None: to the last key)."""
+
+    @abstractmethod
+    def _raw_write(self, ops: list[Op], durable: bool) -> None:
+        """Apply all ``ops`` atomically; ``durable`` asks for the write to be on disk on return."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # -- reads ----------------------------------------------------------------------------------
+    @property
+    def seq(self) -> int:
+        """Sequence number of the last applied batch, 0 for an empty store."""
+        return self._seq
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._raw_get(key)
+
+    def scan(
+        self, prefix: bytes, start: bytes | None = None, limit: int | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Keys starting with ``prefix`` in byte order, from ``start`` (inclusive) if given.
+
+        Reserved keys are hidden unless the prefix itself asks for them.
+        """
+        lo = prefix if start is None or start < prefix else start
+        end = _prefix_end(prefix)
+        if not prefix.startswith(RESERVED) and (end is None or end > RESERVED):
+            end = RESERVED
+        if limit is not None and limit <= 0:
+            return
+        count = 0
+        for key, value in self._raw_iter(lo, end):
+            yield key, value
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+    # -- writes ---------------------------------------------------------------------------------
+    def write(self, batch: Batch) -> int:
+        """Apply ``batch`` atomically as the next sequence number (returned), logging it."""
+        self._check(batch)
+        self._commit(self._seq + 1, batch, batch.encode())
+        return self._seq
+
+    def apply(self, seq: int, batch_bytes: bytes) -> None:
+        """Follower side: apply the coordinator's batch ``seq``, which must follow ours exactly."""
+        if seq != self._seq + 1:
+            raise Conflict("kv", f"batch {seq} does not follow applied seq {self._seq}")
+        batch = Batch.decode(batch_bytes)
+        self._check(batch)
+        self._commit(seq, batch, batch_bytes)
+
+    def log_since(self, seq: int) -> list[tuple[int, bytes]]:
+        """Logged batches with sequence numbers above ``seq``, for a follower catching up.
+
+        Conflict when some of them were trimmed (the follower needs a full copy) or when ``seq``
+        is ahead of ours (the follower has history we never had).
+        """
+        if seq < self._trimmed:
+            raise Conflict("kv", f"log trimmed up to {self._trimmed}, cannot serve from {seq}")
+        if seq > self._seq:
+            raise Conflict("kv", f"seq {seq} is ahead of ours ({self._seq})")
+        start = _log_key(seq + 1)
+        return [(_U64.unpack(k[len(LOG_PREFIX) :])[0], v) for k, v in self.scan(LOG_PREFIX, start)]
+
+    def trim_log(self, keep: int) -> None:
+        """Drop all but the last ``keep`` log entries (bounded log; older followers need a copy)."""
+        if keep < 0:
+            raise Invalid("kv", f"cannot keep {keep} log entries")
+        upto = self._seq - keep
+        if upto <= self._trimmed:
+            return
+        last = _log_key(upto)
+        ops: list[Op] = []
+        for key, _ in self.scan(LOG_PREFIX):
+            if key > last:
+                break
+            ops.append((key, None))
+        ops.append((TRIM_KEY, _U64.pack(upto)))
+        self._raw_write(ops, durable=False)
+        self._trimmed = upto
+
+    def _check(self, batch: Batch) -> None:
+        for key, _ in batch.ops:
+            if key.startswith(RESERVED):
+                raise Invalid("kv", f"batch touches reserved key {key!r}")
+
+    def _commit(self, seq: int, batch: Batch, encoded: bytes) -> None:
+        ops = [*batch.ops, (SEQ_KEY, _U64.pack(seq)), (_log_key(seq), encoded)]
+        self._raw_write(ops, durable=True)
+        self._seq = seq
+
+
+class MemKV(KV):
+    """In-memory engine: a dict for values plus a sorted key list for scans (tests, scratch)."""
+
+    def __init__(self) -> None:
+        self._data: dict[bytes, bytes] = {}
+        self._keys: list[bytes] = []
+        super().__init__()
+
+    def _raw_get(self, key: bytes) -> bytes | None:
+        return self._data.get(key)
+
+    def _raw_iter(self, start: bytes, end: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        # Restart the bisection after every yield so that writes between steps cannot skip keys.
+        key = start
+        i = bisect.bisect_left(self._keys, key)
+        while i < len(self._keys):
+            key = self._keys[i]
+            if end is not None and key >= end:
+                return
+            yield key, self._data[key]
+            i = bisect.bisect_right(self._keys, key)
+
+    def _raw_write(self, ops: list[Op], durable: bool) -> None:
+        for key, value in ops:
+            if value is None:
+                if self._data.pop(key, None) is not None:
+                    del self._keys[bisect.bisect_left(self._keys, key)]
+            else:
+                if key not in self._data:
+                    bisect.insort(self._keys, key)
+                self._data[key] = value
+
+    def close(self) -> None:
+        pass
+
+
+class RocksKV(KV):
+    """RocksDB engine (rocksdict, raw bytes mode); data and log writes are synced to disk."""
+
+    def __init__(self, path: str) -> None:
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(True)
+        self._db = Rdict(path, options=opts)
+        self._sync = WriteOptions()
+        self._sync.sync = True
+        self._nosync = WriteOptions()
+        self._closed = False
+        super().__init__()
+
+    def _raw_get(self, key: bytes) -> bytes | None:
+        return self._db.get(key)
+
+    def _raw_iter(self, start: bytes, end: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        it = self._db.iter()
+        it.seek(start)
+        while it.valid():
+            key = it.key()
+            if end is not None and key >= end:
+                return
+            yield key, it.value()
+            it.next()
+
+    def _raw_write(self, ops: list[Op], durable: bool) -> None:
+        wb = WriteBatch(raw_mode=True)
+        for key, value in ops:
+            if value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, value)
+        self._db.write(wb, write_opt=self._sync if durable else self._nosync)
+
+    def close(self) -> None:
+        """Close the database; closing twice is harmless (shutdown paths may overlap)."""
+        if not self._closed:
+            self._closed = True
+            self._db.close()
