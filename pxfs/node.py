@@ -13,8 +13,10 @@ from pxfs.chunks.local import LocalChunkStore
 from pxfs.chunks.pool import Pool
 from pxfs.cluster.admin import ClusterAdmin
 from pxfs.cluster.config import load_config, load_secret
+from pxfs.cluster.peers import Peers, store_resolver
 from pxfs.cluster.remote_store import RemoteStore
 from pxfs.cluster.store import ControlStore, EmbeddedStore
+from pxfs.cluster.volume_host import VolumeHost
 from pxfs.errors import PxfsError
 from pxfs.model import NodeInfo, PoolInfo
 from pxfs.rpc.bridge import open_bridge
@@ -102,7 +104,9 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
         else:
             store = RemoteStore(bridge, cluster.seed, secret, node_id)
         admin = ClusterAdmin(store, cluster)
-        services = Services(admin=admin, chunks=chunk_service, control=embedded)
+        peers = Peers(bridge, secret, node_id, store_resolver(store))
+        volumes = VolumeHost(node_id, state, store, peers)
+        services = Services(admin=admin, chunks=chunk_service, control=embedded, volumes=volumes)
         server = RpcServer(bridge, services, secret, cluster.id, node_id)
         host, port = split_address(cfg.listen)
         try:
@@ -130,6 +134,7 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(heartbeat_loop)
+                await nursery.start(volumes.run)
                 if ready is not None:
                     ready.set()
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -140,6 +145,8 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
         finally:
             with trio.CancelScope(shield=True):
                 await server.close()
+                await peers.close()
+                volumes.close()
                 if isinstance(store, RemoteStore):
                     await store.close()
                 if embedded is not None:

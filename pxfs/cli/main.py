@@ -103,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if hasattr(args, "cluster") and not isinstance(args.cluster, Path):
             value = args.cluster or os.environ.get("PXFS_CLUSTER")
-            if not value:
+            if not value and getattr(args, "optional_cluster", False):
+                args.cluster = None
+            elif not value:
                 raise Invalid("cluster", "no cluster directory: pass --cluster DIR or set PXFS_CLUSTER")
-            args.cluster = Path(value).resolve()
+            else:
+                args.cluster = Path(value).resolve()
         if getattr(args, "sync", False):
             return args.run(args)
         return trio.run(args.run, args)

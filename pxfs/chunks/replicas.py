@@ -1,0 +1,83 @@
+"""A volume's chunks across its replica nodes: put to every live replica in parallel, get from any.
+
+This is the ``ChunkPort`` of a mount. A put succeeds when at least one replica stored the chunk and
+none refused it for lack of space (a refusal fails the write with ENOSPC before replicas diverge);
+replicas that cannot be reached leave the volume degraded for the repair loop to fix. A get tries the
+local replica first, then the others, and never returns bytes that do not match their hash.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import blake3
+import trio
+
+from pxfs.errors import Corrupt, NoSpace, NotFound, PxfsError, Unavailable
+
+log = logging.getLogger(__name__)
+
+PUT_TIMEOUT = 30.0
+
+
+class ReplicaChunks:
+    def __init__(self, volume: str, replicas: list[str], peers: Any, local: str | None = None) -> None:
+        self.volume = volume
+        self.replicas = list(replicas)
+        if local in self.replicas:  # short-circuit: read from this host's replica first
+            self.replicas.remove(local)
+            self.replicas.insert(0, local)
+        self._peers = peers
+        self.degraded: set[str] = set()
+
+    async def put(self, h: bytes, data: bytes) -> None:
+        results: dict[str, PxfsError | None] = {}
+
+        async def one(node: str) -> None:
+            try:
+                with trio.fail_after(PUT_TIMEOUT):
+                    await (await self._peers.chunks(node)).put(h, data)
+                results[node] = None
+            except trio.TooSlowError:
+                results[node] = Unavailable(f"node {node}", f"chunk put took over {PUT_TIMEOUT:g}s")
+            except PxfsError as err:
+                results[node] = err
+                if isinstance(err, Unavailable):
+                    await self._peers.forget(node)
+
+        async with trio.open_nursery() as nursery:
+            for node in self.replicas:
+                nursery.start_soon(one, node)
+        errors = {n: e for n, e in results.items() if e is not None}
+        for node, err in errors.items():
+            if isinstance(err, NoSpace):
+                raise NoSpace(f'volume "{self.volume}"', f"replica node {node} is out of space: {err.cause}")
+        if len(errors) == len(self.replicas):
+            first = next(iter(errors.values()))
+            raise Unavailable(f'volume "{self.volume}"', f"no replica stored the chunk ({first})")
+        for node, err in errors.items():
+            if node not in self.degraded:
+                log.warning("volume=%s replica=%s missed a chunk, degraded: %s", self.volume, node, err)
+            self.degraded.add(node)
+        for node in results:
+            if results[node] is None:
+                self.degraded.discard(node)
+
+    async def get(self, h: bytes) -> bytes:
+        last: PxfsError | None = None
+        for node in self.replicas:
+            try:
+                data = await (await self._peers.chunks(node)).get(h)
+            except (NotFound, Corrupt) as err:
+                last = err
+                continue
+            except Unavailable as err:
+                await self._peers.forget(node)
+                last = err
+                continue
+            if blake3.blake3(data).digest() != h:  # the wire is not trusted either
+                last = Corrupt(f"chunk {h.hex()[:16]}", f"bytes from node {node} do not match the hash")
+                continue
+            return data
+        raise last or NotFound(f"chunk {h.hex()[:16]}", "no replica has it")

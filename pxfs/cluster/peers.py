@@ -1,0 +1,84 @@
+"""Logged-in connections from one node (or mount) to the other nodes, found by id in the cluster map."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from pxfs.cluster.store import ControlStore
+from pxfs.errors import NotFound, Unavailable
+from pxfs.rpc.bridge import Bridge
+from pxfs.rpc.client import ChunkClient, Connection
+from pxfs.rpc.volume_client import VolumeServiceClient
+
+log = logging.getLogger(__name__)
+
+
+def store_resolver(store: ControlStore) -> Callable[[str], Awaitable[str]]:
+    """Node id -> address, from the control store's node records."""
+
+    async def resolve(node_id: str) -> str:
+        raw = await store.get(f"nodes/{node_id}")
+        if raw is None:
+            raise NotFound(f"node {node_id}", "not registered in the cluster map")
+        return json.loads(raw)["address"]
+
+    return resolve
+
+CALL_TIMEOUT = 10.0
+
+
+class Peers:
+    def __init__(self, bridge: Bridge, secret: bytes, self_id: str,
+                 resolve: Callable[[str], Awaitable[str]]) -> None:
+        self._bridge, self._secret, self._self_id, self._resolve = bridge, secret, self_id, resolve
+        self._conns: dict[str, Connection] = {}
+        self._locks: dict[str, trio.Lock] = {}
+
+    async def address(self, node_id: str) -> str:
+        return await self._resolve(node_id)
+
+    async def connection(self, node_id: str) -> Connection:
+        lock = self._locks.setdefault(node_id, trio.Lock())
+        async with lock:
+            conn = self._conns.get(node_id)
+            if conn is None:
+                conn = await Connection.open(self._bridge, await self.address(node_id), self._secret,
+                                             peer=self._self_id, timeout=3)
+                self._conns[node_id] = conn
+            return conn
+
+    async def forget(self, node_id: str) -> None:
+        conn = self._conns.pop(node_id, None)
+        if conn is not None:
+            await conn.close()
+
+    async def volumes(self, node_id: str) -> VolumeServiceClient:
+        conn = await self.connection(node_id)
+        return VolumeServiceClient(self._bridge, conn.peer, await conn.volumes_cap())
+
+    async def chunks(self, node_id: str) -> ChunkClient:
+        return await (await self.connection(node_id)).chunks()
+
+    async def apply(self, node_id: str, volume: str, epoch: int, seq: int, batch: bytes) -> int:
+        try:
+            with trio.fail_after(CALL_TIMEOUT):
+                return await (await self.volumes(node_id)).apply(volume, epoch, seq, batch)
+        except (Unavailable, trio.TooSlowError):
+            await self.forget(node_id)
+            raise Unavailable(f"node {node_id}", "did not answer a replication call") from None
+
+    async def last_seq(self, node_id: str, volume: str) -> tuple[int, int]:
+        try:
+            with trio.fail_after(CALL_TIMEOUT):
+                return await (await self.volumes(node_id)).last_seq(volume)
+        except (Unavailable, trio.TooSlowError):
+            await self.forget(node_id)
+            raise Unavailable(f"node {node_id}", "did not answer") from None
+
+    async def close(self) -> None:
+        for node_id in list(self._conns):
+            await self.forget(node_id)

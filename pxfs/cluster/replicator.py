@@ -1,0 +1,107 @@
+"""Ships a coordinator's metadata batches to its followers, in sequence order, one task per follower.
+
+A mutation is acknowledged to the mount once every *live* follower holds its batch. A follower that
+does not answer within ``ACK_TIMEOUT`` is marked lagging (the volume runs degraded) and is caught
+up from the log in the background as soon as it answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from pxfs.errors import Conflict, PxfsError
+from pxfs.meta.kv import KV
+
+log = logging.getLogger(__name__)
+
+ACK_TIMEOUT = 5.0
+RETRY_MAX = 2.0
+
+
+class Replicator:
+    def __init__(self, volume: str, kv: KV, epoch: int, followers: list[str], peers: Any) -> None:
+        self.volume, self.kv, self.epoch, self.followers = volume, kv, epoch, list(followers)
+        self._peers = peers
+        self.acked: dict[str, int | None] = {f: None for f in followers}
+        self.lagging: set[str] = set()
+        self._kick = trio.Event()
+        self._progress = trio.Event()
+        self._scope = trio.CancelScope()
+        self.deposed = False
+
+    def stop(self) -> None:
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                for f in self.followers:
+                    nursery.start_soon(self._follow, f)
+
+    def _notify_progress(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
+
+    async def _follow(self, follower: str) -> None:
+        delay = 0.05
+        while True:
+            try:
+                if self.acked[follower] is None:
+                    seq, epoch = await self._peers.last_seq(follower, self.volume)
+                    if epoch > self.epoch:
+                        self.deposed = True
+                        log.warning("volume=%s follower=%s is at epoch %d > ours %d: deposed",
+                                    self.volume, follower, epoch, self.epoch)
+                    self.acked[follower] = seq
+                    self._notify_progress()
+                acked = self.acked[follower]
+                assert acked is not None
+                if acked >= self.kv.seq:
+                    if follower in self.lagging:
+                        self.lagging.discard(follower)
+                        log.info("volume=%s follower=%s caught up at seq %d", self.volume, follower, acked)
+                    kick = self._kick
+                    await kick.wait()
+                    continue
+                for seq, batch in self.kv.log_since(acked):
+                    got = await self._peers.apply(follower, self.volume, self.epoch, seq, batch)
+                    self.acked[follower] = got
+                    self._notify_progress()
+                    if got != seq:
+                        break
+                delay = 0.05
+            except Conflict as err:
+                # Typically a newer epoch at the follower: this coordinator must stop writing.
+                log.warning("volume=%s follower=%s refused: %s", self.volume, follower, err)
+                self.lagging.add(follower)
+                self.acked[follower] = None
+                self._notify_progress()
+                await trio.sleep(RETRY_MAX)
+            except PxfsError as err:
+                if follower not in self.lagging:
+                    log.warning("volume=%s follower=%s unreachable, volume degraded: %s", self.volume, follower, err)
+                self.lagging.add(follower)
+                self.acked[follower] = None
+                self._notify_progress()
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+
+    async def wait_acked(self, seq: int) -> None:
+        """Return once each follower holds ``seq`` or is lagging (unreachable: degraded, not blocked)."""
+        self._kick.set()
+        self._kick = trio.Event()
+
+        def pending() -> list[str]:
+            return [f for f in self.followers if f not in self.lagging and (self.acked[f] or 0) < seq]
+
+        with trio.move_on_after(ACK_TIMEOUT):
+            while pending():
+                await self._progress.wait()
+            return
+        for f in pending():
+            log.warning("volume=%s follower=%s did not acknowledge seq %d within %gs: marked lagging",
+                        self.volume, f, seq, ACK_TIMEOUT)
+            self.lagging.add(f)

@@ -1,0 +1,165 @@
+"""The mount daemon: one FUSE mount of one volume, wired to the cluster (like ``node.py`` for nodes).
+
+It finds the volume through any node, opens it at the coordinator (``Volume`` RPC: the vfs layer's
+MetaPort), reaches the replicas' chunk stores (``ReplicaChunks``: the ChunkPort), mounts with
+pyfuse3 and serves until the kernel unmounts it or SIGTERM arrives; either way, it flushes every
+buffered write before it exits.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from pxfs.chunks.replicas import ReplicaChunks
+from pxfs.cluster.config import load_config, load_secret
+from pxfs.cluster.peers import Peers
+from pxfs.errors import NotFound, PxfsError, Unauthorized, Unavailable
+from pxfs.fuse.operations import Operations
+from pxfs.rpc.bridge import Bridge, open_bridge
+from pxfs.rpc.client import AdminClient, Connection
+from pxfs.vfs.vfs import Vfs
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_INTERVAL = 5.0
+READ_AHEAD_KB = 4096
+
+
+@dataclass
+class MountConfig:
+    cluster_dir: Path
+    volume: str
+    mountpoint: Path
+    fuse_options: set[str] = field(default_factory=set)
+    read_only: bool = False
+    attr_timeout: float = 1.0
+
+
+async def _admin(bridge: Bridge, cluster_dir: Path) -> tuple[Connection, AdminClient]:
+    cfg = load_config(cluster_dir)
+    secret = load_secret(cluster_dir)
+    errors = []
+    for address in cfg.addresses():
+        try:
+            conn = await Connection.open(bridge, address, secret, peer=f"mount@{socket.gethostname()}", timeout=3)
+            return conn, await conn.admin()
+        except Unauthorized:
+            raise
+        except PxfsError as err:
+            errors.append(str(err))
+    raise Unavailable(f'cluster "{cfg.name}"', "no node answers (" + "; ".join(errors) + ")")
+
+
+def _raise_readahead(mountpoint: Path) -> None:
+    """Let the kernel send 1 MiB+ reads (default readahead gives 128 KiB requests)."""
+    dev = os.stat(mountpoint).st_dev
+    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    try:
+        path.write_text(str(READ_AHEAD_KB))
+    except OSError as exc:
+        log.info("mount=%s readahead unchanged: %s", mountpoint, exc)
+
+
+async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
+    """Mount, call ``ready()`` once the mount exists, serve until unmounted or signalled."""
+    secret = load_secret(cfg.cluster_dir)
+    mount_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    async with open_bridge() as bridge:
+        conn, admin = await _admin(bridge, cfg.cluster_dir)
+        try:
+            info = await admin.get_volume(cfg.volume)
+            addresses = {n.id: n.address for n in await admin.list_nodes()}
+        finally:
+            await conn.close()
+
+        async def resolve(node_id: str) -> str:
+            if node_id not in addresses:
+                raise NotFound(f"node {node_id}", "not in the cluster map")
+            return addresses[node_id]
+
+        peers = Peers(bridge, secret, f"mount:{mount_id}", resolve)
+        try:
+            volumes = await peers.volumes(info.coordinator)
+            meta, info = await volumes.open(cfg.volume, mount_id, cfg.read_only)
+            chunks = ReplicaChunks(cfg.volume, info.replicas, peers)
+            vfs = Vfs(meta, chunks, info.block_size)
+            ops = Operations(vfs, attr_timeout=cfg.attr_timeout, entry_timeout=cfg.attr_timeout,
+                             read_only=cfg.read_only)
+            options = set(cfg.fuse_options) | {f"fsname={cfg.volume}", "subtype=pxfs", "default_permissions"}
+            if cfg.read_only:
+                options.add("ro")
+            try:
+                pyfuse3.init(ops, str(cfg.mountpoint), options)
+            except RuntimeError as exc:
+                raise PxfsError(f"mountpoint {str(cfg.mountpoint)!r}", f"FUSE mount failed: {exc}") from None
+            unmount = True
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(vfs.run)
+
+                    async def keepalive() -> None:
+                        while True:
+                            await trio.sleep(KEEPALIVE_INTERVAL)
+                            try:
+                                await meta.statfs()
+                            except PxfsError as err:
+                                log.warning("volume=%s keepalive failed: %s", cfg.volume, err)
+
+                    async def on_signal() -> None:
+                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                            async for signum in signals:
+                                log.info("volume=%s stopping on %s", cfg.volume, signal.Signals(signum).name)
+                                pyfuse3.terminate()
+                                return
+
+                    async def after_init() -> None:
+                        # The first stat completes only once the kernel's INIT handshake is done;
+                        # readahead set before it would be reset (notes: pyfuse3 pitfall 8).
+                        await trio.to_thread.run_sync(_raise_readahead, cfg.mountpoint)
+
+                    nursery.start_soon(keepalive)
+                    nursery.start_soon(on_signal)
+                    nursery.start_soon(after_init)
+                    ready()
+                    log.info("volume=%s mounted at %s (coordinator %s, replicas %s)", cfg.volume, cfg.mountpoint,
+                             info.coordinator, ",".join(info.replicas))
+                    await pyfuse3.main()
+                    # main() returns on terminate() (we unmount) or when the kernel unmounted us.
+                    unmount = os.path.ismount(cfg.mountpoint)
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await vfs.close()
+                    except PxfsError as err:
+                        log.error("volume=%s buffered writes could not be flushed at unmount: %s", cfg.volume, err)
+                    try:
+                        await meta.statfs()
+                    except PxfsError:
+                        pass
+                pyfuse3.close(unmount=unmount)
+        finally:
+            with trio.CancelScope(shield=True):
+                await peers.close()
+
+
+def mount_state(mountpoint: Path) -> str:
+    """``free``, ``mounted`` or ``stale`` (a dead FUSE daemon left ENOTCONN behind)."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return "stale"
+        raise
+    return "mounted" if os.path.ismount(mountpoint) else "free"

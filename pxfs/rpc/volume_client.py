@@ -1,0 +1,152 @@
+"""Trio-side clients of VolumeService and Volume: ``VolumeClient`` is the vfs layer's MetaPort."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pxfs.model import Attr, VolumeInfo
+from pxfs.rpc import convert
+from pxfs.rpc.client import _Caller
+from pxfs.rpc.schema import pxfs_capnp
+
+
+class VolumeServiceClient(_Caller):
+    def __init__(self, bridge: Any, peer: str, cap: Any) -> None:
+        super().__init__(bridge, peer)
+        self.cap = cap
+
+    async def open(self, name: str, mount_id: str, read_only: bool) -> tuple[VolumeClient, VolumeInfo]:
+        async def go() -> tuple[Any, VolumeInfo]:
+            r = await self.cap.open(name, mount_id, read_only)
+            return r.volume.cast_as(pxfs_capnp.Volume), convert.volume_from(r.info)
+        cap, info = await self.call(go)
+        return VolumeClient(self.bridge, self.peer, cap), info
+
+    async def apply(self, name: str, epoch: int, seq: int, batch: bytes) -> int:
+        async def go() -> int:
+            return (await self.cap.apply(name, epoch, seq, batch)).seq
+        return await self.call(go)
+
+    async def last_seq(self, name: str) -> tuple[int, int]:
+        async def go() -> tuple[int, int]:
+            r = await self.cap.lastSeq(name)
+            return r.seq, r.epoch
+        return await self.call(go)
+
+
+class VolumeClient(_Caller):
+    """One volume's metadata at its coordinator (implements ``pxfs.vfs.ports.MetaPort``)."""
+
+    def __init__(self, bridge: Any, peer: str, cap: Any) -> None:
+        super().__init__(bridge, peer)
+        self.cap = cap
+
+    async def _attr(self, method: str, *args: Any) -> Attr:
+        async def go() -> Attr:
+            return convert.attr_from((await getattr(self.cap, method)(*args)).attr)
+        return await self.call(go)
+
+    async def _void(self, method: str, *args: Any) -> None:
+        async def go() -> None:
+            await getattr(self.cap, method)(*args)
+        await self.call(go)
+
+    async def getattr(self, ino: int) -> Attr:
+        return await self._attr("getattr", ino)
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        return await self._attr("lookup", parent, name)
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+        return await self._attr("mknod", parent, name, mode, rdev, uid, gid)
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return await self._attr("mkdir", parent, name, mode, uid, gid)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        return await self._attr("symlink", parent, name, target, uid, gid)
+
+    async def readlink(self, ino: int) -> bytes:
+        async def go() -> bytes:
+            return bytes((await self.cap.readlink(ino)).target)
+        return await self.call(go)
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        return await self._attr("link", ino, new_parent, new_name)
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        await self._void("unlink", parent, name)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self._void("rmdir", parent, name)
+
+    async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
+        await self._void("rename", parent, name, new_parent, new_name, flags)
+
+    async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                      size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
+                      ctime_ns: int | None = None) -> Attr:
+        async def go() -> Attr:
+            req = self.cap.setattr_request()
+            req.ino = ino
+            a = req.init("attr")
+            for field, flag, value in (("mode", "setMode", mode), ("uid", "setUid", uid), ("gid", "setGid", gid),
+                                       ("size", "setSize", size), ("atimeNs", "setAtime", atime_ns),
+                                       ("mtimeNs", "setMtime", mtime_ns), ("ctimeNs", "setCtime", ctime_ns)):
+                if value is not None:
+                    setattr(a, field, value)
+                    setattr(req, flag, True)
+            return convert.attr_from((await req.send()).attr)
+        return await self.call(go)
+
+    async def readdir(self, ino: int, after: bytes, limit: int) -> list[tuple[bytes, Attr]]:
+        async def go() -> list[tuple[bytes, Attr]]:
+            r = await self.cap.readdir(ino, after, limit)
+            return [(bytes(e.name), convert.attr_from(e.attr)) for e in r.entries]
+        return await self.call(go)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        await self._void("setxattr", ino, name, value, flags)
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        async def go() -> bytes:
+            return bytes((await self.cap.getxattr(ino, name)).value)
+        return await self.call(go)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        async def go() -> list[bytes]:
+            return [bytes(n) for n in (await self.cap.listxattr(ino)).names]
+        return await self.call(go)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self._void("removexattr", ino, name)
+
+    async def open(self, ino: int) -> tuple[Attr, dict[int, tuple[bytes, int]]]:
+        async def go() -> tuple[Attr, dict[int, tuple[bytes, int]]]:
+            r = await self.cap.open(ino)
+            return convert.attr_from(r.attr), {b.index: (bytes(b.hash), b.length) for b in r.blocks}
+        return await self.call(go)
+
+    async def release(self, ino: int) -> None:
+        await self._void("release", ino)
+
+    async def commit(self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int) -> Attr:
+        async def go() -> Attr:
+            req = self.cap.commit_request()
+            req.ino, req.size, req.mtimeNs = ino, size, mtime_ns
+            out = req.init("blocks", len(blocks))
+            for i, (idx, (h, length)) in enumerate(sorted(blocks.items())):
+                out[i].index, out[i].hash, out[i].length = idx, h, length
+            return convert.attr_from((await req.send()).attr)
+        return await self.call(go)
+
+    async def statfs(self) -> dict[str, Any]:
+        async def go() -> dict[str, Any]:
+            r = await self.cap.statfs()
+            return {"capacity": r.capacity, "used": r.used, "inodes": r.inodes, "block_size": r.blockSize}
+        return await self.call(go)
+
+    async def info(self) -> VolumeInfo:
+        async def go() -> VolumeInfo:
+            return convert.volume_from((await self.cap.info()).info)
+        return await self.call(go)

@@ -1,0 +1,199 @@
+"""Cap'n Proto servers of VolumeService (per node) and Volume (per mounted volume at its coordinator)."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from pxfs.errors import FsError, Invalid
+from pxfs.rpc import convert
+from pxfs.rpc.bridge import Bridge
+from pxfs.rpc.errors import served
+from pxfs.rpc.schema import pxfs_capnp
+
+MAX_BATCH = 64 << 20
+MAX_DATA = 1 << 20  # xattr values, symlink targets and names are far smaller; refuse absurd payloads
+
+
+def _data(value: Any, what: str, limit: int = MAX_DATA) -> bytes:
+    b = bytes(value)
+    if len(b) > limit:
+        raise Invalid(what, f"{len(b)} bytes is too large")
+    return b
+
+
+class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
+    def __init__(self, bridge: Bridge, host: Any, peer: str) -> None:
+        self._b, self._h, self._peer = bridge, host, peer
+
+    @served
+    async def open(self, name: str, mountId: str, readOnly: bool, _context: Any, **_: Any) -> None:  # noqa: N803
+        if not mountId or len(mountId) > 128 or "/" in mountId:
+            raise Invalid("mount id", "must be 1-128 characters without '/'")
+        hv, info = await self._b.to_trio(self._h.open, name, mountId)
+        _context.results.volume = VolumeServer(self._b, self._h, hv, mountId, readOnly)
+        convert.volume_to(_context.results.init("info"), info)
+
+    @served
+    async def apply(self, name: str, epoch: int, seq: int, batch: Any, _context: Any, **_: Any) -> None:
+        _context.results.seq = await self._b.to_trio(self._h.apply, name, epoch, seq, _data(batch, "batch", MAX_BATCH))
+
+    @served
+    async def lastSeq(self, name: str, _context: Any, **_: Any) -> None:  # noqa: N802
+        seq, epoch = await self._b.to_trio(self._h.last_seq, name)
+        _context.results.seq, _context.results.epoch = seq, epoch
+
+
+class VolumeServer(pxfs_capnp.Volume.Server):
+    """One mount's view of one volume; every call is one Meta operation at the coordinator."""
+
+    def __init__(self, bridge: Bridge, host: Any, hv: Any, mount_id: str, read_only: bool) -> None:
+        self._b, self._h, self._hv, self._mount, self._ro = bridge, host, hv, mount_id, read_only
+
+    async def _call(self, fn: Any) -> Any:
+        return await self._b.to_trio(self._h.call, self._hv, fn)
+
+    def _rw(self) -> None:
+        if self._ro:
+            raise FsError(errno.EROFS, f'volume "{self._hv.name}"', "mounted read-only")
+
+    async def _attr(self, ctx: Any, fn: Any) -> None:
+        convert.attr_to(ctx.results.init("attr"), await self._call(fn))
+
+    @served
+    async def getattr(self, ino: int, _context: Any, **_: Any) -> None:
+        await self._attr(_context, lambda m: m.getattr(ino))
+
+    @served
+    async def lookup(self, parent: int, name: Any, _context: Any, **_: Any) -> None:
+        n = _data(name, "name")
+        await self._attr(_context, lambda m: m.lookup(parent, n))
+
+    @served
+    async def mknod(self, parent: int, name: Any, mode: int, rdev: int, uid: int, gid: int, _context: Any,
+                    **_: Any) -> None:
+        self._rw()
+        n = _data(name, "name")
+        await self._attr(_context, lambda m: m.mknod(parent, n, mode, rdev, uid, gid))
+
+    @served
+    async def mkdir(self, parent: int, name: Any, mode: int, uid: int, gid: int, _context: Any, **_: Any) -> None:
+        self._rw()
+        n = _data(name, "name")
+        await self._attr(_context, lambda m: m.mkdir(parent, n, mode, uid, gid))
+
+    @served
+    async def symlink(self, parent: int, name: Any, target: Any, uid: int, gid: int, _context: Any,
+                      **_: Any) -> None:
+        self._rw()
+        n, t = _data(name, "name"), _data(target, "symlink target")
+        await self._attr(_context, lambda m: m.symlink(parent, n, t, uid, gid))
+
+    @served
+    async def readlink(self, ino: int, _context: Any, **_: Any) -> None:
+        _context.results.target = await self._call(lambda m: m.readlink(ino))
+
+    @served
+    async def link(self, ino: int, newParent: int, newName: Any, _context: Any, **_: Any) -> None:  # noqa: N803
+        self._rw()
+        n = _data(newName, "name")
+        await self._attr(_context, lambda m: m.link(ino, newParent, n))
+
+    @served
+    async def unlink(self, parent: int, name: Any, _context: Any, **_: Any) -> None:
+        self._rw()
+        n = _data(name, "name")
+        await self._call(lambda m: m.unlink(parent, n))
+
+    @served
+    async def rmdir(self, parent: int, name: Any, _context: Any, **_: Any) -> None:
+        self._rw()
+        n = _data(name, "name")
+        await self._call(lambda m: m.rmdir(parent, n))
+
+    @served
+    async def rename(self, parent: int, name: Any, newParent: int, newName: Any, flags: int,  # noqa: N803
+                     _context: Any, **_: Any) -> None:
+        self._rw()
+        n, nn = _data(name, "name"), _data(newName, "name")
+        await self._call(lambda m: m.rename(parent, n, newParent, nn, flags))
+
+    @served
+    async def setattr(self, ino: int, attr: Any, setMode: bool, setUid: bool, setGid: bool,  # noqa: N803
+                      setSize: bool, setAtime: bool, setMtime: bool, setCtime: bool, _context: Any,
+                      **_: Any) -> None:
+        self._rw()
+        kw = {}
+        for flag, key, value in ((setMode, "mode", attr.mode), (setUid, "uid", attr.uid), (setGid, "gid", attr.gid),
+                                 (setSize, "size", attr.size), (setAtime, "atime_ns", attr.atimeNs),
+                                 (setMtime, "mtime_ns", attr.mtimeNs), (setCtime, "ctime_ns", attr.ctimeNs)):
+            if flag:
+                kw[key] = value
+        await self._attr(_context, lambda m: m.setattr(ino, **kw))
+
+    @served
+    async def readdir(self, ino: int, after: Any, limit: int, _context: Any, **_: Any) -> None:
+        a = _data(after, "name")
+        entries = await self._call(lambda m: m.readdir(ino, a, max(1, min(limit or 1000, 4096))))
+        out = _context.results.init("entries", len(entries))
+        for i, (name, attr) in enumerate(entries):
+            out[i].name = name
+            convert.attr_to(out[i].init("attr"), attr)
+
+    @served
+    async def setxattr(self, ino: int, name: Any, value: Any, flags: int, _context: Any, **_: Any) -> None:
+        self._rw()
+        n, v = _data(name, "xattr name"), _data(value, "xattr value")
+        await self._call(lambda m: m.setxattr(ino, n, v, flags))
+
+    @served
+    async def getxattr(self, ino: int, name: Any, _context: Any, **_: Any) -> None:
+        n = _data(name, "xattr name")
+        _context.results.value = await self._call(lambda m: m.getxattr(ino, n))
+
+    @served
+    async def listxattr(self, ino: int, _context: Any, **_: Any) -> None:
+        names = await self._call(lambda m: m.listxattr(ino))
+        out = _context.results.init("names", len(names))
+        for i, n in enumerate(names):
+            out[i] = n
+
+    @served
+    async def removexattr(self, ino: int, name: Any, _context: Any, **_: Any) -> None:
+        self._rw()
+        n = _data(name, "xattr name")
+        await self._call(lambda m: m.removexattr(ino, n))
+
+    @served
+    async def open(self, ino: int, _context: Any, **_: Any) -> None:
+        def go(m: Any) -> Any:
+            m.open(ino)
+            return m.get_blocks(ino)
+
+        attr, blocks = await self._call(go)
+        convert.attr_to(_context.results.init("attr"), attr)
+        out = _context.results.init("blocks", len(blocks))
+        for i, (idx, (h, length)) in enumerate(sorted(blocks.items())):
+            out[i].index, out[i].hash, out[i].length = idx, h, length
+
+    @served
+    async def release(self, ino: int, _context: Any, **_: Any) -> None:
+        await self._call(lambda m: m.release(ino))
+
+    @served
+    async def commit(self, ino: int, blocks: Any, size: int, mtimeNs: int, _context: Any, **_: Any) -> None:  # noqa: N803
+        self._rw()
+        bm = {b.index: (bytes(b.hash), b.length) for b in blocks}
+        await self._attr(_context, lambda m: m.commit_blocks(ino, bm, size, mtimeNs or None))
+
+    @served
+    async def statfs(self, _context: Any, **_: Any) -> None:
+        await self._b.to_trio(self._h.keepalive, self._hv, self._mount)
+        st = await self._call(lambda m: m.statfs())
+        r = _context.results
+        r.capacity, r.used, r.inodes, r.blockSize = st["capacity"], st["used"], st["inodes"], st["block_size"]
+
+    @served
+    async def info(self, _context: Any, **_: Any) -> None:
+        _h, spec = await self._b.to_trio(self._h.open, self._hv.name, self._mount)
+        convert.volume_to(_context.results.init("info"), spec)
