@@ -148,6 +148,7 @@ async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
                         await meta.statfs()
                     except PxfsError:
                         pass
+                    await meta.drop()
                 pyfuse3.close(unmount=unmount)
         finally:
             with trio.CancelScope(shield=True):

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +108,27 @@ async def node_connection(cluster: Cluster, index: int = 0, secret: bytes | None
             await conn.close()
 
 
+def _stray_mounts(cluster_dir: Path) -> list[str]:
+    """Mount daemons of this cluster still registered: unmount and kill them, and report them."""
+    stray = []
+    run = Path("/run/pxfs/mounts")
+    for reg in run.iterdir() if run.exists() else []:
+        try:
+            info = json.loads(reg.read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("cluster") != str(cluster_dir):
+            continue
+        stray.append(info["mountpoint"])
+        subprocess.run(["umount", "-l", info["mountpoint"]], capture_output=True)
+        try:
+            os.kill(int(info["pid"]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        reg.unlink(missing_ok=True)
+    return stray
+
+
 def _leftover_pids(d: Path) -> list[int]:
     out = []
     for proc in Path("/proc").iterdir():
@@ -126,14 +147,63 @@ def make_cluster(tmp_path: Path, nodes: int = 3) -> Iterator[Cluster]:
         c.up()
         yield c
     finally:
+        stray = _stray_mounts(c.dir)
         c.down()
         left = _leftover_pids(c.dir)
         for pid in left:
             os.kill(pid, signal.SIGKILL)
         assert not left, f"processes left behind after pxfs down: {left}"
+        assert not stray, f"mounts left behind: {stray}"
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """A fresh 3-node local cluster (real processes on loopback), stopped and checked afterwards."""
     yield from make_cluster(tmp_path, 3)
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One 3-node cluster for a whole test module (tests must use their own volume names)."""
+    yield from make_cluster(tmp_path_factory.mktemp("shared"), 3)
+
+
+def mounted_pids(mountpoint: Path) -> list[int]:
+    return [p for p in _leftover_pids(mountpoint) if p != os.getpid()]
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    target = str(mountpoint).encode()
+    return any(line.split()[1] == target for line in Path("/proc/mounts").read_bytes().splitlines())
+
+
+@dataclass
+class Mount:
+    cluster: Cluster
+    volume: str
+    path: Path
+
+    def umount(self) -> None:
+        self.cluster.cli("umount", str(self.path))
+        assert not is_mounted(self.path)
+
+
+def mount(cluster: Cluster, volume: str, path: Path, *opts: str) -> Mount:
+    path.mkdir(parents=True, exist_ok=True)
+    cluster.cli("mount", volume, str(path), *opts)
+    assert is_mounted(path)
+    return Mount(cluster, volume, path)
+
+
+@contextmanager
+def mounted(cluster: Cluster, volume: str, path: Path, *opts: str) -> Iterator[Mount]:
+    """Mount in a separate daemon process (pyfuse3: one mount per process); always unmount."""
+    m = mount(cluster, volume, path, *opts)
+    try:
+        yield m
+    finally:
+        if is_mounted(path):
+            proc = cluster.cli("umount", str(path), check=False)
+            if proc.returncode != 0:
+                subprocess.run(["umount", "-l", str(path)], capture_output=True)
+                raise AssertionError(f"umount failed: {proc.stderr}")

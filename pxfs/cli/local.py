@@ -187,6 +187,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     d = Path(args.dir).resolve()
     load_config(d)
+    unmounted = _unmount_all(d)
     pids: dict[str, int] = {}
     for nd in _node_dirs(d):
         pid = _pid_alive(nd / "pid", str(d))
@@ -198,8 +199,32 @@ def cmd_down(args: argparse.Namespace) -> int:
         os.kill(pids[nid], signal.SIGKILL)
     for nd in _node_dirs(d):
         (nd / "pid").unlink(missing_ok=True)
+    if unmounted:
+        line(f"unmounted {', '.join(unmounted)}")
     line(f"stopped {len(pids)} node(s)" + (f"; killed {', '.join(stuck)} after {DOWN_TIMEOUT:g}s" if stuck else ""))
     return 0
+
+
+def _unmount_all(d: Path) -> list[str]:
+    """Unmount this cluster's mounts first: stopping nodes under a live mount would strand its writes."""
+    from pxfs.cli.mount_cmds import RUN_DIR
+
+    done = []
+    pids: dict[str, int] = {}
+    for reg in sorted(RUN_DIR.iterdir()) if RUN_DIR.exists() else []:
+        try:
+            info = json.loads(reg.read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("cluster") != str(d):
+            continue
+        mp = info["mountpoint"]
+        if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", mp], capture_output=True)
+        pids[mp] = int(info["pid"])
+        done.append(mp)
+    trio.run(_wait_exit, pids)
+    return done
 
 
 async def _wait_exit(pids: dict[str, int]) -> list[str]:

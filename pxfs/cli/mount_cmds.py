@@ -7,13 +7,13 @@ on a pipe for "ok" or the child's error and exits 0 or 1 (mount(8) waits for its
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
 import select
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,7 +50,7 @@ def parse_options(opts: list[str]) -> dict[str, object]:
                 try:
                     out["attr_timeout"] = float(value)
                 except ValueError:
-                    raise Invalid(f"mount option {opt!r}", "attr_timeout takes seconds, e.g. attr_timeout=1")
+                    raise Invalid(f"mount option {opt!r}", "attr_timeout takes seconds, e.g. attr_timeout=1") from None
                 if not 0 <= out["attr_timeout"] <= 3600:  # type: ignore[operator]
                     raise Invalid(f"mount option {opt!r}", "attr_timeout must be 0-3600 seconds")
             else:
@@ -153,6 +153,7 @@ def _child(cfg: object, w: int, log_path: Path) -> int:
     os.close(fd)
     os.close(null)
     os.chdir("/")
+    faulthandler.enable()  # a native abort in a C library still leaves Python stacks in the log
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     reported = False
@@ -219,8 +220,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def cmd_install_helper(args: argparse.Namespace) -> int:
     root = Path(__file__).resolve().parents[2]
     helper = root / "mount.pxfs"
-    script = f'#!/bin/sh\n# Installed by `pxfs install-mount-helper`: mount(8) clears PATH, so name the interpreter.\n' \
-             f'exec {sys.executable} {helper} "$@"\n'
+    script = ("#!/bin/sh\n# Installed by `pxfs install-mount-helper`: mount(8) clears PATH, so name the "
+              f'interpreter.\nexec {sys.executable} {helper} "$@"\n')
     targets = [Path(args.prefix) / "mount.fuse.pxfs", Path(args.prefix) / "mount.pxfs"]
     for t in targets:
         tmp = t.with_suffix(".tmp")

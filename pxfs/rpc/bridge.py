@@ -32,6 +32,33 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class CapnpError(Exception):
+    """A capnp failure handed to trio as plain text: the original exception stays on its thread."""
+
+    def __init__(self, description: str, kind: str) -> None:
+        super().__init__(description)
+        self.description = description
+        self.type = kind
+
+
+async def _scrubbed(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run ``fn`` on the capnp thread; re-raise failures without their tracebacks.
+
+    A traceback keeps the frames of the failed call alive, and with them capnp requests and
+    promises; dropping those later on the trio thread (no KJ loop there) aborts the process. So
+    the frames die here, on the capnp thread, and trio gets an exception that refers to nothing.
+    """
+    try:
+        return await fn(*args)
+    except capnp.KjException as exc:
+        err: BaseException = CapnpError(str(getattr(exc, "description", exc)), str(getattr(exc, "type", "")))
+    except BaseException as exc:  # noqa: BLE001 - re-raised below, stripped of its frames
+        exc.__traceback__ = None
+        exc.__context__ = exc.__cause__ = None
+        err = exc
+    raise err
+
+
 class Bridge:
     """An asyncio+KJ loop in its own thread, joined to the trio run that opened it."""
 
@@ -87,7 +114,7 @@ class Bridge:
         """Run coroutine ``fn(*args)`` on the capnp thread and return its result to trio."""
         if self._loop is None:
             raise RuntimeError("bridge is not open")
-        fut = asyncio.run_coroutine_threadsafe(fn(*args), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(_scrubbed(fn, *args), self._loop)
         task = trio.lowlevel.current_task()
         token = trio.lowlevel.current_trio_token()
         aborted = False
@@ -111,6 +138,17 @@ class Bridge:
             return trio.lowlevel.Abort.SUCCEEDED
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def dispose(self, *objects: Any) -> None:
+        """Drop references to capnp objects on the capnp thread, where their destructors may run."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        holder = [objects]
+        try:
+            loop.call_soon_threadsafe(holder.clear)
+        except RuntimeError:
+            pass
 
     # -- asyncio -> trio ----------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import trio
 from pxfs.errors import Invalid, PxfsError, Unauthorized, Unavailable
 from pxfs.model import NodeInfo, PoolInfo, VolumeInfo
 from pxfs.rpc import auth, convert
-from pxfs.rpc.bridge import Bridge
+from pxfs.rpc.bridge import Bridge, CapnpError
 from pxfs.rpc.errors import decode
 from pxfs.rpc.schema import TRAVERSAL_LIMIT_WORDS, pxfs_capnp
 
@@ -45,8 +45,21 @@ class _Caller:
             return await self.bridge.run(fn, *args)
         except PxfsError:
             raise
-        except (capnp.KjException, OSError, EOFError) as exc:
+        except (CapnpError, capnp.KjException, OSError, EOFError) as exc:
             raise decode(exc, self.peer) from None
+
+    async def drop(self) -> None:
+        """Release this client's capability now, on the capnp thread."""
+        async def go() -> None:
+            self.cap = None  # type: ignore[attr-defined]
+        if getattr(self, "cap", None) is not None:
+            await self.bridge.run(go)
+
+    def __del__(self) -> None:
+        # capnp objects must be destroyed on the capnp thread (see Bridge.dispose).
+        held = [getattr(self, name) for name in ("cap", "_client", "_session", "_caps") if getattr(self, name, None)]
+        if held:
+            self.bridge.dispose(*held)
 
 
 class AdminClient(_Caller):
@@ -178,6 +191,7 @@ class Connection(_Caller):
         self.address, self.node_id, self.cluster_id = address, node_id, cluster_id
         self._client, self._session = client, session
         self._caps: dict[str, Any] = {}
+        self._cap_lock = trio.Lock()
 
     @classmethod
     async def open(cls, bridge: Bridge, address: str, secret: bytes, peer: str = "",
@@ -206,12 +220,20 @@ class Connection(_Caller):
             raise Unavailable(f"node {address}", f"cannot connect: {err.cause}") from None
 
     async def _cap(self, name: str, iface: Any) -> Any:
-        if name not in self._caps:
-            async def go() -> Any:
+        cap = self._caps.get(name)
+        if cap is not None:
+            return cap
+
+        async def go() -> Any:
+            if name not in self._caps:
                 r = await getattr(self._session, name)()
-                return getattr(r, name).cast_as(iface)
-            self._caps[name] = await self.call(go)
-        return self._caps[name]
+                self._caps[name] = getattr(r, name).cast_as(iface)
+            return self._caps[name]
+
+        # One fetch at a time: a capability fetched twice would leave one copy referenced only
+        # from the trio side, and its destructor needs the KJ loop of the capnp thread.
+        async with self._cap_lock:
+            return await self.call(go)
 
     async def admin(self) -> AdminClient:
         return AdminClient(self.bridge, self.peer, await self._cap("admin", pxfs_capnp.Admin))

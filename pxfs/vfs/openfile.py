@@ -1,0 +1,78 @@
+"""Per-inode state of the files open in one mount, and their handles.
+
+Every handle of an inode shares one ``OpenInode``: the block map fetched at open (close-to-open: it is
+fetched again by the first open after all handles were released), the dirty blocks written since the
+last flush, and the local size and mtime, which run ahead of the metadata while data is dirty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import trio
+
+from pxfs.model import Attr
+from pxfs.vfs.ports import BlockMap
+
+
+@dataclass(eq=False)
+class DirtyBlock:
+    buf: bytearray  # the whole block, block_size bytes; bytes past EOF stay zero
+    version: int = 0  # bumped by every change, so a flush can tell whether the block moved under it
+
+
+class OpenInode:
+    def __init__(self, attr: Attr, blocks: BlockMap, block_size: int) -> None:
+        self.ino = attr.ino
+        self.block_size = block_size
+        self.handles = 0
+        self.dirty: dict[int, DirtyBlock] = {}
+        self.dirty_since: float | None = None  # trio clock time of the oldest unflushed write
+        # One flush (or truncate) at a time per inode: a second one would commit the same blocks twice.
+        self.lock = trio.Lock()
+        self.refresh(attr, blocks)
+
+    def refresh(self, attr: Attr, blocks: BlockMap) -> None:
+        """Take a fresh block map from the metadata; dirty blocks (not yet committed) still win."""
+        self.attr = attr
+        self.blocks = dict(blocks)
+        if self.dirty:
+            self.size = max(self.size, attr.size)
+            self.mtime_ns = max(self.mtime_ns, attr.mtime_ns)
+        else:
+            self.size = attr.size
+            self.mtime_ns = attr.mtime_ns
+
+    def committed(self, attr: Attr, blocks: BlockMap) -> None:
+        """Record a successful commit of ``blocks``."""
+        self.attr = attr
+        self.blocks.update(blocks)
+        self.size = max(self.size, attr.size)
+        if not self.dirty:
+            self.mtime_ns = attr.mtime_ns
+
+    def cut(self, size: int) -> None:
+        """Mirror a truncate to ``size`` on the cached block map (as the metadata does: the block
+        cut in the middle keeps its chunk, with a shorter length)."""
+        bs = self.block_size
+        for idx in [i for i in self.blocks if i * bs >= size]:
+            del self.blocks[idx]
+        idx, keep = divmod(size, bs)
+        if keep and idx in self.blocks:
+            h, length = self.blocks[idx]
+            self.blocks[idx] = (h, min(length, keep))
+
+    def patch(self, attr: Attr) -> Attr:
+        """``attr`` as this mount must show it: dirty data makes the file longer and newer."""
+        if not self.dirty:
+            return attr
+        return dataclasses.replace(attr, size=max(attr.size, self.size), mtime_ns=max(attr.mtime_ns, self.mtime_ns))
+
+
+@dataclass(eq=False)
+class Handle:
+    fh: int
+    inode: OpenInode
+    flags: int
+    next_off: int = 0  # where a sequential reader reads next: drives readahead

@@ -1,0 +1,258 @@
+"""The mount's view of a volume: open files, write-back, read assembly, metadata pass-through.
+
+``Vfs`` knows blocks and chunk hashes but not where chunks live (``ChunkPort``) nor how metadata is
+kept (``MetaPort``). Consistency with other mounts is close-to-open: the block map is fetched by the
+first open of an inode in this mount, and this mount's writes are visible elsewhere once flushed
+(at the latest on close).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import stat
+import time
+from typing import Any
+
+import trio
+
+from pxfs.errors import FsError, PxfsError
+from pxfs.model import Attr
+from pxfs.vfs.cache import ChunkCache, run_all
+from pxfs.vfs.flush import Writeback
+from pxfs.vfs.openfile import Handle, OpenInode
+from pxfs.vfs.ports import ChunkPort, MetaPort
+
+log = logging.getLogger(__name__)
+
+READDIR_PAGE = 1000
+
+
+class Vfs:
+    def __init__(self, meta: MetaPort, chunks: ChunkPort, block_size: int, *, buffer_limit: int = 64 << 20,
+                 flush_interval: float = 1.0, readahead: int = 4, cache_limit: int = 32 << 20) -> None:
+        self.meta = meta
+        self.block_size = block_size
+        self.flush_interval = flush_interval
+        self.readahead = readahead
+        self.cache = ChunkCache(chunks, cache_limit)
+        self.writeback = Writeback(meta, chunks, self.cache, block_size, buffer_limit, self._forget_if_idle)
+        self._inodes: dict[int, OpenInode] = {}  # open, or closed with dirty blocks still to flush
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = itertools.count(1)
+        self._nursery: trio.Nursery | None = None  # for readahead; set while run() runs
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The flush timer and the home of readahead tasks; runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    # Half the interval: no block stays dirty much longer than flush_interval.
+                    await trio.sleep(self.flush_interval / 2)
+                    await self.writeback.flush_due(self.flush_interval)
+            finally:
+                self._nursery = None
+
+    async def close(self) -> None:
+        """Flush everything; raises the first failure after trying every inode."""
+        failure: PxfsError | None = None
+        for st in self.writeback.dirty_inodes():
+            try:
+                await self.writeback.flush(st)
+            except PxfsError as err:
+                log.error("flush of inode=%d at close failed: %s", st.ino, err)
+                failure = failure or err
+        if failure is not None:
+            raise failure
+
+    def _forget_if_idle(self, st: OpenInode) -> None:
+        if st.handles == 0 and not st.dirty and self._inodes.get(st.ino) is st:
+            del self._inodes[st.ino]
+
+    def _patch(self, attr: Attr) -> Attr:
+        st = self._inodes.get(attr.ino)
+        return attr if st is None else st.patch(attr)
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF, f"fh {fh}", "no such open file") from None
+
+    # -- open files -----------------------------------------------------------------------------
+    async def open(self, ino: int, flags: int) -> int:
+        attr, blocks = await self.meta.open(ino)  # meta counts every handle: one release each
+        st = self._inodes.get(ino)
+        if st is None:
+            st = self._inodes[ino] = OpenInode(attr, blocks, self.block_size)
+        elif st.handles == 0:
+            st.refresh(attr, blocks)  # close-to-open: see what others committed since our last close
+        st.handles += 1
+        fh = next(self._next_fh)
+        self._handles[fh] = Handle(fh, st, flags)
+        return fh
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
+        attr = await self.meta.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), 0, uid, gid)
+        return await self.open(attr.ino, flags), attr
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handle(fh)
+        st = h.inode
+        bs = self.block_size
+        end = min(off + size, st.size)
+        if off >= end:
+            return b""
+        first, last = off // bs, (end - 1) // bs
+        missing = {st.blocks[i][0] for i in range(first, last + 1)
+                   if i not in st.dirty and i in st.blocks and self.cache.peek(st.blocks[i][0]) is None}
+        if len(missing) > 1:
+            await run_all(lambda c=c: self.cache.get(c) for c in missing)
+        elif missing:
+            await self.cache.get(missing.pop())
+        parts: list[bytes] = []
+        for idx in range(first, last + 1):
+            lo = max(off, idx * bs) - idx * bs
+            hi = min(end, idx * bs + bs) - idx * bs
+            blk = st.dirty.get(idx)
+            if blk is not None:
+                parts.append(bytes(memoryview(blk.buf)[lo:hi]))
+                continue
+            ref = st.blocks.get(idx)
+            if ref is None:
+                parts.append(bytes(hi - lo))  # a hole
+                continue
+            data = self.cache.peek(ref[0]) or await self.cache.get(ref[0])
+            piece = data[lo:min(hi, ref[1])]
+            parts.append(piece + bytes(hi - lo - len(piece)) if len(piece) < hi - lo else piece)
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        if off in (0, h.next_off):
+            self._read_ahead(st, last + 1)
+        h.next_off = off + len(out)
+        return out
+
+    def _read_ahead(self, st: OpenInode, start: int) -> None:
+        if self._nursery is None:
+            return
+        bs = self.block_size
+        for idx in range(start, start + self.readahead):
+            if idx * bs >= st.size:
+                break
+            ref = st.blocks.get(idx)
+            if ref is not None and idx not in st.dirty and self.cache.wanted(ref[0]):
+                self._nursery.start_soon(self.cache.prefetch, ref[0])
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        st = self._handle(fh).inode
+        if not data:
+            return 0
+        bs = self.block_size
+        end = off + len(data)
+        new = sum(1 for i in range(off // bs, (end - 1) // bs + 1) if i not in st.dirty)
+        if new:
+            await self.writeback.make_room(new * bs)
+        src = memoryview(data)
+        pos = off
+        while pos < end:
+            idx, within = divmod(pos, bs)
+            n = min(bs - within, end - pos)
+            blk = await self.writeback.block(st, idx, whole=n == bs)
+            blk.buf[within:within + n] = src[pos - off:pos - off + n]
+            blk.version += 1
+            pos += n
+        st.size = max(st.size, end)
+        st.mtime_ns = time.time_ns()
+        return len(data)
+
+    async def flush(self, fh: int) -> None:
+        await self.writeback.flush(self._handle(fh).inode)
+
+    async def fsync(self, fh: int) -> None:
+        await self.writeback.flush(self._handle(fh).inode)
+
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        st = h.inode
+        try:
+            await self.writeback.flush(st)
+        finally:
+            # A failed flush keeps the inode (and its dirty blocks) for the timer to retry.
+            st.handles -= 1
+            self._forget_if_idle(st)
+            await self.meta.release(st.ino)
+
+    # -- attributes -----------------------------------------------------------------------------
+    async def getattr(self, ino: int) -> Attr:
+        return self._patch(await self.meta.getattr(ino))
+
+    async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                      size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
+                      ctime_ns: int | None = None) -> Attr:
+        changes = dict(mode=mode, uid=uid, gid=gid, size=size, atime_ns=atime_ns, mtime_ns=mtime_ns,
+                       ctime_ns=ctime_ns)
+        st = self._inodes.get(ino)
+        if st is None or (size is None and mtime_ns is None):
+            return self._patch(await self.meta.setattr(ino, **changes))
+        async with st.lock:
+            # Commit dirty data first, so the truncate or the explicit mtime lands after it
+            # instead of being overwritten by a later flush.
+            if size is not None:
+                self.writeback.truncate(st, size)
+            await self.writeback.flush_locked(st)
+            attr = await self.meta.setattr(ino, **changes)
+            if size is not None:
+                st.cut(size)
+            st.refresh(attr, st.blocks)
+        return st.patch(attr)
+
+    # -- names and metadata: straight to the metadata, with local sizes of dirty files ----------
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        return self._patch(await self.meta.lookup(parent, name))
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+        return await self.meta.mknod(parent, name, mode, rdev, uid, gid)
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return await self.meta.mkdir(parent, name, mode, uid, gid)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        return await self.meta.symlink(parent, name, target, uid, gid)
+
+    async def readlink(self, ino: int) -> bytes:
+        return await self.meta.readlink(ino)
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        return self._patch(await self.meta.link(ino, new_parent, new_name))
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        await self.meta.unlink(parent, name)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self.meta.rmdir(parent, name)
+
+    async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
+        await self.meta.rename(parent, name, new_parent, new_name, flags)
+
+    async def readdir(self, ino: int, after: bytes = b"", limit: int = READDIR_PAGE) -> list[tuple[bytes, Attr]]:
+        return [(name, self._patch(a)) for name, a in await self.meta.readdir(ino, after, limit)]
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        await self.meta.setxattr(ino, name, value, flags)
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        return await self.meta.getxattr(ino, name)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return await self.meta.listxattr(ino)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self.meta.removexattr(ino, name)
+
+    async def statfs(self) -> dict[str, Any]:
+        return await self.meta.statfs()

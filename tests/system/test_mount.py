@@ -1,0 +1,248 @@
+"""Volumes as real FUSE mounts of a real 3-node cluster: POSIX behaviour, persistence, mount handling."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PXFS, Cluster, is_mounted, mounted
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and FUSE")
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(old: Path, new: Path, flags: int) -> None:
+    AT_FDCWD = -100  # noqa: N806
+    if _libc.renameat2(AT_FDCWD, bytes(old), AT_FDCWD, bytes(new), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def vol(shared_cluster: Cluster) -> str:
+    shared_cluster.cli("volume", "create", "posix", "--size", "1G", "--repl", "3")
+    return "posix"
+
+
+def test_files_dirs_links(shared_cluster: Cluster, vol: str, tmp_path: Path) -> None:
+    with mounted(shared_cluster, vol, tmp_path / "mnt") as m:
+        d = m.path / "t1"
+        d.mkdir()
+        f = d / "hello.txt"
+        f.write_bytes(b"hello world\n")
+        assert f.read_bytes() == b"hello world\n"
+        assert sorted(os.listdir(d)) == ["hello.txt"]
+        (d / "sub").mkdir()
+        assert os.stat(d).st_nlink == 3
+        os.symlink("hello.txt", d / "sym")
+        assert os.readlink(d / "sym") == "hello.txt"
+        assert (d / "sym").read_bytes() == b"hello world\n"
+        os.link(f, d / "hard")
+        assert os.stat(f).st_nlink == 2 and os.stat(d / "hard").st_ino == os.stat(f).st_ino
+        os.mkfifo(d / "fifo")
+        assert stat.S_ISFIFO(os.stat(d / "fifo").st_mode)
+        os.unlink(d / "hard")
+        assert os.stat(f).st_nlink == 1
+        with pytest.raises(OSError) as e:
+            os.rmdir(d)
+        assert e.value.errno == errno.ENOTEMPTY
+        with pytest.raises(FileExistsError):
+            os.mkdir(d / "sub")
+        with pytest.raises(FileNotFoundError):
+            os.stat(d / "missing")
+        long = "x" * 255
+        (d / long).write_bytes(b"1")
+        assert long in os.listdir(d)
+        with pytest.raises(OSError) as e:
+            (d / ("y" * 256)).write_bytes(b"1")
+        assert e.value.errno == errno.ENAMETOOLONG
+
+
+def test_rename_variants(shared_cluster: Cluster, vol: str, tmp_path: Path) -> None:
+    with mounted(shared_cluster, vol, tmp_path / "mnt") as m:
+        d = m.path / "t2"
+        d.mkdir()
+        a, b = d / "a", d / "b"
+        a.write_bytes(b"A")
+        b.write_bytes(b"B")
+        os.rename(a, b)  # over an existing target
+        assert b.read_bytes() == b"A" and not a.exists()
+        a.write_bytes(b"A2")
+        with pytest.raises(FileExistsError):
+            renameat2(a, b, RENAME_NOREPLACE)
+        renameat2(a, b, RENAME_EXCHANGE)
+        assert a.read_bytes() == b"A" and b.read_bytes() == b"A2"
+        (d / "dir1").mkdir()
+        (d / "dir1" / "x").write_bytes(b"x")
+        os.rename(d / "dir1", d / "dir2")
+        assert (d / "dir2" / "x").read_bytes() == b"x"
+        with pytest.raises(OSError) as e:
+            os.rename(d / "dir2", d / "dir2" / "inside")
+        assert e.value.errno == errno.EINVAL
+
+
+def test_attributes_truncate_sparse_xattrs_statfs(shared_cluster: Cluster, vol: str, tmp_path: Path) -> None:
+    with mounted(shared_cluster, vol, tmp_path / "mnt") as m:
+        f = m.path / "attrs"
+        f.write_bytes(b"0123456789")
+        os.chmod(f, 0o640)
+        os.chown(f, 1234, 5678)
+        os.utime(f, ns=(1_000_000_123, 2_000_000_456))
+        st = os.stat(f)
+        assert stat.S_IMODE(st.st_mode) == 0o640 and (st.st_uid, st.st_gid) == (1234, 5678)
+        assert st.st_atime_ns == 1_000_000_123 and st.st_mtime_ns == 2_000_000_456
+        os.truncate(f, 4)
+        assert f.read_bytes() == b"0123"
+        os.truncate(f, 8)
+        assert f.read_bytes() == b"0123\0\0\0\0"
+        sparse = m.path / "sparse"
+        with open(sparse, "wb") as fh:
+            fh.seek(5 << 20)
+            fh.write(b"end")
+        assert sparse.stat().st_size == (5 << 20) + 3
+        with open(sparse, "rb") as fh:
+            assert fh.read(4096) == bytes(4096)
+            fh.seek(5 << 20)
+            assert fh.read() == b"end"
+        os.setxattr(f, "user.color", b"blue")
+        assert os.getxattr(f, "user.color") == b"blue"
+        assert "user.color" in os.listxattr(f)
+        os.removexattr(f, "user.color")
+        with pytest.raises(OSError) as e:
+            os.getxattr(f, "user.color")
+        assert e.value.errno == errno.ENODATA
+        sv = os.statvfs(m.path)
+        assert sv.f_blocks * sv.f_frsize == 1 << 30
+        assert sv.f_namemax == 255
+
+
+def test_unlinked_open_file_stays_readable(shared_cluster: Cluster, vol: str, tmp_path: Path) -> None:
+    with mounted(shared_cluster, vol, tmp_path / "mnt") as m:
+        f = m.path / "ghost"
+        data = os.urandom(3 << 20)
+        f.write_bytes(data)
+        with open(f, "rb") as fh:
+            os.unlink(f)
+            assert not f.exists()
+            assert fh.read() == data
+
+
+def test_data_survives_remount(shared_cluster: Cluster, vol: str, tmp_path: Path) -> None:
+    files = {f"f{i}": os.urandom(n) for i, n in enumerate([0, 1, 4095, 1 << 20, (1 << 20) + 1, 5 << 20])}
+    with mounted(shared_cluster, vol, tmp_path / "mnt") as m:
+        d = m.path / "persist"
+        d.mkdir()
+        for name, data in files.items():
+            with open(d / name, "wb") as fh:
+                fh.write(data)
+                os.fsync(fh.fileno())
+    with mounted(shared_cluster, vol, tmp_path / "mnt2") as m:
+        for name, data in files.items():
+            assert hashlib.sha256((m.path / "persist" / name).read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+def test_two_mounts_close_to_open(shared_cluster: Cluster, vol: str, tmp_path: Path) -> None:
+    with mounted(shared_cluster, vol, tmp_path / "a") as a, mounted(shared_cluster, vol, tmp_path / "b") as b:
+        (a.path / "c2o").mkdir()
+        data = os.urandom(2 << 20)
+        with open(a.path / "c2o" / "x", "wb") as fh:
+            fh.write(data)
+        assert (b.path / "c2o" / "x").read_bytes() == data
+        with open(b.path / "c2o" / "x", "r+b") as fh:
+            fh.write(b"CHANGED")
+        assert (a.path / "c2o" / "x").read_bytes()[:7] == b"CHANGED"
+
+
+def test_quota_gives_enospc(shared_cluster: Cluster, tmp_path: Path) -> None:
+    shared_cluster.cli("volume", "create", "tiny", "--size", "4M", "--repl", "2")
+    with mounted(shared_cluster, "tiny", tmp_path / "mnt") as m:
+        with pytest.raises(OSError) as e:
+            with open(m.path / "big", "wb") as fh:
+                for _ in range(8):
+                    fh.write(os.urandom(1 << 20))
+                os.fsync(fh.fileno())
+        assert e.value.errno == errno.ENOSPC
+        sv = os.statvfs(m.path)
+        assert sv.f_blocks * sv.f_frsize == 4 << 20
+
+
+def _mount_rc(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
+    return cluster.cli("mount", *args, check=False)
+
+
+def test_mount_bad_input(shared_cluster: Cluster, vol: str, tmp_path: Path) -> None:
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    cases = [
+        (("nosuchvol", str(mp)), 'volume "nosuchvol": no such volume'),
+        ((vol, str(tmp_path / "missing")), "does not exist"),
+        ((vol, str(mp), "-o", "bogus"), "mount option 'bogus': unknown option"),
+        (("../etc", str(mp)), "no '/', no path"),
+    ]
+    for args, message in cases:
+        proc = _mount_rc(shared_cluster, *args)
+        assert proc.returncode == 1, proc
+        assert message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not is_mounted(mp)
+    with mounted(shared_cluster, vol, mp):
+        proc = _mount_rc(shared_cluster, vol, str(mp))
+        assert proc.returncode == 1 and "already in use" in proc.stderr
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "cluster.json").write_text((shared_cluster.dir / "cluster.json").read_text())
+    (wrong / "secret").write_text("ab" * 32 + "\n")
+    proc = subprocess.run([*PXFS, "mount", vol, str(mp), "--cluster", str(wrong)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "wrong cluster secret" in proc.stderr, proc.stderr
+    assert not is_mounted(mp)
+
+
+def test_mount_t_fuse_pxfs_via_fstab(shared_cluster: Cluster, vol: str, tmp_path: Path) -> None:
+    subprocess.run([*PXFS, "install-mount-helper"], check=True, capture_output=True)
+    mp = tmp_path / "fstab-mnt"
+    mp.mkdir()
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"{vol} {mp} fuse.pxfs _netdev,allow_other,cluster={shared_cluster.dir} 0 0\n")
+    proc = subprocess.run(["mount", "-T", str(fstab), str(mp)], capture_output=True, text=True, env={})
+    assert proc.returncode == 0, proc.stderr
+    try:
+        out = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", str(mp)], capture_output=True, text=True)
+        assert out.stdout.split() == [vol, "fuse.pxfs"]
+        (mp / "via-fstab").write_bytes(b"ok")
+        assert (mp / "via-fstab").read_bytes() == b"ok"
+    finally:
+        shared_cluster.cli("umount", str(mp))
+    assert not is_mounted(mp)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/bwrap").exists(), reason="bubblewrap not installed")
+def test_container_writes_as_other_uid(shared_cluster: Cluster, vol: str, tmp_path: Path) -> None:
+    with mounted(shared_cluster, vol, tmp_path / "mnt", "-o", "allow_other") as m:
+        shared = m.path / "shared"
+        shared.mkdir()
+        os.chmod(shared, 0o777)
+        proc = subprocess.run(
+            # A sandbox with its own pid/net/ipc/uts namespaces whose process runs as uid 1000: the
+            # mount must be allow_other for a uid other than the mount daemon's to reach it.
+            ["bwrap", "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--bind", str(m.path), "/mnt",
+             "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-net", "/usr/bin/setpriv", "--reuid",
+             "1000", "--regid", "1000", "--clear-groups", "/bin/sh", "-c",
+             "echo from-container > /mnt/shared/c.txt && cat /mnt/shared/c.txt"],
+            capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        st = os.stat(shared / "c.txt")
+        assert (shared / "c.txt").read_text() == "from-container\n"
+        assert st.st_uid == 1000
