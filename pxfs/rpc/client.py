@@ -252,7 +252,7 @@ class Connection(_Caller):
             self._caps.clear()
             self._session = None
             try:
-                await self._client.close()
+                self._client.close()
             except Exception:  # noqa: BLE001 - the peer may be gone already
                 pass
             self._client = None

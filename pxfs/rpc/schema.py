@@ -11,6 +11,6 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schema" / "pxfs.capnp"
 capnp.remove_import_hook()
 pxfs_capnp = capnp.load(str(SCHEMA_PATH))
 
-# Chunks are at most a block (default 1 MiB, at most 64 MiB): raise the traversal limit on both
-# ends so a 64 MiB block still fits in one message (64 MiB = 8 Mi words, plus framing).
-TRAVERSAL_LIMIT_WORDS = 2**25
+# Chunks are at most a block (default 1 MiB, at most 16 MiB). 64 MiB per message (8 Mi words) leaves
+# room for a block and a metadata batch; a frame announcing more is refused by both ends.
+TRAVERSAL_LIMIT_WORDS = 2**23

@@ -6,6 +6,7 @@ calls into awaits on the node's trio services, given here as a ``Services`` bund
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ from pxfs.rpc.errors import served
 from pxfs.rpc.schema import TRAVERSAL_LIMIT_WORDS, pxfs_capnp
 
 log = logging.getLogger(__name__)
+
+LOGIN_DEADLINE = 10.0
 
 
 @dataclass
@@ -74,11 +77,12 @@ class GatewayServer(pxfs_capnp.Gateway.Server):
         self._bridge, self._services, self._secret = bridge, services, secret
         self._cluster_id, self._node_id, self._remote = cluster_id, node_id, remote
         self._nonces: set[bytes] = set()
+        self.logged_in = False
 
     @served
     async def challenge(self, _context: Any, **_: Any) -> None:
         if len(self._nonces) >= 16:
-            raise Unauthorized(f"peer {self._remote}", "too many outstanding login challenges")
+            raise Unauthorized(f"node {self._node_id}", "too many outstanding login challenges")
         nonce = auth.new_nonce()
         self._nonces.add(nonce)
         r = _context.results
@@ -90,13 +94,14 @@ class GatewayServer(pxfs_capnp.Gateway.Server):
         nonce, client_nonce, proof = bytes(nonce), bytes(clientNonce), bytes(proof)
         if nonce not in self._nonces:
             log.warning("login refused peer=%s remote=%s cause=unknown-or-replayed-nonce", peer, self._remote)
-            raise Unauthorized(f"peer {self._remote}", "login refused: unknown or replayed challenge")
+            raise Unauthorized(f"node {self._node_id}", "login refused: unknown or replayed challenge")
         self._nonces.discard(nonce)
         if len(client_nonce) != auth.NONCE_BYTES or not auth.check(
             auth.client_proof(self._secret, nonce, client_nonce), proof
         ):
             log.warning("login refused peer=%s remote=%s cause=wrong-secret", peer, self._remote)
-            raise Unauthorized(f"peer {self._remote}", "login refused: wrong cluster secret")
+            raise Unauthorized(f"node {self._node_id}", "login refused: wrong cluster secret")
+        self.logged_in = True
         r = _context.results
         r.session = SessionServer(self._bridge, self._services, peer or self._remote)
         r.serverProof = auth.server_proof(self._secret, nonce, client_nonce)
@@ -119,7 +124,19 @@ class RpcServer:
                                         self._node_id, remote)
                 server = capnp.TwoPartyServer(stream, bootstrap=gateway,
                                               traversal_limit_in_words=TRAVERSAL_LIMIT_WORDS)
-                await server.on_disconnect()
+
+                async def login_deadline() -> None:
+                    # A peer that never logs in (or sends half a frame) must not hold a connection.
+                    await asyncio.sleep(LOGIN_DEADLINE)
+                    if not gateway.logged_in:
+                        log.info("connection closed: no login within %gs", LOGIN_DEADLINE)
+                        stream.close()
+
+                deadline = asyncio.ensure_future(login_deadline())
+                try:
+                    await server.on_disconnect()
+                finally:
+                    deadline.cancel()
             except Exception as exc:  # noqa: BLE001 - a broken peer must never stop the node
                 log.info("connection closed with error: %s", str(exc).splitlines()[0][:200] if str(exc) else exc)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import os
 import stat
 import time
 from typing import Any
@@ -94,6 +95,15 @@ class Vfs:
         st.handles += 1
         fh = next(self._next_fh)
         self._handles[fh] = Handle(fh, st, flags)
+        if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
+            # The kernel hands O_TRUNC to open (atomic_o_trunc): truncate here, and like
+            # truncate(2), mark the file modified even when it was already empty.
+            now = time.time_ns()
+            try:
+                await self.setattr(ino, size=0, mtime_ns=now, ctime_ns=now)
+            except BaseException:
+                await self.release(fh)
+                raise
         return fh
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:

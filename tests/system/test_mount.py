@@ -246,3 +246,16 @@ def test_container_writes_as_other_uid(shared_cluster: Cluster, vol: str, tmp_pa
         st = os.stat(shared / "c.txt")
         assert (shared / "c.txt").read_text() == "from-container\n"
         assert st.st_uid == 1000
+
+
+def test_open_o_trunc_truncates_and_touches(shared_cluster: Cluster, vol: str, tmp_path: Path) -> None:
+    # Found by pjdfstest open/00.t: the kernel passes O_TRUNC to open (atomic_o_trunc).
+    with mounted(shared_cluster, vol, tmp_path / "mnt") as m:
+        f = m.path / "trunc-me"
+        f.write_bytes(b"test\n")
+        os.utime(f, ns=(1_000_000_000, 1_000_000_000))
+        fd = os.open(f, os.O_WRONLY | os.O_TRUNC)
+        os.close(fd)
+        st = os.stat(f)
+        assert st.st_size == 0
+        assert st.st_mtime_ns > 1_000_000_000 and st.st_ctime_ns > 1_000_000_000
