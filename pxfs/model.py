@@ -54,17 +54,20 @@ class VolumeInfo:
     used: int = 0
     state: str = "healthy"
     mounts: int = 0
+    detail: dict[str, Any] = field(default_factory=dict)  # from the coordinator: lagging, repair progress
 
     def to_json(self) -> dict[str, Any]:
+        repair = self.detail.get("repair", {})
         return {"name": self.name, "size": self.size, "used": self.used, "repl": self.repl,
                 "block_size": self.block_size, "labels": dict(self.labels), "state": self.state,
                 "replicas": list(self.replicas), "coordinator": self.coordinator, "epoch": self.epoch,
-                "mounts": self.mounts}
+                "mounts": self.mounts, "missing_replicas": self.detail.get("missing_replicas", []),
+                "lagging": self.detail.get("lagging", []), "repair": repair}
 
     def spec(self) -> dict[str, Any]:
         """The persistent part, as stored in the control store."""
         d = asdict(self)
-        for k in ("used", "state", "mounts"):
+        for k in ("used", "state", "mounts", "detail"):
             d.pop(k)
         return d
 

@@ -21,13 +21,11 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from pxfs.chunks.replicas import ReplicaChunks
-from pxfs.cluster.config import load_config, load_secret
-from pxfs.cluster.peers import Peers
-from pxfs.errors import NotFound, PxfsError, Unauthorized, Unavailable
+from pxfs.cluster.config import load_secret
+from pxfs.cluster.volume_session import VolumeSession
+from pxfs.errors import PxfsError
 from pxfs.fuse.operations import Operations
-from pxfs.rpc.bridge import Bridge, open_bridge
-from pxfs.rpc.client import AdminClient, Connection
+from pxfs.rpc.bridge import open_bridge
 from pxfs.vfs.vfs import Vfs
 
 log = logging.getLogger(__name__)
@@ -46,21 +44,6 @@ class MountConfig:
     attr_timeout: float = 1.0
 
 
-async def _admin(bridge: Bridge, cluster_dir: Path) -> tuple[Connection, AdminClient]:
-    cfg = load_config(cluster_dir)
-    secret = load_secret(cluster_dir)
-    errors = []
-    for address in cfg.addresses():
-        try:
-            conn = await Connection.open(bridge, address, secret, peer=f"mount@{socket.gethostname()}", timeout=3)
-            return conn, await conn.admin()
-        except Unauthorized:
-            raise
-        except PxfsError as err:
-            errors.append(str(err))
-    raise Unavailable(f'cluster "{cfg.name}"', "no node answers (" + "; ".join(errors) + ")")
-
-
 def _raise_readahead(mountpoint: Path) -> None:
     """Let the kernel send 1 MiB+ reads (default readahead gives 128 KiB requests)."""
     dev = os.stat(mountpoint).st_dev
@@ -76,24 +59,12 @@ async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
     secret = load_secret(cfg.cluster_dir)
     mount_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     async with open_bridge() as bridge:
-        conn, admin = await _admin(bridge, cfg.cluster_dir)
+        session = VolumeSession(bridge, cfg.cluster_dir, secret, cfg.volume, mount_id, cfg.read_only)
         try:
-            info = await admin.get_volume(cfg.volume)
-            addresses = {n.id: n.address for n in await admin.list_nodes()}
-        finally:
-            await conn.close()
-
-        async def resolve(node_id: str) -> str:
-            if node_id not in addresses:
-                raise NotFound(f"node {node_id}", "not in the cluster map")
-            return addresses[node_id]
-
-        peers = Peers(bridge, secret, f"mount:{mount_id}", resolve)
-        try:
-            volumes = await peers.volumes(info.coordinator)
-            meta, info = await volumes.open(cfg.volume, mount_id, cfg.read_only)
-            chunks = ReplicaChunks(cfg.volume, info.replicas, peers)
-            vfs = Vfs(meta, chunks, info.block_size)
+            await session.connect()
+            assert session.info is not None and session.chunks is not None
+            info = session.info
+            vfs = Vfs(session, session.chunks, info.block_size)
             ops = Operations(vfs, attr_timeout=cfg.attr_timeout, entry_timeout=cfg.attr_timeout,
                              read_only=cfg.read_only)
             options = set(cfg.fuse_options) | {f"fsname={cfg.volume}", "subtype=pxfs", "default_permissions"}
@@ -112,7 +83,7 @@ async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
                         while True:
                             await trio.sleep(KEEPALIVE_INTERVAL)
                             try:
-                                await meta.statfs()
+                                await session.refresh()
                             except PxfsError as err:
                                 log.warning("volume=%s keepalive failed: %s", cfg.volume, err)
 
@@ -144,15 +115,9 @@ async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
                         await vfs.close()
                     except PxfsError as err:
                         log.error("volume=%s buffered writes could not be flushed at unmount: %s", cfg.volume, err)
-                    try:
-                        await meta.statfs()
-                    except PxfsError:
-                        pass
-                    await meta.drop()
                 pyfuse3.close(unmount=unmount)
         finally:
-            with trio.CancelScope(shield=True):
-                await peers.close()
+            await session.close()
 
 
 def mount_state(mountpoint: Path) -> str:

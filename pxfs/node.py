@@ -13,6 +13,7 @@ from pxfs.chunks.local import LocalChunkStore
 from pxfs.chunks.pool import Pool
 from pxfs.cluster.admin import ClusterAdmin
 from pxfs.cluster.config import load_config, load_secret
+from pxfs.cluster.manager import Manager, Settings
 from pxfs.cluster.peers import Peers, store_resolver
 from pxfs.cluster.remote_store import RemoteStore
 from pxfs.cluster.store import ControlStore, EmbeddedStore
@@ -105,7 +106,7 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
             store = RemoteStore(bridge, cluster.seed, secret, node_id)
         admin = ClusterAdmin(store, cluster)
         peers = Peers(bridge, secret, node_id, store_resolver(store))
-        volumes = VolumeHost(node_id, state, store, peers)
+        volumes = VolumeHost(node_id, state, store, peers, repair_rate=cluster.repair_rate)
         services = Services(admin=admin, chunks=chunk_service, control=embedded, volumes=volumes)
         server = RpcServer(bridge, services, secret, cluster.id, node_id)
         host, port = split_address(cfg.listen)
@@ -135,6 +136,10 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(heartbeat_loop)
                 await nursery.start(volumes.run)
+                if embedded is not None:
+                    manager = Manager(store, admin, peers, Settings(failover_after=cluster.failover_after,
+                                                                   replace_after=cluster.replace_after))
+                    nursery.start_soon(manager.run)
                 if ready is not None:
                     ready.set()
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -47,6 +47,7 @@ struct VolumeInfo {
   epoch @9 :UInt64;
   createdNs @10 :UInt64;
   mounts @11 :UInt32;
+  detail @12 :Text;          # JSON: lagging followers, missing chunks per replica, repair progress
 }
 
 struct KeyValue {
@@ -106,6 +107,12 @@ interface Admin {
   getVolume @4 (name :Text) -> (volume :VolumeInfo);
   resizeVolume @5 (name :Text, size :UInt64) -> (volume :VolumeInfo);
   deleteVolume @6 (name :Text, force :Bool) -> ();
+  # Replication factor of a live volume: replicas are added (placement rules hold) or dropped.
+  haUpdate @7 (name :Text, repl :UInt8) -> (volume :VolumeInfo);
+  # Take a node out for good: its replicas are re-created elsewhere.
+  removeNode @8 (id :Text, force :Bool) -> ();
+  # Ask the coordinator for a full chunk check and repair now.
+  repairVolume @9 (name :Text) -> ();
 }
 
 # Content-addressed chunks of one node's pools. Called by: mounts (data path), other nodes (repair).
@@ -133,7 +140,9 @@ interface VolumeService {
   open @0 (name :Text, mountId :Text, readOnly :Bool) -> (volume :Volume, info :VolumeInfo);
   # A coordinator ships batches to a follower; refused when epoch is older than the follower's.
   apply @1 (name :Text, epoch :UInt64, seq :UInt64, batch :Data) -> (seq :UInt64);
-  lastSeq @2 (name :Text) -> (seq :UInt64, epoch :UInt64);
+  lastSeq @2 (name :Text) -> (seq :UInt64, epoch :UInt64, lastHash :Data);
+  # Wipe a follower's copy (it diverged, e.g. a deposed coordinator) so the coordinator can resend it all.
+  reset @3 (name :Text, epoch :UInt64) -> ();
 }
 
 # One volume's POSIX metadata, served by its coordinator to a mount. Names are raw bytes.

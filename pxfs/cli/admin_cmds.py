@@ -8,7 +8,7 @@ from pathlib import Path
 from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
 from pxfs.cli.sizes import format_size, parse_size
-from pxfs.errors import Invalid
+from pxfs.errors import Invalid, Unavailable
 from pxfs.model import NodeInfo, VolumeInfo
 
 
@@ -126,10 +126,21 @@ async def cmd_volume_inspect(args: argparse.Namespace) -> int:
         ["repl", str(v.repl)], ["block size", format_size(v.block_size)], ["labels", _fmt_labels(v.labels)],
         ["state", v.state], ["epoch", str(v.epoch)], ["mounts", str(v.mounts)],
     ])
+    lagging = set(v.detail.get("lagging", []))
+    repair = v.detail.get("repair", {})
+    missing = repair.get("missing", {})
     line("")
-    table(None, ["REPLICA", "ADDRESS", "STATE", "ROLE"], [
+    table(None, ["REPLICA", "ADDRESS", "STATE", "ROLE", "METADATA", "CHUNKS MISSING"], [
         [r, nodes[r].address if r in nodes else "?", nodes[r].state if r in nodes else "unknown",
-         "coordinator" if r == v.coordinator else "follower"] for r in v.replicas])
+         "coordinator" if r == v.coordinator else "follower",
+         "lagging" if r in lagging else ("-" if r not in nodes or nodes[r].state != "up" else "in sync"),
+         str(missing.get(r, 0))] for r in v.replicas])
+    if repair:
+        line("")
+        rate = repair.get("rate", 0) / 1e6
+        line(f"repair: {repair.get('state', 'idle')}, {repair.get('done', 0)}/{repair.get('total', 0)} chunks copied "
+             f"({format_size(repair.get('bytes', 0))} at {rate:.1f} MB/s), rounds {repair.get('rounds', 0)}"
+             + (f", LOST {repair['lost']} chunk(s) with no good copy" if repair.get("lost") else ""))
     return 0
 
 
@@ -156,3 +167,65 @@ async def cmd_volume_delete(args: argparse.Namespace) -> int:
 
 def cluster_dir(value: str | None) -> Path:
     return Path(value).resolve() if value else Path()
+
+
+async def cmd_volume_ha_update(args: argparse.Namespace) -> int:
+    async with cluster_admin(args.cluster) as (admin, *_):
+        vol = await admin.ha_update(args.name, args.repl)
+        if args.wait:
+            vol = await _wait_healthy(admin, args.name, args.json, lambda v: len(v.replicas) == args.repl)
+    if args.json:
+        emit_json(vol.to_json())
+    else:
+        line(f'volume "{vol.name}": repl {vol.repl}, replicas {",".join(vol.replicas)} ({vol.state})')
+    return 0
+
+
+async def cmd_volume_repair(args: argparse.Namespace) -> int:
+    async with cluster_admin(args.cluster) as (admin, *_):
+        await admin.repair_volume(args.name)
+        vol = await admin.get_volume(args.name)
+        if args.wait:
+            vol = await _wait_healthy(admin, args.name, args.json, lambda v: True, after=True)
+    if args.json:
+        emit_json(vol.to_json())
+    else:
+        line(f'volume "{vol.name}": {vol.state}')
+    return 0 if vol.state == "healthy" or not args.wait else 1
+
+
+async def _wait_healthy(admin: object, name: str, quiet: bool, done: object, after: bool = False,
+                        timeout: float = 3600) -> VolumeInfo:
+    """Poll the volume until it is healthy (and ``done(v)``), showing repair progress."""
+    import trio
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    start_rounds = None
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} chunks"),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), disable=quiet, transient=True) as bar:
+        task = bar.add_task(f"repair {name}", total=None, rate="")
+        with trio.move_on_after(timeout):
+            while True:
+                v: VolumeInfo = await admin.get_volume(name)  # type: ignore[attr-defined]
+                rep = v.detail.get("repair", {})
+                rounds = rep.get("rounds", 0)
+                if start_rounds is None:
+                    start_rounds = rounds
+                bar.update(task, total=rep.get("total") or None, completed=rep.get("done", 0),
+                           rate=f"{rep.get('rate', 0) / 1e6:.1f} MB/s", description=f"{name}: {v.state}")
+                fresh = not after or rounds > start_rounds
+                if v.state == "healthy" and fresh and done(v):  # type: ignore[operator]
+                    return v
+                await trio.sleep(0.5)
+    raise Unavailable(f'volume "{name}"', f"not healthy after {timeout:g}s")
+
+
+async def cmd_node_remove(args: argparse.Namespace) -> int:
+    async with cluster_admin(args.cluster) as (admin, *_):
+        await admin.remove_node(args.id, args.force)
+    if args.json:
+        emit_json({"id": args.id, "removed": True})
+    else:
+        line(f"node {args.id} removed: its replicas are being re-created on other nodes "
+             "(watch with `pxfs volume list`)")
+    return 0

@@ -157,6 +157,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         init_cluster(d, args.name or d.name, f"127.0.0.1:{args.base_port}")
         line(f"initialised cluster in {d}")
     cfg = load_config(d)
+    if args.failover_after is not None:
+        cfg.failover_after = args.failover_after
+    if args.replace_after is not None:
+        cfg.replace_after = args.replace_after
+    if args.repair_rate is not None:
+        cfg.repair_rate = float(parse_size(args.repair_rate, "repair rate"))
     existing = _node_dirs(d)
     for i in range(len(existing) + 1, args.nodes + 1):
         nd = d / "nodes" / f"n{i}"

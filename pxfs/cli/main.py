@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-size", default="10G", help="capacity of each node's pool (default 10G)")
     p.add_argument("--name", default="")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--failover-after", type=float, help="seconds a coordinator may be down before failover")
+    p.add_argument("--replace-after", type=float, help="seconds a replica node may be down before re-replication")
+    p.add_argument("--repair-rate", help="repair throttle per coordinator, e.g. 100M (bytes/s)")
     p.set_defaults(run=local.cmd_up, sync=True)
 
     p = sub.add_parser("down", help="stop the nodes of a local cluster")
@@ -84,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="even while mounted")
     p.set_defaults(run=admin_cmds.cmd_volume_delete)
+
+    p = _client(vol.add_parser("ha-update", help="change the replication factor of a live volume"))
+    p.add_argument("name")
+    p.add_argument("--repl", type=int, required=True)
+    p.add_argument("--wait", action="store_true", help="wait until the new replicas are complete")
+    p.set_defaults(run=admin_cmds.cmd_volume_ha_update)
+    p = _client(vol.add_parser("repair", help="check every replica's chunks now and copy what is missing"))
+    p.add_argument("name")
+    p.add_argument("--wait", action="store_true", help="show progress until the volume is healthy")
+    p.set_defaults(run=admin_cmds.cmd_volume_repair)
+    p = _client(nd.add_parser("remove", help="take a node out for good; its replicas move elsewhere"))
+    p.add_argument("id")
+    p.add_argument("--force", action="store_true", help="even if it holds the only copy of a volume")
+    p.set_defaults(run=admin_cmds.cmd_node_remove)
 
     _extend(sub, _client)
     return ap

@@ -55,6 +55,10 @@ class ClusterAdmin:
 
     async def list_nodes(self) -> list[NodeInfo]:
         nodes = await self._store.liveness()
+        removed = {k.removeprefix("removed/") for k, _ in await self._store.range("removed/")}
+        for n in nodes:
+            if n.id in removed:
+                n.state = "removed"
         return sorted(nodes, key=lambda n: n.id)
 
     async def _specs(self) -> list[VolumeInfo]:
@@ -68,12 +72,21 @@ class ClusterAdmin:
 
     async def _decorate(self, vols: list[VolumeInfo], nodes: list[NodeInfo] | None = None) -> list[VolumeInfo]:
         nodes = nodes if nodes is not None else await self._store.liveness()
-        up = {n.id for n in nodes if n.state == "up"}
+        removed = {k.removeprefix("removed/") for k, _ in await self._store.range("removed/")}
+        up = {n.id for n in nodes if n.state == "up"} - removed
         now = time.time()
         for v in vols:
-            usage = await self._store.get(f"usage/{v.name}")
-            v.used = json.loads(usage).get("used", 0) if usage else 0
-            v.state = "healthy" if all(r in up for r in v.replicas) else "degraded"
+            raw = await self._store.get(f"usage/{v.name}")
+            detail = json.loads(raw) if raw else {}
+            fresh = detail.get("coordinator") == v.coordinator and detail.get("epoch") == v.epoch
+            v.used = detail.get("used", 0)
+            missing = [r for r in v.replicas if r not in up]
+            lagging = [r for r in detail.get("lagging", []) if r not in missing] if fresh else []
+            repair = detail.get("repair", {}) if fresh else {}
+            v.detail = {"missing_replicas": missing, "lagging": lagging, "repair": repair}
+            short = len(v.replicas) < v.repl
+            incomplete = bool(repair.get("missing")) or repair.get("lost", 0) > 0 or repair.get("state") == "copying"
+            v.state = "degraded" if missing or lagging or short or incomplete else "healthy"
             mounts = await self._store.range(f"mounts/{v.name}/")
             v.mounts = sum(1 for _k, raw in mounts if now - json.loads(raw).get("ts", 0) <= MOUNT_TTL)
         return vols
@@ -109,10 +122,21 @@ class ClusterAdmin:
             raise Invalid(f'volume "{name}"', f"block size {block_size} must be a power of two from 4K to 16M")
         if await self._store.get(_vol_key(name)) is not None:
             raise Exists(f'volume "{name}"', "a volume with this name exists")
-        nodes = await self._store.liveness()
+        removed = {k.removeprefix("removed/") for k, _ in await self._store.range("removed/")}
+        nodes = [n for n in await self._store.liveness() if n.id not in removed]
         replicas = placement.place(name, nodes, repl, size, await self._committed(), self._overcommit)
+        # Spread coordinator duty, and keep it off the seed when possible: losing the seed already
+        # freezes the cluster map, it should not also stall the volume's metadata.
+        duty = {r: 0 for r in replicas}
+        for v in await self._specs():
+            if v.coordinator in duty:
+                duty[v.coordinator] += 1
+        seeds = {n.id for n in nodes if n.seed}
+        coordinator = min(replicas, key=lambda r: (duty[r], r in seeds, replicas.index(r)))
+        replicas.remove(coordinator)
+        replicas.insert(0, coordinator)
         vol = VolumeInfo(name=name, size=size, repl=repl, block_size=block_size, labels=labels,
-                         replicas=replicas, coordinator=replicas[0], epoch=1, created_ns=time.time_ns())
+                         replicas=replicas, coordinator=coordinator, epoch=1, created_ns=time.time_ns())
         if not await self._store.cas(_vol_key(name), None, json.dumps(vol.spec()).encode()):
             raise Exists(f'volume "{name}"', "a volume with this name exists")
         return (await self._decorate([vol], nodes))[0]
@@ -144,6 +168,43 @@ class ClusterAdmin:
         await self._store.delete(f"usage/{name}")
         for key, _raw in await self._store.range(f"mounts/{name}/"):
             await self._store.delete(key)
+
+    async def ha_update(self, name: str, repl: int) -> VolumeInfo:
+        if not 1 <= repl <= 3:
+            raise Invalid(f'volume "{name}"', f"repl must be 1, 2 or 3 (got {repl})")
+        spec, _raw = await self._spec(name)
+        if repl > spec.repl:
+            live = [n for n in await self._store.liveness() if n.state == "up"]
+            removed = {k.removeprefix("removed/") for k, _ in await self._store.range("removed/")}
+            candidates = [n for n in live if n.id not in removed and n.id not in spec.replicas]
+            if len(candidates) < repl - len(spec.replicas):
+                raise Invalid(f'volume "{name}"', f"not enough nodes for repl={repl} "
+                              f"(have {len(candidates) + len(spec.replicas)} up)")
+
+        def change(s: VolumeInfo) -> None:
+            s.repl = repl
+
+        await self.update_volume(name, change)
+        return await self.get_volume(name)
+
+    async def remove_node(self, node_id: str, force: bool) -> None:
+        nodes = {n.id: n for n in await self._store.liveness()}
+        if node_id not in nodes:
+            raise NotFound(f"node {node_id}", "not registered in the cluster map")
+        if nodes[node_id].seed:
+            raise Invalid(f"node {node_id}", "holds the embedded control store (the seed) and cannot be removed")
+        others_up = [n for n in nodes.values() if n.id != node_id and n.state == "up"]
+        for v in await self._specs():
+            if node_id in v.replicas and not force:
+                survivors = [r for r in v.replicas if r != node_id and r in {n.id for n in others_up}]
+                if not survivors:
+                    raise Invalid(f"node {node_id}", f'holds the only live replica of volume "{v.name}"; '
+                                  "removing it loses data (use --force to accept that)")
+        await self._store.put(f"removed/{node_id}", json.dumps({"ts": time.time()}).encode())
+
+    async def repair_volume(self, name: str) -> None:
+        await self._spec(name)
+        await self._store.put(f"repair/{name}", json.dumps({"ts": time.time()}).encode())
 
     async def update_volume(self, name: str, change: Any) -> VolumeInfo:
         """Apply ``change(spec)`` with compare-and-swap (used by failover and repair)."""

@@ -25,6 +25,10 @@ class ClusterConfig:
     seed: str
     nodes: list[str] = field(default_factory=list)
     store: str = "embedded"
+    # Fault handling (seconds; bytes/s): see pxfs.cluster.manager and pxfs.cluster.repair.
+    failover_after: float = 2.0
+    replace_after: float = 600.0
+    repair_rate: float = 200e6
 
     def addresses(self) -> list[str]:
         """Where a client tries to connect: the seed first, then every known node."""

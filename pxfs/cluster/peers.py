@@ -71,7 +71,15 @@ class Peers:
             await self.forget(node_id)
             raise Unavailable(f"node {node_id}", "did not answer a replication call") from None
 
-    async def last_seq(self, node_id: str, volume: str) -> tuple[int, int]:
+    async def reset(self, node_id: str, volume: str, epoch: int) -> None:
+        try:
+            with trio.fail_after(CALL_TIMEOUT):
+                await (await self.volumes(node_id)).reset(volume, epoch)
+        except (Unavailable, trio.TooSlowError):
+            await self.forget(node_id)
+            raise Unavailable(f"node {node_id}", "did not answer") from None
+
+    async def last_seq(self, node_id: str, volume: str) -> tuple[int, int, bytes]:
         try:
             with trio.fail_after(CALL_TIMEOUT):
                 return await (await self.volumes(node_id)).last_seq(volume)

@@ -21,7 +21,8 @@ def node_free(n: NodeInfo) -> int:
 
 
 def place(volume: str, nodes: list[NodeInfo], repl: int, size: int, committed: dict[str, int],
-          overcommit: float = OVERCOMMIT, exclude: frozenset[str] = frozenset()) -> list[str]:
+          overcommit: float = OVERCOMMIT, exclude: frozenset[str] = frozenset(),
+          zones_taken: set[str] | None = None) -> list[str]:
     """Pick ``repl`` node ids for a volume of ``size`` bytes; raise with the reason when impossible.
 
     ``committed`` maps node id -> bytes of volume sizes already placed there.
@@ -38,7 +39,7 @@ def place(volume: str, nodes: list[NodeInfo], repl: int, size: int, committed: d
                       f"{max(0, int(best))} bytes left")
     fits.sort(key=lambda n: (-node_free(n), n.id))
     chosen: list[NodeInfo] = []
-    zones: set[str] = set()
+    zones: set[str] = set(zones_taken or ())
     for n in fits:  # first pass: one node per zone
         zone = n.labels.get("zone", f"node:{n.id}")
         if zone not in zones:

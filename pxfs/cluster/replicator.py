@@ -8,8 +8,10 @@ up from the log in the background as soon as it answers again.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
+import blake3
 import trio
 
 from pxfs.errors import Conflict, PxfsError
@@ -22,9 +24,11 @@ RETRY_MAX = 2.0
 
 
 class Replicator:
-    def __init__(self, volume: str, kv: KV, epoch: int, followers: list[str], peers: Any) -> None:
+    def __init__(self, volume: str, kv: KV, epoch: int, followers: list[str], peers: Any,
+                 on_caught_up: Callable[[str], None] | None = None) -> None:
         self.volume, self.kv, self.epoch, self.followers = volume, kv, epoch, list(followers)
         self._peers = peers
+        self._on_caught_up = on_caught_up
         self.acked: dict[str, int | None] = {f: None for f in followers}
         self.lagging: set[str] = set()
         self._kick = trio.Event()
@@ -50,11 +54,16 @@ class Replicator:
         while True:
             try:
                 if self.acked[follower] is None:
-                    seq, epoch = await self._peers.last_seq(follower, self.volume)
+                    seq, epoch, last_hash = await self._peers.last_seq(follower, self.volume)
                     if epoch > self.epoch:
                         self.deposed = True
                         log.warning("volume=%s follower=%s is at epoch %d > ours %d: deposed",
                                     self.volume, follower, epoch, self.epoch)
+                        self._notify_progress()
+                        return
+                    if self._diverged(seq, last_hash):
+                        await self._peers.reset(follower, self.volume, self.epoch)
+                        seq = 0
                     self.acked[follower] = seq
                     self._notify_progress()
                 acked = self.acked[follower]
@@ -63,6 +72,8 @@ class Replicator:
                     if follower in self.lagging:
                         self.lagging.discard(follower)
                         log.info("volume=%s follower=%s caught up at seq %d", self.volume, follower, acked)
+                        if self._on_caught_up is not None:
+                            self._on_caught_up(follower)
                     kick = self._kick
                     await kick.wait()
                     continue
@@ -88,6 +99,15 @@ class Replicator:
                 self._notify_progress()
                 await trio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
+
+    def _diverged(self, seq: int, last_hash: bytes) -> bool:
+        """True when the follower holds a batch we do not: a tail written under an older coordinator."""
+        if seq == 0:
+            return False
+        if seq > self.kv.seq:
+            return True
+        ours = self.kv.log_entry(seq)
+        return ours is None or blake3.blake3(ours).digest() != last_hash
 
     async def wait_acked(self, seq: int) -> None:
         """Return once each follower holds ``seq`` or is lagging (unreachable: degraded, not blocked)."""

@@ -22,7 +22,7 @@ from rocksdict import Options, Rdict, WriteOptions
 
 from pxfs.model import NodeInfo, PoolInfo
 
-DOWN_AFTER = 5.0
+DOWN_AFTER = 3.0
 
 
 class ControlStore(Protocol):

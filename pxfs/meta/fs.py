@@ -334,6 +334,15 @@ class Meta:
         txn.commit()
         return a
 
+    def chunk_refs(self) -> dict[bytes, int]:
+        """Every chunk the volume's block maps name, with its size in use (for repair and scrub)."""
+        refs: dict[bytes, int] = {}
+        for key, value in self.kv.scan(b"A"):
+            if len(key) == 18 and key[9:10] == b"C":
+                digest, length = keys.decode_block(value)
+                refs[digest] = max(refs.get(digest, 0), length)
+        return refs
+
     def statfs(self) -> dict[str, int]:
         def counter(name: bytes) -> int:
             return keys.decode_u64(self.kv.get(keys.counter_key(name)))

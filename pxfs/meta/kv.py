@@ -191,6 +191,10 @@ class KV(ABC):
         start = _log_key(seq + 1)
         return [(_U64.unpack(k[len(LOG_PREFIX) :])[0], v) for k, v in self.scan(LOG_PREFIX, start)]
 
+    def log_entry(self, seq: int) -> bytes | None:
+        """The logged batch with sequence number ``seq``, if still in the log."""
+        return self._raw_get(_log_key(seq))
+
     def trim_log(self, keep: int) -> None:
         """Drop all but the last ``keep`` log entries (bounded log; older followers need a copy)."""
         if keep < 0:

@@ -107,6 +107,21 @@ class AdminClient(_Caller):
             await self.cap.deleteVolume(name, force)
         await self.call(go)
 
+    async def ha_update(self, name: str, repl: int) -> VolumeInfo:
+        async def go() -> VolumeInfo:
+            return convert.volume_from((await self.cap.haUpdate(name, repl)).volume)
+        return await self.call(go)
+
+    async def remove_node(self, node_id: str, force: bool) -> None:
+        async def go() -> None:
+            await self.cap.removeNode(node_id, force)
+        await self.call(go)
+
+    async def repair_volume(self, name: str) -> None:
+        async def go() -> None:
+            await self.cap.repairVolume(name)
+        await self.call(go)
+
 
 class ChunkClient(_Caller):
     """A remote node's chunk store; same async face as ``pxfs.chunks.local.LocalChunkStore``."""

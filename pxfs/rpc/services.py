@@ -75,6 +75,18 @@ class AdminServer(pxfs_capnp.Admin.Server):
     async def deleteVolume(self, name: str, force: bool, _context: Any, **_: Any) -> None:  # noqa: N802
         await self._b.to_trio(self._a.delete_volume, name, force)
 
+    @served
+    async def haUpdate(self, name: str, repl: int, _context: Any, **_: Any) -> None:
+        convert.volume_to(_context.results.init("volume"), await self._b.to_trio(self._a.ha_update, name, repl))
+
+    @served
+    async def removeNode(self, id: str, force: bool, _context: Any, **_: Any) -> None:  # noqa: A002
+        await self._b.to_trio(self._a.remove_node, id, force)
+
+    @served
+    async def repairVolume(self, name: str, _context: Any, **_: Any) -> None:
+        await self._b.to_trio(self._a.repair_volume, name)
+
 
 class ChunkStoreServer(pxfs_capnp.ChunkStore.Server):
     def __init__(self, bridge: Bridge, store: Any) -> None:

@@ -27,11 +27,16 @@ class VolumeServiceClient(_Caller):
             return (await self.cap.apply(name, epoch, seq, batch)).seq
         return await self.call(go)
 
-    async def last_seq(self, name: str) -> tuple[int, int]:
-        async def go() -> tuple[int, int]:
+    async def last_seq(self, name: str) -> tuple[int, int, bytes]:
+        async def go() -> tuple[int, int, bytes]:
             r = await self.cap.lastSeq(name)
-            return r.seq, r.epoch
+            return r.seq, r.epoch, bytes(r.lastHash)
         return await self.call(go)
+
+    async def reset(self, name: str, epoch: int) -> None:
+        async def go() -> None:
+            await self.cap.reset(name, epoch)
+        await self.call(go)
 
 
 class VolumeClient(_Caller):

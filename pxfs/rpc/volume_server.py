@@ -40,8 +40,12 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
 
     @served
     async def lastSeq(self, name: str, _context: Any, **_: Any) -> None:  # noqa: N802
-        seq, epoch = await self._b.to_trio(self._h.last_seq, name)
-        _context.results.seq, _context.results.epoch = seq, epoch
+        seq, epoch, last_hash = await self._b.to_trio(self._h.last_seq, name)
+        _context.results.seq, _context.results.epoch, _context.results.lastHash = seq, epoch, last_hash
+
+    @served
+    async def reset(self, name: str, epoch: int, _context: Any, **_: Any) -> None:
+        await self._b.to_trio(self._h.reset, name, epoch)
 
 
 class VolumeServer(pxfs_capnp.Volume.Server):

@@ -1,0 +1,148 @@
+"""The cluster manager, run by the seed next to the embedded control store.
+
+Once a second it compares every volume's record with node liveness and acts:
+* **failover**: the coordinator has been down for ``failover_after`` seconds (or was removed): the
+  live replica holding the most batches becomes coordinator under epoch + 1. Followers refuse
+  batches from older epochs, so the old coordinator cannot get a write acknowledged again.
+* **replacement**: a follower down for ``replace_after`` seconds, or removed by an operator, is
+  replaced by a node chosen by the placement rules; the coordinator then ships it the metadata log
+  and copies the chunks (repair).
+* **replication factor**: fewer replicas than ``repl`` (``ha-update`` up) get new ones; more
+  (``ha-update`` down) lose followers, down ones first.
+pxfs grows no consensus of its own: the control store's compare-and-swap orders these changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from pxfs.cluster import placement
+from pxfs.cluster.store import ControlStore
+from pxfs.errors import PxfsError
+from pxfs.model import NodeInfo, VolumeInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    failover_after: float = 2.0      # seconds a coordinator is down (after the 3 s heartbeat window)
+    replace_after: float = 600.0     # seconds a follower is down before its replica is re-created elsewhere
+    startup_grace: float = 6.0       # after the seed starts, nodes need a heartbeat or two to show up
+    interval: float = 1.0
+
+
+class Manager:
+    def __init__(self, store: ControlStore, admin: Any, peers: Any, settings: Settings) -> None:
+        self._store, self._admin, self._peers, self.settings = store, admin, peers, settings
+        self._down_since: dict[str, float] = {}
+        self._started = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.settings.interval)
+            if time.monotonic() - self._started < self.settings.startup_grace:
+                continue
+            try:
+                await self.round()
+            except PxfsError as err:
+                log.warning("manager round failed: %s", err)
+
+    async def removed(self) -> set[str]:
+        return {k.removeprefix("removed/") for k, _ in await self._store.range("removed/")}
+
+    async def round(self) -> None:
+        nodes = await self._store.liveness()
+        now = time.monotonic()
+        for n in nodes:
+            if n.state == "up":
+                self._down_since.pop(n.id, None)
+            else:
+                self._down_since.setdefault(n.id, now)
+        removed = await self.removed()
+        gone = {n.id for n in nodes if n.state != "up"} | removed
+
+        def down_for(node: str) -> float:
+            if node in removed:
+                return float("inf")
+            since = self._down_since.get(node)
+            return now - since if since is not None else (0.0 if node in {n.id for n in nodes} else float("inf"))
+
+        for _key, raw in await self._store.range("volumes/"):
+            spec = VolumeInfo(**json.loads(raw))
+            if down_for(spec.coordinator) >= self.settings.failover_after:
+                await self._failover(spec, gone)
+                continue
+            stale = [r for r in spec.replicas if r != spec.coordinator
+                     and down_for(r) >= self.settings.replace_after]
+            if stale or len(spec.replicas) != spec.repl:
+                await self._reshape(spec, nodes, stale, removed)
+
+    async def _failover(self, spec: VolumeInfo, gone: set[str]) -> None:
+        best: tuple[int, str] | None = None
+        for r in spec.replicas:
+            if r == spec.coordinator or r in gone:
+                continue
+            try:
+                with trio.fail_after(5):
+                    seq, _epoch, _h = await self._peers.last_seq(r, spec.name)
+            except (PxfsError, trio.TooSlowError) as err:
+                log.info("volume=%s failover: replica %s not answering: %s", spec.name, r, err)
+                continue
+            if best is None or seq > best[0]:
+                best = (seq, r)
+        if best is None:
+            log.warning("volume=%s coordinator %s is down and no other replica is live: waiting",
+                        spec.name, spec.coordinator)
+            return
+        old = spec.coordinator
+
+        def change(s: VolumeInfo) -> None:
+            if s.coordinator == old:
+                s.coordinator = best[1]
+                s.epoch += 1
+
+        new = await self._admin.update_volume(spec.name, change)
+        log.warning("volume=%s failover: coordinator %s -> %s (seq %d), epoch %d", spec.name, old, new.coordinator,
+                    best[0], new.epoch)
+
+    async def _reshape(self, spec: VolumeInfo, nodes: list[NodeInfo], stale: list[str], removed: set[str]) -> None:
+        keep = [r for r in spec.replicas if r not in stale]
+        live = {n.id for n in nodes if n.state == "up"}
+        if len(keep) > spec.repl:
+            # Lower the replication factor: drop followers, down ones first, never the coordinator.
+            followers = sorted((r for r in keep if r != spec.coordinator), key=lambda r: (r in live, r))
+            keep = [r for r in keep if r not in followers[:len(keep) - spec.repl]]
+        need = spec.repl - len(keep)
+        added: list[str] = []
+        if need > 0:
+            committed = await self._admin._committed(skip=spec.name)
+            candidates = [n for n in nodes if n.id not in removed]
+            try:
+                added = placement.place(spec.name, candidates, need, spec.size, committed,
+                                        exclude=frozenset(spec.replicas), zones_taken=self._zones(nodes, keep))
+            except PxfsError as err:
+                log.warning("volume=%s cannot place %d new replica(s): %s", spec.name, need, err)
+                if not stale and len(keep) == len(spec.replicas):
+                    return
+        target = keep + added
+        if target == spec.replicas:
+            return
+
+        def change(s: VolumeInfo) -> None:
+            if s.replicas == spec.replicas:
+                s.replicas = list(target)
+
+        await self._admin.update_volume(spec.name, change)
+        log.warning("volume=%s replicas %s -> %s", spec.name, ",".join(spec.replicas), ",".join(target))
+
+    @staticmethod
+    def _zones(nodes: list[NodeInfo], ids: list[str]) -> set[str]:
+        by_id = {n.id: n for n in nodes}
+        return {by_id[i].labels.get("zone", f"node:{i}") for i in ids if i in by_id}

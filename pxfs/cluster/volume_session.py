@@ -1,0 +1,208 @@
+"""A mount's session with its volume: finds the coordinator and follows it through failovers.
+
+This is the MetaPort the mount's vfs talks to. A call that fails because the coordinator is gone or
+no longer holds the role is retried, after finding the current coordinator through any node, for up
+to ``FAILOVER_TIMEOUT`` seconds; the application sees a stall, not an error. Open files are
+registered again with the new coordinator so its open counts (unlinked-but-open files) stay right.
+A retried operation that the old coordinator had already applied may report EEXIST or ENOENT.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from pxfs.chunks.replicas import ReplicaChunks
+from pxfs.cluster.config import load_config
+from pxfs.cluster.peers import Peers
+from pxfs.errors import Conflict, NotFound, PxfsError, Unauthorized, Unavailable
+from pxfs.model import Attr, VolumeInfo
+from pxfs.rpc.bridge import Bridge
+from pxfs.rpc.client import Connection
+from pxfs.rpc.volume_client import VolumeClient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FAILOVER_TIMEOUT = 60.0
+
+
+class VolumeSession:
+    def __init__(self, bridge: Bridge, cluster_dir: Path, secret: bytes, volume: str, mount_id: str,
+                 read_only: bool) -> None:
+        self._bridge, self._cluster_dir, self._secret = bridge, cluster_dir, secret
+        self.volume, self.mount_id, self.read_only = volume, mount_id, read_only
+        self._addresses: dict[str, str] = {}
+        self.peers = Peers(bridge, secret, f"mount:{mount_id}", self._resolve)
+        self.meta: VolumeClient | None = None
+        self.info: VolumeInfo | None = None
+        self.chunks: ReplicaChunks | None = None
+        self._open: dict[int, int] = {}
+        self._lock = trio.Lock()
+
+    async def _resolve(self, node_id: str) -> str:
+        if node_id not in self._addresses:
+            raise NotFound(f"node {node_id}", "not in the cluster map")
+        return self._addresses[node_id]
+
+    async def _lookup(self) -> VolumeInfo:
+        """The volume's record and the node addresses, from the first node that answers."""
+        cfg = load_config(self._cluster_dir)
+        errors = []
+        for address in list(dict.fromkeys(list(self._addresses.values()) + cfg.addresses())):
+            try:
+                conn = await Connection.open(self._bridge, address, self._secret, peer=f"mount:{self.mount_id}",
+                                             timeout=3)
+            except Unauthorized:
+                raise
+            except PxfsError as err:
+                errors.append(str(err))
+                continue
+            try:
+                admin = await conn.admin()
+                info = await admin.get_volume(self.volume)
+                self._addresses.update({n.id: n.address for n in await admin.list_nodes()})
+                return info
+            except (Unavailable, Conflict) as err:
+                errors.append(str(err))
+            finally:
+                await conn.close()
+        raise Unavailable(f'volume "{self.volume}"', "no node answers (" + "; ".join(errors) + ")")
+
+    async def connect(self) -> None:
+        """First open: errors (unknown volume, wrong secret) go straight to the caller."""
+        info = await self._lookup()
+        volumes = await self.peers.volumes(info.coordinator)
+        self.meta, self.info = await volumes.open(self.volume, self.mount_id, self.read_only)
+        self.chunks = ReplicaChunks(self.volume, self.info.replicas, self.peers)
+
+    async def _reconnect(self, failed: VolumeClient | None, cause: PxfsError, deadline: float) -> None:
+        async with self._lock:
+            if self.meta is not failed:
+                return  # another task already found the new coordinator
+            delay = 0.1
+            while True:
+                try:
+                    info = await self._lookup()
+                    await self.peers.forget(info.coordinator)
+                    volumes = await self.peers.volumes(info.coordinator)
+                    meta, info = await volumes.open(self.volume, self.mount_id, self.read_only)
+                    for ino, count in self._open.items():
+                        for _ in range(count):
+                            await meta.open(ino)
+                    old, self.meta, self.info = self.meta, meta, info
+                    if self.chunks is not None:
+                        self.chunks.replicas = list(info.replicas)
+                    if old is not None:
+                        await old.drop()
+                    log.warning("volume=%s reconnected to coordinator %s (epoch %d) after: %s", self.volume,
+                                info.coordinator, info.epoch, cause)
+                    return
+                except (Unavailable, Conflict) as err:
+                    if time.monotonic() > deadline:
+                        raise Unavailable(f'volume "{self.volume}"',
+                                          f"no coordinator for {FAILOVER_TIMEOUT:g}s (last: {err})") from None
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+
+    async def _call(self, fn: Callable[[VolumeClient], Awaitable[T]]) -> T:
+        deadline = time.monotonic() + FAILOVER_TIMEOUT
+        while True:
+            meta = self.meta
+            if meta is None:
+                raise Unavailable(f'volume "{self.volume}"', "not connected")
+            try:
+                return await fn(meta)
+            except (Unavailable, Conflict) as err:
+                if time.monotonic() > deadline:
+                    raise
+                await self._reconnect(meta, err, deadline)
+
+    async def refresh(self) -> None:
+        """Keepalive: tells the coordinator this mount lives, and picks up replica set changes."""
+        info = await self._call(lambda m: m.info())
+        self.info = info
+        if self.chunks is not None and self.chunks.replicas != info.replicas:
+            log.info("volume=%s replicas now %s", self.volume, ",".join(info.replicas))
+            self.chunks.replicas = list(info.replicas)
+        await self._call(lambda m: m.statfs())
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            if self.meta is not None:
+                await self.meta.drop()
+            await self.peers.close()
+
+    # -- MetaPort ------------------------------------------------------------------------------
+
+    async def getattr(self, ino: int) -> Attr:
+        return await self._call(lambda m: m.getattr(ino))
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        return await self._call(lambda m: m.lookup(parent, name))
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+        return await self._call(lambda m: m.mknod(parent, name, mode, rdev, uid, gid))
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return await self._call(lambda m: m.mkdir(parent, name, mode, uid, gid))
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        return await self._call(lambda m: m.symlink(parent, name, target, uid, gid))
+
+    async def readlink(self, ino: int) -> bytes:
+        return await self._call(lambda m: m.readlink(ino))
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        return await self._call(lambda m: m.link(ino, new_parent, new_name))
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        await self._call(lambda m: m.unlink(parent, name))
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self._call(lambda m: m.rmdir(parent, name))
+
+    async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
+        await self._call(lambda m: m.rename(parent, name, new_parent, new_name, flags))
+
+    async def setattr(self, ino: int, **changes: Any) -> Attr:
+        return await self._call(lambda m: m.setattr(ino, **changes))
+
+    async def readdir(self, ino: int, after: bytes, limit: int) -> list[tuple[bytes, Attr]]:
+        return await self._call(lambda m: m.readdir(ino, after, limit))
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        await self._call(lambda m: m.setxattr(ino, name, value, flags))
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        return await self._call(lambda m: m.getxattr(ino, name))
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return await self._call(lambda m: m.listxattr(ino))
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self._call(lambda m: m.removexattr(ino, name))
+
+    async def open(self, ino: int) -> tuple[Attr, dict[int, tuple[bytes, int]]]:
+        result = await self._call(lambda m: m.open(ino))
+        self._open[ino] = self._open.get(ino, 0) + 1
+        return result
+
+    async def release(self, ino: int) -> None:
+        n = self._open.get(ino, 0) - 1
+        if n > 0:
+            self._open[ino] = n
+        else:
+            self._open.pop(ino, None)
+        await self._call(lambda m: m.release(ino))
+
+    async def commit(self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int) -> Attr:
+        return await self._call(lambda m: m.commit(ino, blocks, size, mtime_ns))
+
+    async def statfs(self) -> dict[str, Any]:
+        return await self._call(lambda m: m.statfs())
