@@ -62,6 +62,12 @@ class ChunkService:
     async def has_many(self, hashes: list[bytes]) -> list[bool]:
         return await self.store.has_many(hashes)
 
+    async def verify(self, hashes: list[bytes]) -> list[int]:
+        return await self.store.verify(hashes)
+
+    async def list_hashes(self, after: bytes, limit: int) -> list[bytes]:
+        return await self.store.list_hashes(after, limit)
+
     async def stats(self) -> list[PoolInfo]:
         return [PoolInfo(node=self.node_id, path=str(p.path), klass=p.klass, capacity=p.capacity, used=p.used,
                          free=p.free, chunks=p.chunk_count) for p in self.store.pools]

@@ -121,6 +121,9 @@ interface ChunkStore {
   get @1 (hash :Data) -> (data :Data);                  # verified against hash before it is sent
   has @2 (hashes :List(Data)) -> (present :List(Bool));
   stats @3 () -> (pools :List(PoolInfo));
+  # Scrub: re-read and re-hash; 0 good, 1 missing, 2 corrupt (the bad copy is quarantined).
+  verify @4 (hashes :List(Data)) -> (status :List(UInt8));
+  list @5 (after :Data, limit :UInt32) -> (hashes :List(Data));
 }
 
 # The cluster map's key-value store (embedded backend, served by the seed node). Called by: nodes.
@@ -170,4 +173,16 @@ interface Volume {
   commit @18 (ino :UInt64, blocks :List(BlockRef), size :UInt64, mtimeNs :Int64) -> (attr :Attr);
   statfs @19 () -> (capacity :UInt64, used :UInt64, inodes :UInt64, blockSize :UInt32);
   info @20 () -> (info :VolumeInfo);
+  # Every chunk the volume's block maps name (scrub), and where given chunks are used (its report).
+  chunkRefs @21 () -> (hashes :List(Data));
+  locate @22 (hashes :List(Data)) -> (places :List(ChunkPlace));
+  # The mount is going away: stop counting it as a mount of the volume.
+  detach @23 () -> ();
+}
+
+struct ChunkPlace {
+  hash @0 :Data;
+  path @1 :Data;             # from the volume root; an unlinked-but-open file has "<orphan ino N>"
+  offset @2 :UInt64;
+  length @3 :UInt32;
 }

@@ -103,10 +103,38 @@ class LocalChunkStore:
             except NotFound:
                 continue
             except Corrupt as e:
+                # Never serve it again: move it aside, so a good copy can be put back in its place
+                # (by the reader that fetches one elsewhere, or by repair).
                 corrupt = e
+                where = pool.quarantine(h)
+                log.warning("chunk=%s pool=%s corrupt on read, quarantined to %s", h.hex()[:16], pool.path, where)
         if corrupt is not None:
             raise corrupt
         raise NotFound(chunk_name(h), f"not in {self._name()}")
+
+    async def verify(self, hs: list[bytes]) -> list[int]:
+        """Re-read and re-hash each chunk: 0 good, 1 missing, 2 corrupt (now quarantined)."""
+        def run() -> list[int]:
+            out = []
+            for h in hs:
+                try:
+                    self._get_sync(h)
+                    out.append(0)
+                except NotFound:
+                    out.append(1)
+                except Corrupt:
+                    out.append(2)
+            return out
+        return await trio.to_thread.run_sync(run, limiter=self._limiter)
+
+    async def list_hashes(self, after: bytes, limit: int) -> list[bytes]:
+        """Chunk names above ``after`` in byte order, across all pools (for node-wide scrub)."""
+        def run() -> list[bytes]:
+            names: set[bytes] = set()
+            for pool in self._pools:
+                names.update(h for h in pool.iter_hashes() if h > after)
+            return sorted(names)[:limit]
+        return await trio.to_thread.run_sync(run, limiter=self._limiter)
 
     async def has_many(self, hs: list[bytes]) -> list[bool]:
         return await trio.to_thread.run_sync(self._has_many_sync, hs, limiter=self._limiter)

@@ -66,11 +66,14 @@ class ReplicaChunks:
 
     async def get(self, h: bytes) -> bytes:
         last: PxfsError | None = None
+        bad: list[str] = []
         for node in self.replicas:
             try:
                 data = await (await self._peers.chunks(node)).get(h)
             except (NotFound, Corrupt) as err:
+                # The node quarantined a corrupt copy; either way it lacks a good one.
                 last = err
+                bad.append(node)
                 continue
             except Unavailable as err:
                 await self._peers.forget(node)
@@ -79,5 +82,17 @@ class ReplicaChunks:
             if blake3.blake3(data).digest() != h:  # the wire is not trusted either
                 last = Corrupt(f"chunk {h.hex()[:16]}", f"bytes from node {node} do not match the hash")
                 continue
+            await self._heal(h, data, bad)
             return data
         raise last or NotFound(f"chunk {h.hex()[:16]}", "no replica has it")
+
+    async def _heal(self, h: bytes, data: bytes, nodes: list[str]) -> None:
+        """Put a verified copy back where a replica lacked one; the read never waits on failure."""
+        for node in nodes:
+            try:
+                with trio.move_on_after(PUT_TIMEOUT):
+                    await (await self._peers.chunks(node)).put(h, data)
+                    log.warning("volume=%s chunk=%s healed on replica %s from a good copy", self.volume,
+                                h.hex()[:16], node)
+            except PxfsError as err:
+                log.warning("volume=%s chunk=%s could not be healed on %s: %s", self.volume, h.hex()[:16], node, err)

@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="even if it holds the only copy of a volume")
     p.set_defaults(run=admin_cmds.cmd_node_remove)
 
+    from pxfs.cli import scrub_cmd
+
+    p = _client(sub.add_parser("scrub", help="verify every chunk of a volume or node; heal; report what is lost"))
+    p.add_argument("volume", nargs="?", default="")
+    p.add_argument("--node", default="")
+    p.add_argument("--timeout", type=float, default=3600)
+    p.set_defaults(run=scrub_cmd.cmd_scrub)
+
     _extend(sub, _client)
     return ap
 

@@ -198,7 +198,13 @@ class VolumeHost:
                     raise Unavailable(f'volume "{hv.name}"', f"coordinator is now {spec.coordinator}; reopen")
         return result
 
+    async def detach(self, hv: HostedVolume, mount_id: str) -> None:
+        hv.mounts.pop(mount_id, None)
+        await self._store.delete(f"mounts/{hv.name}/{mount_id}")
+
     async def keepalive(self, hv: HostedVolume, mount_id: str, force: bool = False) -> None:
+        if mount_id.startswith("tool:"):
+            return  # scrub, fsck and test verifiers are sessions, not mounts
         now = time.time()
         if force or now - hv.mounts.get(mount_id, 0) > 3:
             hv.mounts[mount_id] = now

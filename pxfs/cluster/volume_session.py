@@ -135,6 +135,11 @@ class VolumeSession:
     async def close(self) -> None:
         with trio.CancelScope(shield=True):
             if self.meta is not None:
+                try:
+                    with trio.move_on_after(3):
+                        await self.meta.detach()
+                except PxfsError:
+                    pass  # the coordinator forgets a silent mount after MOUNT_TTL anyway
                 await self.meta.drop()
             await self.peers.close()
 

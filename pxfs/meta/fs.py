@@ -343,6 +343,30 @@ class Meta:
                 refs[digest] = max(refs.get(digest, 0), length)
         return refs
 
+    def locate_chunks(self, hashes: set[bytes]) -> list[tuple[bytes, bytes, int, int]]:
+        """(hash, path, offset, length) of every block that uses one of ``hashes``: scrub's report."""
+        out: list[tuple[bytes, bytes, int, int]] = []
+        paths: dict[int, bytes] = {ROOT_INO: b"/"}
+        todo = [ROOT_INO]
+        while todo:
+            parent = todo.pop()
+            for name, attr in self.readdir(parent, b"", 1 << 30):
+                path = paths[parent].rstrip(b"/") + b"/" + name
+                if stat.S_ISDIR(attr.mode):
+                    paths[attr.ino] = path
+                    todo.append(attr.ino)
+                elif stat.S_ISREG(attr.mode):
+                    paths.setdefault(attr.ino, path)
+        for key, value in self.kv.scan(b"A"):
+            if len(key) == 18 and key[9:10] == b"C":
+                digest, length = keys.decode_block(value)
+                if digest in hashes:
+                    ino = int.from_bytes(key[1:9], "big")
+                    idx = int.from_bytes(key[10:18], "big")
+                    path = paths.get(ino, f"<orphan ino {ino}>".encode())
+                    out.append((digest, path, idx * self.block_size, length))
+        return out
+
     def statfs(self) -> dict[str, int]:
         def counter(name: bytes) -> int:
             return keys.decode_u64(self.kv.get(keys.counter_key(name)))

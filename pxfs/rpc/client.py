@@ -150,6 +150,16 @@ class ChunkClient(_Caller):
             return [convert.pool_from(p) for p in (await self.cap.stats()).pools]
         return await self.call(go)
 
+    async def verify(self, hashes: list[bytes]) -> list[int]:
+        async def go() -> list[int]:
+            return list((await self.cap.verify(hashes)).status)
+        return await self.call(go)
+
+    async def list_hashes(self, after: bytes, limit: int) -> list[bytes]:
+        async def go() -> list[bytes]:
+            return [bytes(h) for h in (await self.cap.list(after, limit)).hashes]
+        return await self.call(go)
+
 
 class ControlClient(_Caller):
     """The seed's embedded control store, seen from another node (``ControlStore`` interface)."""

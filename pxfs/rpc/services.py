@@ -117,6 +117,23 @@ class ChunkStoreServer(pxfs_capnp.ChunkStore.Server):
             convert.pool_to(out[i], p)
 
 
+    @served
+    async def verify(self, hashes: Any, _context: Any, **_: Any) -> None:
+        if len(hashes) > MAX_HAS:
+            raise Invalid("verify", f"at most {MAX_HAS} hashes per call")
+        status = await self._b.to_trio(self._s.verify, [_hash(h) for h in hashes])
+        out = _context.results.init("status", len(status))
+        for i, st in enumerate(status):
+            out[i] = st
+
+    @served
+    async def list(self, after: Any, limit: int, _context: Any, **_: Any) -> None:
+        found = await self._b.to_trio(self._s.list_hashes, bytes(after), max(1, min(limit or 4096, MAX_HAS)))
+        out = _context.results.init("hashes", len(found))
+        for i, h in enumerate(found):
+            out[i] = h
+
+
 class ControlStoreServer(pxfs_capnp.ControlStore.Server):
     def __init__(self, bridge: Bridge, store: Any) -> None:
         self._b, self._s = bridge, store

@@ -151,6 +151,19 @@ class VolumeClient(_Caller):
             return {"capacity": r.capacity, "used": r.used, "inodes": r.inodes, "block_size": r.blockSize}
         return await self.call(go)
 
+    async def detach(self) -> None:
+        await self._void("detach")
+
+    async def chunk_refs(self) -> list[bytes]:
+        async def go() -> list[bytes]:
+            return [bytes(h) for h in (await self.cap.chunkRefs()).hashes]
+        return await self.call(go)
+
+    async def locate(self, hashes: list[bytes]) -> list[tuple[bytes, bytes, int, int]]:
+        async def go() -> list[tuple[bytes, bytes, int, int]]:
+            return [(bytes(p.hash), bytes(p.path), p.offset, p.length) for p in (await self.cap.locate(hashes)).places]
+        return await self.call(go)
+
     async def info(self) -> VolumeInfo:
         async def go() -> VolumeInfo:
             return convert.volume_from((await self.cap.info()).info)

@@ -198,6 +198,25 @@ class VolumeServer(pxfs_capnp.Volume.Server):
         r.capacity, r.used, r.inodes, r.blockSize = st["capacity"], st["used"], st["inodes"], st["block_size"]
 
     @served
+    async def detach(self, _context: Any, **_: Any) -> None:
+        await self._b.to_trio(self._h.detach, self._hv, self._mount)
+
+    @served
+    async def chunkRefs(self, _context: Any, **_: Any) -> None:
+        refs = await self._call(lambda m: m.chunk_refs())
+        out = _context.results.init("hashes", len(refs))
+        for i, h in enumerate(refs):
+            out[i] = h
+
+    @served
+    async def locate(self, hashes: Any, _context: Any, **_: Any) -> None:
+        wanted = {bytes(h) for h in hashes}
+        places = await self._call(lambda m: m.locate_chunks(wanted))
+        out = _context.results.init("places", len(places))
+        for i, (h, path, offset, length) in enumerate(places):
+            out[i].hash, out[i].path, out[i].offset, out[i].length = h, path, offset, length
+
+    @served
     async def info(self, _context: Any, **_: Any) -> None:
         _h, spec = await self._b.to_trio(self._h.open, self._hv.name, self._mount)
         convert.volume_to(_context.results.init("info"), spec)
