@@ -52,6 +52,7 @@ class Cluster:
     dir: Path
     base_port: int
     nodes: int
+    pool_size: str = "2G"
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         env = dict(os.environ, PXFS_CLUSTER=str(self.dir))
@@ -78,7 +79,7 @@ class Cluster:
 
     def up(self) -> subprocess.CompletedProcess:
         return self.cli("up", "--dir", str(self.dir), "--nodes", str(self.nodes), "--base-port",
-                        str(self.base_port), "--pool-size", "2G")
+                        str(self.base_port), "--pool-size", self.pool_size)
 
     def down(self) -> None:
         subprocess.run([*PXFS, "down", "--dir", str(self.dir)], capture_output=True, timeout=60)
@@ -141,8 +142,8 @@ def _leftover_pids(d: Path) -> list[int]:
     return out
 
 
-def make_cluster(tmp_path: Path, nodes: int = 3) -> Iterator[Cluster]:
-    c = Cluster(dir=tmp_path / "cluster", base_port=free_port_block(nodes), nodes=nodes)
+def make_cluster(tmp_path: Path, nodes: int = 3, pool_size: str = "2G") -> Iterator[Cluster]:
+    c = Cluster(dir=tmp_path / "cluster", base_port=free_port_block(nodes), nodes=nodes, pool_size=pool_size)
     try:
         c.up()
         yield c

@@ -1,0 +1,55 @@
+"""Full pools: the writer gets ENOSPC (never EIO) and nothing already written is damaged."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cluster, make_cluster, mounted
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root and FUSE")
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Iterator[Cluster]:
+    # 48 MiB pools keep 4 MiB in reserve: 44 MiB of chunks per node.
+    yield from make_cluster(tmp_path, nodes=2, pool_size="48M")
+
+
+def test_pool_at_reserve_gives_enospc_and_damages_nothing(small: Cluster, tmp_path: Path) -> None:
+    small.cli("volume", "create", "fill", "--size", "150M", "--repl", "2")
+    written: dict[str, str] = {}
+    failure: OSError | None = None
+    with mounted(small, "fill", tmp_path / "mnt") as m:
+        for i in range(80):
+            data = os.urandom(1 << 20)
+            name = f"f{i:03d}"
+            try:
+                with open(m.path / name, "wb") as fh:
+                    fh.write(data)
+                    os.fsync(fh.fileno())
+            except OSError as exc:
+                failure = exc
+                break
+            written[name] = hashlib.sha256(data).hexdigest()
+        assert failure is not None, "the pools never filled up"
+        assert failure.errno == errno.ENOSPC, failure
+        assert 30 <= len(written) <= 44
+        for name, digest in written.items():
+            assert hashlib.sha256((m.path / name).read_bytes()).hexdigest() == digest
+        # Still full: a new write keeps failing cleanly; reads and metadata keep working.
+        with pytest.raises(OSError) as again:
+            with open(m.path / "more", "wb") as fh:
+                fh.write(os.urandom(1 << 20))
+                os.fsync(fh.fileno())
+        assert again.value.errno == errno.ENOSPC
+        (m.path / "dir").mkdir()
+        assert sorted(os.listdir(m.path))[:2] == ["dir", "f000"]
+    pools = small.json("pool", "list")
+    assert all(p["free"] < (2 << 20) for p in pools), pools
+    assert small.json("status")["health"] == "healthy"
