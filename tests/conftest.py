@@ -190,7 +190,10 @@ class Mount:
 
 
 def mount(cluster: Cluster, volume: str, path: Path, *opts: str) -> Mount:
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # a dead mount there (ENOTCONN): pxfs mount must clear it itself
     cluster.cli("mount", volume, str(path), *opts)
     assert is_mounted(path)
     return Mount(cluster, volume, path)
