@@ -113,7 +113,8 @@ class _Fsck:
         # The tree after repair: who names each inode, and what the repairs change on the way.
         self.refs: dict[int, list[_Entry]] = {}
         self.implied: dict[int, int] = {}  # nlink change a repair causes (not a problem of its own)
-        self.explained: set[int] = set()  # inodes whose nlink a repair sets as a side effect
+        # Files whose nlink adoption sets as a side effect; left alone if they stay unnamed.
+        self.explained: set[int] = set()
         self.gone: set[int] = set()
         self.lost_found: Attr | None = None
         self.used_removed = 0
@@ -132,15 +133,12 @@ class _Fsck:
         self.dirty.add(a.ino)
 
     def run(self) -> FsckReport:
-        root_raw = self.kv.get(keys.attr_key(ROOT_INO))
-        if root_raw is None:
-            self.problem("no-root", ROOT_INO, "the root directory has no attr", fixable=False)
-            self.repair = False
         self._scan()
         root = self.attrs.get(ROOT_INO)
         if root is None or not stat.S_ISDIR(root.mode):
-            if root is not None:
-                self.problem("no-root", ROOT_INO, f"the root is not a directory (mode {root.mode:#o})", False)
+            if ROOT_INO not in self.bad_attrs:  # an undecodable root is already reported as such
+                what = "has no attr" if root is None else f"is not a directory (mode {root.mode:#o})"
+                self.problem("no-root", ROOT_INO, f"the root {what}", fixable=False)
             self.repair = False  # without a readable root there is no tree to repair towards
             for p in self.report.problems:
                 p.repaired = False
@@ -156,7 +154,10 @@ class _Fsck:
             if self.ops:
                 batch = Batch()
                 for key, value in self.ops.items():
-                    batch.delete(key) if value is None else batch.put(key, value)
+                    if value is None:
+                        batch.delete(key)
+                    else:
+                        batch.put(key, value)
                 self.kv.write(batch)
         return self.report
 
@@ -233,7 +234,7 @@ class _Fsck:
                 continue  # deleted with the stray keys of its directory
             key = keys.dentry_key(e.parent, e.name)
             parent = self.attrs.get(e.parent)
-            if parent is not None and not stat.S_ISDIR(parent.mode):
+            if parent is not None and not stat.S_ISDIR(parent.mode) and e.parent != ROOT_INO:
                 if self.problem("bad-entry", e.parent, f"entry {e.name!r} in a non-directory"):
                     self.ops[key] = None
                 continue
@@ -264,7 +265,7 @@ class _Fsck:
     def _check_orphans(self) -> None:
         """Unnamed inodes: purge unlinked orphans nobody has open, adopt the rest into /lost+found."""
         for ino in sorted(self.orphans):
-            if not self._known(ino) and ino not in self.gone:
+            if not self._known(ino):  # the stray keys of the inode are under A<ino>, the mark is not
                 if self.problem("orphan-inode", ino, "orphan mark for a missing inode"):
                     self.ops[keys.orphan_key(ino)] = None
             elif self.refs.get(ino):
@@ -298,7 +299,8 @@ class _Fsck:
     def _adopt(self, a: Attr, why: str) -> None:
         """Give an unnamed inode the name ``/lost+found/#<ino>`` so its data stays reachable."""
         lf = self._lost_found() if self.repair else None
-        self.explained.add(a.ino)  # its nlink becomes right with its new name
+        if not stat.S_ISDIR(a.mode):
+            self.explained.add(a.ino)  # its nlink becomes right with its new name
         if not self.problem("orphan-inode", a.ino, why, fixable=lf is not None) or lf is None:
             return
         name, n = b"#%d" % a.ino, 0
@@ -312,6 +314,7 @@ class _Fsck:
             self.ops[keys.orphan_key(a.ino)] = None
         if stat.S_ISDIR(a.mode):
             a.parent = lf.ino
+            self.save(a)
             self.implied[lf.ino] = self.implied.get(lf.ino, 0) + 1
         lf.mtime_ns = self.now
         self.save(lf)
@@ -349,11 +352,11 @@ class _Fsck:
             for e in refs if is_dir else ():
                 subdirs[e.parent] = subdirs.get(e.parent, 0) + 1
         for ino, a in self.attrs.items():
-            if ino in self.gone:
-                continue
+            if ino in self.gone or ino == ROOT_INO and not stat.S_ISDIR(a.mode):
+                continue  # a root that is no directory is reported, and its entries still count
             is_dir = stat.S_ISDIR(a.mode)
             want = 2 + subdirs.get(ino, 0) if is_dir else len(self.refs.get(ino, ()))
-            if a.nlink != want:
+            if a.nlink != want and not (ino in self.explained and not self.refs.get(ino)):
                 explained = ino in self.explained or a.nlink + self.implied.get(ino, 0) == want
                 if explained or self.problem("nlink", ino, f"nlink {a.nlink}, expected {want}"):
                     a.nlink = want
