@@ -178,6 +178,8 @@ interface Volume {
   locate @22 (hashes :List(Data)) -> (places :List(ChunkPlace));
   # The mount is going away: stop counting it as a mount of the volume.
   detach @23 () -> ();
+  # Check the metadata (and with repair=true fix what is safe, as one batch); the report is JSON.
+  fsck @24 (repair :Bool) -> (report :Text);
 }
 
 struct ChunkPlace {

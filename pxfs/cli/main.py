@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3600)
     p.set_defaults(run=scrub_cmd.cmd_scrub)
 
+    from pxfs.cli import fsck_cmd
+
+    p = _client(sub.add_parser("fsck", help="check a volume's metadata against itself and its chunks"))
+    p.add_argument("volume")
+    p.add_argument("--repair", action="store_true", help="fix what is safe (one replicated batch)")
+    p.set_defaults(run=fsck_cmd.cmd_fsck)
+
     _extend(sub, _client)
     return ap
 

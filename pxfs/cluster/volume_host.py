@@ -27,6 +27,7 @@ from pxfs.cluster.replicator import Replicator
 from pxfs.cluster.store import ControlStore
 from pxfs.errors import Conflict, NotFound, PxfsError, Unavailable
 from pxfs.meta.fs import Meta
+from pxfs.meta.fsck import fsck
 from pxfs.meta.kv import RocksKV
 from pxfs.model import VolumeInfo
 
@@ -197,6 +198,18 @@ class VolumeHost:
                     hv.demote()
                     raise Unavailable(f'volume "{hv.name}"', f"coordinator is now {spec.coordinator}; reopen")
         return result
+
+    async def fsck(self, hv: HostedVolume, repair: bool) -> str:
+        """Run fsck on the coordinator's keyspace; a repair batch ships to followers like any other.
+
+        It runs on the trio thread on purpose: no metadata operation may interleave with the scan
+        that the repair batch is computed from.
+        """
+        def run(meta: Meta) -> str:
+            report = fsck(hv.kv, block_size=meta.block_size, repair=repair, is_open=meta._is_open)
+            return json.dumps(report.to_json())
+
+        return await self.call(hv, run)
 
     async def detach(self, hv: HostedVolume, mount_id: str) -> None:
         hv.mounts.pop(mount_id, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pxfs.model import Attr, VolumeInfo
@@ -150,6 +151,11 @@ class VolumeClient(_Caller):
             r = await self.cap.statfs()
             return {"capacity": r.capacity, "used": r.used, "inodes": r.inodes, "block_size": r.blockSize}
         return await self.call(go)
+
+    async def fsck(self, repair: bool) -> dict[str, Any]:
+        async def go() -> str:
+            return (await self.cap.fsck(repair)).report
+        return json.loads(await self.call(go))
 
     async def detach(self) -> None:
         await self._void("detach")

@@ -198,6 +198,12 @@ class VolumeServer(pxfs_capnp.Volume.Server):
         r.capacity, r.used, r.inodes, r.blockSize = st["capacity"], st["used"], st["inodes"], st["block_size"]
 
     @served
+    async def fsck(self, repair: bool, _context: Any, **_: Any) -> None:
+        if repair:
+            self._rw()
+        _context.results.report = await self._b.to_trio(self._h.fsck, self._hv, repair)
+
+    @served
     async def detach(self, _context: Any, **_: Any) -> None:
         await self._b.to_trio(self._h.detach, self._hv, self._mount)
 

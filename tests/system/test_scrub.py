@@ -76,3 +76,24 @@ def test_scrub_heals_one_bad_copy_and_reports_what_is_lost(shared_cluster: Clust
         with pytest.raises(OSError):
             (m.path / "doomed").read_bytes()
         assert (m.path / "dir" / "keep").read_bytes() == keep
+
+
+def test_fsck_clean_then_missing_chunks_named(shared_cluster: Cluster, tmp_path: Path) -> None:
+    shared_cluster.cli("volume", "create", "fsck1", "--size", "1G", "--repl", "2")
+    data = os.urandom(300_000)
+    with mounted(shared_cluster, "fsck1", tmp_path / "a") as m:
+        (m.path / "d").mkdir()
+        with open(m.path / "d" / "x", "wb") as fh:
+            fh.write(data)
+            os.fsync(fh.fileno())
+        os.link(m.path / "d" / "x", m.path / "y")
+    clean = shared_cluster.cli("fsck", "fsck1", "--json")
+    assert json.loads(clean.stdout)["ok"] is True
+    assert shared_cluster.cli("fsck", "fsck1", "--repair").returncode == 0
+    for node in shared_cluster.json("volume", "inspect", "fsck1")["replicas"]:
+        chunk_file(shared_cluster, node, data).unlink()
+    proc = shared_cluster.cli("fsck", "fsck1", "--json", check=False)
+    assert proc.returncode == 1
+    problems = json.loads(proc.stdout)["problems"]
+    assert [p["kind"] for p in problems] == ["missing-chunk"]
+    assert "/d/x bytes 0-300000" in problems[0]["detail"] or "/y bytes 0-300000" in problems[0]["detail"]

@@ -1,0 +1,68 @@
+"""``pxfs fsck VOLUME [--repair]``: metadata against itself and against the chunks on the replicas.
+
+The coordinator checks the keyspace (dangling entries, orphan inodes, nlink counts, sizes, block maps
+past EOF, counters) and, with ``--repair``, fixes what is safe in one replicated batch; this command
+then checks that every chunk the block maps name is held by at least one replica, and names the
+files of those that are not. Exit status: 0 clean (or fully repaired), 1 problems remain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+from typing import Any
+
+from pxfs.cli.connect import cluster_admin
+from pxfs.cli.output import emit_json, line, table
+from pxfs.cluster.config import load_secret
+from pxfs.cluster.volume_session import VolumeSession
+from pxfs.errors import PxfsError
+
+
+async def cmd_fsck(args: argparse.Namespace) -> int:
+    secret = load_secret(args.cluster)
+    async with cluster_admin(args.cluster) as (admin, _conn, bridge, _cfg):
+        vol = await admin.get_volume(args.volume)
+        session = VolumeSession(bridge, args.cluster, secret, vol.name,
+                                f"tool:fsck-{os.getpid()}-{uuid.uuid4().hex[:6]}", not args.repair)
+        try:
+            await session.connect()
+            assert session.meta is not None
+            report: dict[str, Any] = await session.meta.fsck(args.repair)
+            refs = await session.meta.chunk_refs()
+            present: set[bytes] = set()
+            unreachable = []
+            for r in vol.replicas:
+                try:
+                    chunks = await session.peers.chunks(r)
+                    for i in range(0, len(refs), 4096):
+                        part = refs[i:i + 4096]
+                        present.update(h for h, ok in zip(part, await chunks.has_many(part), strict=True) if ok)
+                except PxfsError:
+                    unreachable.append(r)
+            missing = [h for h in refs if h not in present]
+            places = await session.meta.locate(missing) if missing else []
+        finally:
+            await session.close()
+    for h, path, offset, length in places:
+        report["problems"].append({"kind": "missing-chunk", "ino": 0, "repaired": False,
+                                   "detail": f"{path.decode(errors='replace')} bytes {offset}-{offset + length}: "
+                                             f"chunk {h.hex()[:16]} on no replica"})
+    report["unreachable_replicas"] = unreachable
+    remaining = [p for p in report["problems"] if not p["repaired"]]
+    report["ok"] = not remaining
+    if args.json:
+        emit_json(report)
+    else:
+        line(f'volume "{vol.name}": {report["inodes"]} inodes, {report["entries"]} entries, {report["blocks"]} '
+             f'blocks, {report["chunks"]} chunks' + (f"; replicas not checked: {', '.join(unreachable)}"
+                                                     if unreachable else ""))
+        if report["problems"]:
+            table(None, ["PROBLEM", "INODE", "DETAIL", "REPAIRED"],
+                  [[p["kind"], p["ino"] or "-", p["detail"], "yes" if p["repaired"] else "no"]
+                   for p in report["problems"]])
+        line("clean" if not report["problems"] else
+             ("all problems repaired" if not remaining else f"{len(remaining)} problem(s) remain"
+              + ("" if args.repair else " (run with --repair to fix what is safe)")))
+    return 0 if not remaining else 1
