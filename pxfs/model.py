@@ -55,6 +55,7 @@ class VolumeInfo:
     state: str = "healthy"
     mounts: int = 0
     detail: dict[str, Any] = field(default_factory=dict)  # from the coordinator: lagging, repair progress
+    source: str = ""  # "VOLUME@SNAPSHOT" for a clone
 
     def to_json(self) -> dict[str, Any]:
         repair = self.detail.get("repair", {})
@@ -62,7 +63,8 @@ class VolumeInfo:
                 "block_size": self.block_size, "labels": dict(self.labels), "state": self.state,
                 "replicas": list(self.replicas), "coordinator": self.coordinator, "epoch": self.epoch,
                 "mounts": self.mounts, "missing_replicas": self.detail.get("missing_replicas", []),
-                "lagging": self.detail.get("lagging", []), "repair": repair}
+                "lagging": self.detail.get("lagging", []), "repair": repair, "source": self.source,
+                "space": self.detail.get("space", {}), "snapshots": self.detail.get("snapshots", [])}
 
     def spec(self) -> dict[str, Any]:
         """The persistent part, as stored in the control store."""

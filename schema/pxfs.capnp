@@ -48,6 +48,12 @@ struct VolumeInfo {
   createdNs @10 :UInt64;
   mounts @11 :UInt32;
   detail @12 :Text;          # JSON: lagging followers, missing chunks per replica, repair progress
+  source @13 :Text;          # "VOLUME@SNAPSHOT" for a clone
+}
+
+struct SnapshotInfo {
+  name @0 :Text;
+  createdNs @1 :UInt64;
 }
 
 struct KeyValue {
@@ -113,6 +119,8 @@ interface Admin {
   removeNode @8 (id :Text, force :Bool) -> ();
   # Ask the coordinator for a full chunk check and repair now.
   repairVolume @9 (name :Text) -> ();
+  cloneVolume @10 (source :Text, name :Text) -> (volume :VolumeInfo);
+  scheduleSnapshots @11 (name :Text, everySeconds :UInt32, keep :UInt32) -> ();
 }
 
 # Content-addressed chunks of one node's pools. Called by: mounts (data path), other nodes (repair).
@@ -180,6 +188,11 @@ interface Volume {
   detach @23 () -> ();
   # Check the metadata (and with repair=true fix what is safe, as one batch); the report is JSON.
   fsck @24 (repair :Bool) -> (report :Text);
+  # Snapshots: a replicated batch; every replica checkpoints its keyspace when it commits it.
+  snapshotCreate @25 (name :Text) -> ();
+  snapshotDelete @26 (name :Text) -> ();
+  snapshotList @27 () -> (snapshots :List(SnapshotInfo));
+  restore @28 (name :Text) -> ();
 }
 
 struct ChunkPlace {

@@ -166,6 +166,7 @@ class ClusterAdmin:
             raise Invalid(f'volume "{name}"', f"mounted {vol.mounts} time(s); unmount it first or use --force")
         await self._store.delete(_vol_key(name))
         await self._store.delete(f"usage/{name}")
+        await self._store.delete(f"schedules/{name}")
         for key, _raw in await self._store.range(f"mounts/{name}/"):
             await self._store.delete(key)
 
@@ -205,6 +206,36 @@ class ClusterAdmin:
     async def repair_volume(self, name: str) -> None:
         await self._spec(name)
         await self._store.put(f"repair/{name}", json.dumps({"ts": time.time()}).encode())
+
+    async def clone_volume(self, source: str, name: str) -> VolumeInfo:
+        """A writable volume from ``VOLUME@SNAPSHOT``, on the source's replicas (they hold the snapshot
+        and its chunks, so a clone costs metadata only); its coordinator copies the snapshot in."""
+        src_name, sep, snap = source.partition("@")
+        if not sep or not snap:
+            raise Invalid(f"snapshot {source!r}", "expected VOLUME@SNAPSHOT")
+        check_volume_name(name)
+        src, _raw = await self._spec(src_name)
+        usage = await self._store.get(f"usage/{src_name}")
+        known = [s["name"] for s in json.loads(usage).get("snapshots", [])] if usage else None
+        if known is not None and snap not in known:
+            raise NotFound(f'snapshot "{source}"', "no such snapshot")
+        if await self._store.get(_vol_key(name)) is not None:
+            raise Exists(f'volume "{name}"', "a volume with this name exists")
+        vol = VolumeInfo(name=name, size=src.size, repl=src.repl, block_size=src.block_size, labels=dict(src.labels),
+                         replicas=list(src.replicas), coordinator=src.coordinator, epoch=1,
+                         created_ns=time.time_ns(), source=source)
+        if not await self._store.cas(_vol_key(name), None, json.dumps(vol.spec()).encode()):
+            raise Exists(f'volume "{name}"', "a volume with this name exists")
+        return (await self._decorate([vol]))[0]
+
+    async def schedule_snapshots(self, name: str, every: int, keep: int) -> None:
+        await self._spec(name)
+        if every == 0:
+            await self._store.delete(f"schedules/{name}")
+            return
+        if every < 10 or keep < 1:
+            raise Invalid(f'volume "{name}"', "a snapshot schedule needs --every of at least 10s and --keep of 1+")
+        await self._store.put(f"schedules/{name}", json.dumps({"every": every, "keep": keep}).encode())
 
     async def update_volume(self, name: str, change: Any) -> VolumeInfo:
         """Apply ``change(spec)`` with compare-and-swap (used by failover and repair)."""

@@ -25,17 +25,20 @@ from pxfs.cluster.admin import check_volume_name
 from pxfs.cluster.repair import ChunkRepair
 from pxfs.cluster.replicator import Replicator
 from pxfs.cluster.store import ControlStore
-from pxfs.errors import Conflict, NotFound, PxfsError, Unavailable
+from pxfs.errors import Conflict, Invalid, NotFound, PxfsError, Unavailable
+from pxfs.meta import keys, snapshots
 from pxfs.meta.fs import Meta
 from pxfs.meta.fsck import fsck
-from pxfs.meta.kv import RocksKV
+from pxfs.meta.kv import Batch, RocksKV
 from pxfs.model import VolumeInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SUPERVISE_INTERVAL = 1.0
+CLONE_DONE = b"cloneDone"
 REPAIR_PERIOD = 60.0
+SPACE_PERIOD = 30.0
 
 
 class HostedVolume:
@@ -45,7 +48,8 @@ class HostedVolume:
         path.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.path = path
-        self.kv = RocksKV(str(path / "meta"))
+        self.snapshots: dict[str, HostedSnapshot] = {}
+        self.kv = self._open_kv()
         self.epoch = self._read_epoch()
         self.meta: Meta | None = None
         self.replicator: Replicator | None = None
@@ -54,9 +58,41 @@ class HostedVolume:
         self.repair_running = False
         self.last_repair = 0.0
         self.repair_asked = 0.0
+        self.space_due = 0.0
+        self.space: dict[str, Any] = {}
+        self.snap_due = 0.0
         self.spec: VolumeInfo | None = None
         self.mounts: dict[str, float] = {}
         self.lock = trio.Lock()  # serialises apply() of batches arriving from the coordinator
+
+    def _open_kv(self) -> RocksKV:
+        kv = RocksKV(str(self.path / "meta"))
+        kv.after_commit = self._after_commit
+        return kv
+
+    def _after_commit(self, seq: int, batch: Batch) -> None:
+        for name, created in snapshots.changed_names(batch):
+            where = self.path / "snapshots" / name
+            self.close_snapshot(name)
+            shutil.rmtree(where, ignore_errors=True)
+            if created:
+                where.parent.mkdir(exist_ok=True)
+                self.kv.checkpoint(str(where))
+                log.info("volume=%s snapshot=%s taken at seq %d", self.name, name, seq)
+
+    def snapshot_kv(self, name: str) -> RocksKV:
+        hs = self.snapshots.get(name)
+        if hs is None:
+            where = self.path / "snapshots" / name
+            if self.kv.get(keys.snapshot_key(name)) is None or not where.exists():
+                raise NotFound(f'snapshot "{self.name}@{name}"', "no such snapshot")
+            hs = self.snapshots[name] = HostedSnapshot(f"{self.name}@{name}", RocksKV(str(where)))
+        return hs.kv
+
+    def close_snapshot(self, name: str) -> None:
+        hs = self.snapshots.pop(name, None)
+        if hs is not None:
+            hs.kv.close()
 
     def _read_epoch(self) -> int:
         try:
@@ -81,12 +117,28 @@ class HostedVolume:
         """Drop this replica's copy entirely (it diverged); the coordinator resends the whole log."""
         self.demote()
         self.kv.close()
+        for name in list(self.snapshots):
+            self.close_snapshot(name)
         shutil.rmtree(self.path / "meta", ignore_errors=True)
-        self.kv = RocksKV(str(self.path / "meta"))
+        shutil.rmtree(self.path / "snapshots", ignore_errors=True)
+        self.kv = self._open_kv()
 
     def close(self) -> None:
         self.demote()
+        for name in list(self.snapshots):
+            self.close_snapshot(name)
         self.kv.close()
+
+
+class HostedSnapshot:
+    """A read-only view of one snapshot, served to mounts of ``VOLUME@NAME`` by the coordinator."""
+
+    def __init__(self, name: str, kv: RocksKV) -> None:
+        self.name = name
+        self.kv = kv
+        self.meta: Meta | None = None
+        self.replicator: Replicator | None = None
+        self.mounts: dict[str, float] = {}
 
 
 class VolumeHost:
@@ -100,6 +152,7 @@ class VolumeHost:
         self._peers = peers  # pxfs.cluster.peers.Peers: logged-in connections to other nodes
         self._repair_rate = repair_rate
         self._volumes: dict[str, HostedVolume] = {}
+        self._spec_cache: dict[str, tuple[VolumeInfo, float]] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -146,6 +199,8 @@ class VolumeHost:
             hv.demote()
             hv.set_epoch(spec.epoch)
         hv.spec = spec
+        if hv.meta is None and spec.source and hv.kv.get(keys.counter_key(CLONE_DONE)) is None:
+            self._clone(hv, spec)
         if hv.meta is None:
             hv.meta = Meta(hv.kv, spec.size, spec.block_size)
             purged = hv.meta.purge_orphans()
@@ -169,9 +224,36 @@ class VolumeHost:
             hv.repair = ChunkRepair(name, self._peers, self._repair_rate)
         return hv
 
-    async def open(self, name: str, mount_id: str) -> tuple[HostedVolume, VolumeInfo]:
-        """Called when a mount opens a volume here: this node must be its coordinator."""
-        spec = await self._spec(name)
+    def _clone(self, hv: HostedVolume, spec: VolumeInfo) -> None:
+        """Fill a new clone from the source snapshot held on this node (clones share their source's
+        replicas, so every replica has it), then mark it done; a half-made clone starts over."""
+        src_volume, _, snap = spec.source.partition("@")
+        if hv.kv.seq:
+            hv.wipe()
+        source = self._volumes.get(src_volume) or self._hosted(src_volume)
+        try:
+            src_kv = source.snapshot_kv(snap)
+        except NotFound:
+            raise Unavailable(f'volume "{spec.name}"', f"source snapshot {spec.source} is not on node "
+                              f"{self.node_id}") from None
+        n = snapshots.copy_into(hv.kv, src_kv)
+        done = Batch()
+        done.put(keys.counter_key(CLONE_DONE), keys.encode_u64(1))
+        hv.kv.write(done)
+        log.info("volume=%s cloned from %s: %d keys", spec.name, spec.source, n)
+
+    async def open(self, name: str, mount_id: str) -> tuple[Any, VolumeInfo]:
+        """Called when a mount opens a volume (or ``VOLUME@SNAPSHOT``) here: this node must coordinate it."""
+        volume, _, snap = name.partition("@")
+        spec = await self._spec(volume)
+        if snap:
+            hv = self._activate(spec)
+            hv.snapshot_kv(snap)
+            hs = hv.snapshots[snap]
+            if hs.meta is None:
+                hs.meta = Meta(hs.kv, spec.size, spec.block_size)
+            return hs, spec
+        name = volume
         if self.node_id not in spec.replicas:
             raise Conflict(f'volume "{name}"', f"node {self.node_id} is not one of its replicas")
         hv = self._activate(spec)
@@ -210,6 +292,33 @@ class VolumeHost:
             return json.dumps(report.to_json())
 
         return await self.call(hv, run)
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def _volume_only(self, hv: Any) -> HostedVolume:
+        if not isinstance(hv, HostedVolume):
+            raise Invalid(f'snapshot "{hv.name}"', "is read-only; name the volume itself")
+        return hv
+
+    async def snapshot_create(self, hv: Any, name: str) -> None:
+        hv = self._volume_only(hv)
+        await self.call(hv, lambda m: snapshots.create(m.kv, hv.name, name, time.time_ns()))
+        hv.space_due = 0.0
+
+    async def snapshot_delete(self, hv: Any, name: str) -> None:
+        hv = self._volume_only(hv)
+        await self.call(hv, lambda m: snapshots.delete(m.kv, hv.name, name))
+        hv.space_due = 0.0
+
+    async def snapshot_list(self, hv: Any) -> list[tuple[str, int]]:
+        return snapshots.listing(self._volume_only(hv).kv)
+
+    async def restore(self, hv: Any, name: str) -> None:
+        hv = self._volume_only(hv)
+        snap_kv = hv.snapshot_kv(name)
+        ops = await self.call(hv, lambda m: snapshots.restore(m.kv, snap_kv))
+        log.warning("volume=%s restored to snapshot %s (%d keys changed)", hv.name, name, ops)
+        hv.space_due = 0.0
 
     async def detach(self, hv: HostedVolume, mount_id: str) -> None:
         hv.mounts.pop(mount_id, None)
@@ -271,18 +380,77 @@ class VolumeHost:
             hv.repair_running = True
             assert self._nursery is not None
             self._nursery.start_soon(self._repair, hv)
+        await self._scheduled_snapshots(hv)
+        if time.monotonic() >= hv.space_due:
+            hv.space_due = time.monotonic() + SPACE_PERIOD
+            hv.space = await trio.to_thread.run_sync(self._space, hv)
         st = hv.meta.statfs()
         rep = hv.replicator
         detail = {"used": st["used"], "inodes": st["inodes"], "seq": hv.kv.seq, "epoch": hv.epoch,
                   "coordinator": self.node_id, "lagging": sorted(rep.lagging) if rep else [],
-                  "repair": hv.repair.status.to_json(), "ts": time.time()}
+                  "repair": hv.repair.status.to_json(), "ts": time.time(),
+                  "space": {k: v for k, v in hv.space.items() if k != "snapshots"},
+                  "snapshots": hv.space.get("snapshots", [])}
         await self._store.put(f"usage/{hv.name}", json.dumps(detail).encode())
+
+    def _space(self, hv: HostedVolume) -> dict[str, Any]:
+        """Dedup accounting: logical bytes, unique chunk bytes, what the snapshots share and hold alone."""
+        live, logical = snapshots.chunk_refs(hv.kv)
+        snaps = []
+        for name, created in snapshots.listing(hv.kv):
+            try:
+                refs, snap_logical = snapshots.chunk_refs(hv.snapshot_kv(name))
+            except NotFound:
+                continue
+            snaps.append((name, created, refs, snap_logical))
+        shared = {h for _n, _c, refs, _l in snaps for h in refs}
+        out: list[dict[str, Any]] = []
+        for name, created, refs, snap_logical in snaps:
+            others = {h for n2, _c, r2, _l in snaps if n2 != name for h in r2}
+            alone = sum(n for h, n in refs.items() if h not in live and h not in others)
+            out.append({"name": name, "created_ns": created, "logical": snap_logical, "unique": alone})
+        unique = sum(live.values())
+        return {"logical": logical, "unique": unique,
+                "shared_with_snapshots": sum(n for h, n in live.items() if h in shared),
+                "snapshot_only": sum(n for h, n in {h: n for _n, _c, r, _l in snaps for h, n in r.items()}.items()
+                                     if h not in live),
+                "dedup_ratio": round(logical / unique, 3) if unique else 1.0, "snapshots": out}
+
+    async def chunk_refs(self, hv: Any) -> list[bytes]:
+        if isinstance(hv, HostedVolume):
+            return await trio.to_thread.run_sync(self.all_chunk_refs, hv)
+        return list(snapshots.chunk_refs(hv.kv)[0])
+
+    def all_chunk_refs(self, hv: HostedVolume) -> list[bytes]:
+        """Every chunk the volume and its snapshots name: what GC must keep."""
+        refs, _ = snapshots.chunk_refs(hv.kv)
+        out = set(refs)
+        for name, _created in snapshots.listing(hv.kv):
+            out.update(snapshots.chunk_refs(hv.snapshot_kv(name))[0])
+        return list(out)
+
+    async def _scheduled_snapshots(self, hv: HostedVolume) -> None:
+        raw = await self._store.get(f"schedules/{hv.name}")
+        if raw is None:
+            return
+        sched = json.loads(raw)
+        every, keep = sched.get("every", 0), sched.get("keep", 0)
+        autos = sorted((c, n) for n, c in snapshots.listing(hv.kv) if n.startswith("auto-"))
+        now = time.time_ns()
+        if every > 0 and (not autos or now - autos[-1][0] >= every * 1e9):
+            name = "auto-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            if any(n == name for _c, n in autos):
+                name += f"-{now % 1000000}"
+            await self.snapshot_create(hv, name)
+            autos.append((now, name))
+        for _c, name in autos[:max(0, len(autos) - keep)] if keep > 0 else []:
+            await self.snapshot_delete(hv, name)
 
     async def _repair(self, hv: HostedVolume) -> None:
         try:
             if hv.meta is None or hv.spec is None or hv.repair is None:
                 return
-            refs = await trio.to_thread.run_sync(hv.meta.chunk_refs)
+            refs = dict.fromkeys(await trio.to_thread.run_sync(self.all_chunk_refs, hv), 0)
             await hv.repair.run(refs, list(hv.spec.replicas))
         except PxfsError as err:
             log.warning("volume=%s repair failed: %s", hv.name, err)
@@ -292,9 +460,31 @@ class VolumeHost:
 
     # -- follower side -------------------------------------------------------------------------
 
-    async def apply(self, name: str, epoch: int, seq: int, batch: bytes) -> int:
+    async def _follower(self, name: str, epoch: int, peer: str) -> HostedVolume:
+        """The replication calls come only from the volume's current coordinator, at its epoch.
+
+        A stale or misdirected peer (a deposed coordinator, a node that lost track) must neither
+        write into a replica nor bump its epoch: the control store says who may.
+        """
+        check_volume_name(name)
+        cached = self._spec_cache.get(name)
+        if cached and cached[0].coordinator == peer and cached[0].epoch == epoch and time.monotonic() - cached[1] < 2:
+            spec = cached[0]  # every batch would otherwise cost a control-store read
+        else:
+            spec = await self._spec(name)
+            self._spec_cache[name] = (spec, time.monotonic())
+        if self.node_id not in spec.replicas:
+            raise NotFound(f'volume "{name}"', f"node {self.node_id} is not one of its replicas")
+        if peer != spec.coordinator or epoch != spec.epoch:
+            raise Conflict(f'volume "{name}"', f"replication from {peer or '?'} at epoch {epoch} refused: the "
+                           f"coordinator is {spec.coordinator} at epoch {spec.epoch}")
+        if spec.coordinator == self.node_id:
+            raise Conflict(f'volume "{name}"', f"node {self.node_id} coordinates it and takes no batches")
+        return self._hosted(name)
+
+    async def apply(self, name: str, epoch: int, seq: int, batch: bytes, peer: str) -> int:
         """Apply batch ``seq`` from the coordinator of ``epoch``; returns this replica's seq after it."""
-        hv = self._hosted(name)
+        hv = await self._follower(name, epoch, peer)
         async with hv.lock:
             if epoch < hv.epoch:
                 raise Conflict(f'volume "{name}"', f"batch from epoch {epoch} refused: this replica is at "
@@ -306,15 +496,23 @@ class VolumeHost:
                 hv.set_epoch(epoch)
             if seq == hv.kv.seq + 1:
                 hv.kv.apply(seq, batch)
+            elif seq <= hv.kv.seq:
+                ours = hv.kv.log_entry(seq)
+                if ours is not None and ours != batch:
+                    raise Conflict(f'volume "{name}"', f"batch {seq} differs from the one this replica holds")
             return hv.kv.seq
 
     async def last_seq(self, name: str) -> tuple[int, int, bytes]:
+        check_volume_name(name)
+        spec = await self._spec(name)
+        if self.node_id not in spec.replicas:
+            raise NotFound(f'volume "{name}"', f"node {self.node_id} is not one of its replicas")
         hv = self._hosted(name)
         last = hv.kv.log_entry(hv.kv.seq) if hv.kv.seq else None
         return hv.kv.seq, hv.epoch, blake3.blake3(last).digest() if last is not None else b""
 
-    async def reset(self, name: str, epoch: int) -> None:
-        hv = self._hosted(name)
+    async def reset(self, name: str, epoch: int, peer: str) -> None:
+        hv = await self._follower(name, epoch, peer)
         async with hv.lock:
             if epoch < hv.epoch:
                 raise Conflict(f'volume "{name}"', f"reset from epoch {epoch} refused (at {hv.epoch})")

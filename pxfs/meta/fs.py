@@ -33,6 +33,7 @@ XATTR_REPLACE = 2
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 PATH_MAX = 4096
+MAX_FILE_SIZE = 2**63 - 1  # off_t
 
 _NODE_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
 
@@ -212,6 +213,8 @@ class Meta:
                 raise FsError(errno.EINVAL, f"inode {ino}", "cannot truncate a special file")
             if size < 0:
                 raise FsError(errno.EINVAL, f"inode {ino}", f"negative size {size}")
+            if size > MAX_FILE_SIZE:
+                raise FsError(errno.EFBIG, f"inode {ino}", f"size {size} beyond the largest file (2^63-1)")
             if size < a.size:
                 self._cut_blocks(txn, ino, size)
             a.size = size
@@ -247,6 +250,8 @@ class Meta:
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         if not name or len(name) > XATTR_NAME_MAX:
             raise FsError(errno.ERANGE if name else errno.EINVAL, f"inode {ino}", "bad xattr name")
+        if b"\0" in name or flags & ~(XATTR_CREATE | XATTR_REPLACE):
+            raise FsError(errno.EINVAL, f"inode {ino}", "xattr name with NUL or unknown flags")
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG, f"inode {ino}", "xattr value too large")
         txn = self._txn()
@@ -305,6 +310,8 @@ class Meta:
             raise FsError(errno.EISDIR, f"inode {ino}", "a directory has no blocks")
         if not stat.S_ISREG(a.mode):
             raise FsError(errno.EINVAL, f"inode {ino}", "not a regular file")
+        if size > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG, f"inode {ino}", f"size {size} beyond the largest file (2^63-1)")
         new_size = max(a.size, size)
         bs = self.block_size
         delta = 0

@@ -12,6 +12,8 @@ inode starts with ``A<ino>``, so purging an inode is one prefix scan.
     A<ino>X<name>      xattr:   value bytes
     C<name>            counter: value:8 (nextInode, usedBytes, inodes)
     O<ino>             orphan:  empty; nlink is 0 but the file is still open
+    N<name>            snapshot: JSON {"created_ns"}; every replica takes a checkpoint of the
+                                keyspace when it commits the batch that creates this key
     0xff...            reserved by pxfs.meta.kv: sequence number and replication log
 """
 
@@ -94,6 +96,13 @@ def counter_key(name: bytes) -> bytes:
 
 
 ORPHAN_PREFIX = b"O"
+
+
+SNAPSHOT_PREFIX = b"N"
+
+
+def snapshot_key(name: str) -> bytes:
+    return SNAPSHOT_PREFIX + name.encode()
 
 
 def orphan_key(ino: int) -> bytes:

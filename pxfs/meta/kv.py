@@ -18,9 +18,9 @@ from __future__ import annotations
 import bisect
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import Checkpoint, Options, Rdict, WriteBatch, WriteOptions
 
 from pxfs.errors import Conflict, Corrupt, Invalid
 
@@ -114,6 +114,9 @@ class KV(ABC):
     """Sequence-numbered, logged, atomic KV; engines supply only the four raw primitives."""
 
     def __init__(self) -> None:
+        # Called after every committed batch (coordinator and followers alike), so a replica can
+        # act on what the batch means (e.g. take a snapshot) at exactly that point of the log.
+        self.after_commit: Callable[[int, Batch], None] | None = None
         raw = self._raw_get(SEQ_KEY)
         self._seq = _U64.unpack(raw)[0] if raw else 0
         raw = self._raw_get(TRIM_KEY)
@@ -221,6 +224,8 @@ class KV(ABC):
         ops = [*batch.ops, (SEQ_KEY, _U64.pack(seq)), (_log_key(seq), encoded)]
         self._raw_write(ops, durable=True)
         self._seq = seq
+        if self.after_commit is not None:
+            self.after_commit(seq, batch)
 
 
 class MemKV(KV):
@@ -293,6 +298,10 @@ class RocksKV(KV):
             else:
                 wb.put(key, value)
         self._db.write(wb, write_opt=self._sync if durable else self._nosync)
+
+    def checkpoint(self, path: str) -> None:
+        """A consistent copy of the store as of now, in ``path`` (hard links: cost ~ metadata, not data)."""
+        Checkpoint(self._db).create_checkpoint(path)
 
     def close(self) -> None:
         """Close the database; closing twice is harmless (shutdown paths may overlap)."""

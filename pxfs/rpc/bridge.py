@@ -11,14 +11,22 @@ and used only by coroutines on that thread:
   cancels the coroutine (and with it the pending RPC).
 * capnp -> trio: server methods run on the capnp thread; ``await bridge.to_trio(fn, *args)``
   runs ``fn(*args)`` as a task in the bridge's trio nursery and awaits its result from asyncio.
+
+A capnp object must also *die* on the capnp thread (its destructor needs the KJ loop; elsewhere the
+process aborts). Hence: failures cross to trio without their tracebacks (``_scrubbed``); client
+objects hand their capabilities back through ``dispose`` and are stripped at close (``track``);
+and the cycle collector runs on the capnp thread only: opening a bridge turns automatic garbage
+collection off for the process, and it stays off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -30,6 +38,10 @@ import trio
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Attributes of client objects that hold capnp references (see Bridge.track).
+CAPNP_ATTRS = ("cap", "_client", "_session", "_caps")
+GC_INTERVAL = 0.5
 
 
 class CapnpError(Exception):
@@ -70,6 +82,9 @@ class Bridge:
         self._nursery: trio.Nursery | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        # Every client object that may hold capnp references: stripped on the capnp thread at close,
+        # so none is left for a destructor to run on the trio thread after the loop is gone.
+        self._tracked: weakref.WeakSet[Any] = weakref.WeakSet()
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -79,7 +94,10 @@ class Bridge:
                 self._loop = asyncio.get_running_loop()
                 self._stop = asyncio.Event()
                 self._ready.set()
+                collector = asyncio.ensure_future(self._collect_garbage())
                 await self._stop.wait()
+                collector.cancel()
+                gc.collect()
 
         try:
             asyncio.run(main())
@@ -89,16 +107,40 @@ class Bridge:
         finally:
             self._ready.set()
 
+    @staticmethod
+    async def _collect_garbage() -> None:
+        """Cyclic garbage may hold capnp objects, whose destructors need this thread's KJ loop: the
+        cycle collector runs here, never on the trio thread (automatic collection is off while a
+        bridge is open)."""
+        while True:
+            await asyncio.sleep(GC_INTERVAL)
+            gc.collect()
+
     async def _start(self, nursery: trio.Nursery) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._nursery = nursery
+        gc.disable()
         self._thread = threading.Thread(target=self._thread_main, name="pxfs-capnp", daemon=True)
         self._thread.start()
         await trio.to_thread.run_sync(self._ready.wait)
         if self._loop is None:
             raise RuntimeError(f"capnp loop did not start: {self._error!r}")
 
+    def track(self, holder: Any) -> None:
+        self._tracked.add(holder)
+
+    async def _strip_all(self) -> None:
+        for holder in list(self._tracked):
+            for name in CAPNP_ATTRS:
+                holder.__dict__.pop(name, None)
+
     async def _close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                with trio.move_on_after(5):
+                    await self.run(self._strip_all)
+            except Exception:  # noqa: BLE001 - closing: nothing left to report to
+                log.debug("strip at close failed", exc_info=True)
         loop, stop = self._loop, self._stop
         if loop is not None and stop is not None and not loop.is_closed():
             try:
@@ -122,6 +164,8 @@ class Bridge:
         def wake(result: outcome.Outcome) -> None:
             if not aborted:
                 trio.lowlevel.reschedule(task, result)
+            else:
+                self.dispose([result])  # a late result may hold capnp objects: free it over there
 
         def done(f: concurrent.futures.Future) -> None:
             try:
@@ -139,12 +183,12 @@ class Bridge:
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
-    def dispose(self, *objects: Any) -> None:
-        """Drop references to capnp objects on the capnp thread, where their destructors may run."""
+    def dispose(self, holder: list[Any]) -> None:
+        """Hand a list of capnp objects to the capnp thread, which empties it (their destructors run
+        there); the caller must keep no other reference."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        holder = [objects]
         try:
             loop.call_soon_threadsafe(holder.clear)
         except RuntimeError:

@@ -17,7 +17,7 @@ import trio
 from pxfs.errors import Invalid, PxfsError, Unauthorized, Unavailable
 from pxfs.model import NodeInfo, PoolInfo, VolumeInfo
 from pxfs.rpc import auth, convert
-from pxfs.rpc.bridge import Bridge, CapnpError
+from pxfs.rpc.bridge import CAPNP_ATTRS, Bridge, CapnpError
 from pxfs.rpc.errors import decode
 from pxfs.rpc.schema import TRAVERSAL_LIMIT_WORDS, pxfs_capnp
 
@@ -39,6 +39,7 @@ class _Caller:
 
     def __init__(self, bridge: Bridge, peer: str) -> None:
         self.bridge, self.peer = bridge, peer
+        bridge.track(self)
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         try:
@@ -56,10 +57,11 @@ class _Caller:
             await self.bridge.run(go)
 
     def __del__(self) -> None:
-        # capnp objects must be destroyed on the capnp thread (see Bridge.dispose).
-        held = [getattr(self, name) for name in ("cap", "_client", "_session", "_caps") if getattr(self, name, None)]
+        # capnp objects must be destroyed on the capnp thread (see Bridge.dispose): move every
+        # reference out of this object into the one list the capnp thread will clear.
+        held = [self.__dict__.pop(name) for name in CAPNP_ATTRS if self.__dict__.get(name) is not None]
         if held:
-            self.bridge.dispose(*held)
+            self.bridge.dispose(held)
 
 
 class AdminClient(_Caller):
@@ -115,6 +117,16 @@ class AdminClient(_Caller):
     async def remove_node(self, node_id: str, force: bool) -> None:
         async def go() -> None:
             await self.cap.removeNode(node_id, force)
+        await self.call(go)
+
+    async def clone_volume(self, source: str, name: str) -> VolumeInfo:
+        async def go() -> VolumeInfo:
+            return convert.volume_from((await self.cap.cloneVolume(source, name)).volume)
+        return await self.call(go)
+
+    async def schedule_snapshots(self, name: str, every: int, keep: int) -> None:
+        async def go() -> None:
+            await self.cap.scheduleSnapshots(name, every, keep)
         await self.call(go)
 
     async def repair_volume(self, name: str) -> None:

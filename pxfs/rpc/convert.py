@@ -45,6 +45,7 @@ def volume_to(b: Any, v: VolumeInfo) -> None:
     b.name, b.size, b.used, b.repl, b.blockSize = v.name, v.size, v.used, v.repl, v.block_size
     b.state, b.coordinator, b.epoch, b.createdNs, b.mounts = v.state, v.coordinator, v.epoch, v.created_ns, v.mounts
     b.detail = json.dumps(v.detail)
+    b.source = v.source
     labels_to(b.init("labels", len(v.labels)), v.labels)
     reps = b.init("replicas", len(v.replicas))
     for i, r in enumerate(v.replicas):
@@ -55,7 +56,7 @@ def volume_from(r: Any) -> VolumeInfo:
     return VolumeInfo(name=r.name, size=r.size, used=r.used, repl=r.repl, block_size=r.blockSize,
                       labels=labels_from(r.labels), state=r.state, replicas=list(r.replicas),
                       coordinator=r.coordinator, epoch=r.epoch, created_ns=r.createdNs, mounts=r.mounts,
-                      detail=json.loads(r.detail) if r.detail else {})
+                      detail=json.loads(r.detail) if r.detail else {}, source=r.source)
 
 
 def attr_to(b: Any, a: Any) -> None:

@@ -28,8 +28,13 @@ class RemoteError(Exception):
     """Carries an encoded PxfsError out of a capnp server method."""
 
 
+def _clean(text: str) -> str:
+    # capnp cuts descriptions at NUL and the parser reads one line: escape what would break either.
+    return text.replace("\0", "\\x00").replace("\n", "\\n").replace("\x1f", "\\x1f")
+
+
 def encode(err: PxfsError) -> RemoteError:
-    return RemoteError(f"pxfs-error:{err.code}:{err.errno}:{err.obj}\x1f{err.cause}")
+    return RemoteError(f"pxfs-error:{err.code}:{err.errno}:{_clean(str(err.obj))}\x1f{_clean(str(err.cause))}")
 
 
 def decode(exc: BaseException, peer: str) -> PxfsError:

@@ -84,6 +84,14 @@ class AdminServer(pxfs_capnp.Admin.Server):
         await self._b.to_trio(self._a.remove_node, id, force)
 
     @served
+    async def cloneVolume(self, source: str, name: str, _context: Any, **_: Any) -> None:
+        convert.volume_to(_context.results.init("volume"), await self._b.to_trio(self._a.clone_volume, source, name))
+
+    @served
+    async def scheduleSnapshots(self, name: str, everySeconds: int, keep: int, _context: Any, **_: Any) -> None:
+        await self._b.to_trio(self._a.schedule_snapshots, name, everySeconds, keep)
+
+    @served
     async def repairVolume(self, name: str, _context: Any, **_: Any) -> None:
         await self._b.to_trio(self._a.repair_volume, name)
 

@@ -157,6 +157,20 @@ class VolumeClient(_Caller):
             return (await self.cap.fsck(repair)).report
         return json.loads(await self.call(go))
 
+    async def snapshot_create(self, name: str) -> None:
+        await self._void("snapshotCreate", name)
+
+    async def snapshot_delete(self, name: str) -> None:
+        await self._void("snapshotDelete", name)
+
+    async def snapshot_list(self) -> list[tuple[str, int]]:
+        async def go() -> list[tuple[str, int]]:
+            return [(x.name, x.createdNs) for x in (await self.cap.snapshotList()).snapshots]
+        return await self.call(go)
+
+    async def restore(self, name: str) -> None:
+        await self._void("restore", name)
+
     async def detach(self) -> None:
         await self._void("detach")
 

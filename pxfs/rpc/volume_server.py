@@ -30,13 +30,17 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
     async def open(self, name: str, mountId: str, readOnly: bool, _context: Any, **_: Any) -> None:  # noqa: N803
         if not mountId or len(mountId) > 128 or "/" in mountId:
             raise Invalid("mount id", "must be 1-128 characters without '/'")
+        if not name or len(name) > 200 or "\0" in name or "/" in name:
+            raise Invalid(f"volume {name[:80]!r}", "not a volume name")
         hv, info = await self._b.to_trio(self._h.open, name, mountId)
-        _context.results.volume = VolumeServer(self._b, self._h, hv, mountId, readOnly)
+        # A snapshot is read-only whatever the mount asked for.
+        _context.results.volume = VolumeServer(self._b, self._h, hv, mountId, readOnly or "@" in name)
         convert.volume_to(_context.results.init("info"), info)
 
     @served
     async def apply(self, name: str, epoch: int, seq: int, batch: Any, _context: Any, **_: Any) -> None:
-        _context.results.seq = await self._b.to_trio(self._h.apply, name, epoch, seq, _data(batch, "batch", MAX_BATCH))
+        _context.results.seq = await self._b.to_trio(self._h.apply, name, epoch, seq, _data(batch, "batch", MAX_BATCH),
+                                                      self._peer)
 
     @served
     async def lastSeq(self, name: str, _context: Any, **_: Any) -> None:  # noqa: N802
@@ -45,7 +49,7 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
 
     @served
     async def reset(self, name: str, epoch: int, _context: Any, **_: Any) -> None:
-        await self._b.to_trio(self._h.reset, name, epoch)
+        await self._b.to_trio(self._h.reset, name, epoch, self._peer)
 
 
 class VolumeServer(pxfs_capnp.Volume.Server):
@@ -204,12 +208,34 @@ class VolumeServer(pxfs_capnp.Volume.Server):
         _context.results.report = await self._b.to_trio(self._h.fsck, self._hv, repair)
 
     @served
+    async def snapshotCreate(self, name: str, _context: Any, **_: Any) -> None:
+        self._rw()
+        await self._b.to_trio(self._h.snapshot_create, self._hv, name)
+
+    @served
+    async def snapshotDelete(self, name: str, _context: Any, **_: Any) -> None:
+        self._rw()
+        await self._b.to_trio(self._h.snapshot_delete, self._hv, name)
+
+    @served
+    async def snapshotList(self, _context: Any, **_: Any) -> None:
+        snaps = await self._b.to_trio(self._h.snapshot_list, self._hv)
+        out = _context.results.init("snapshots", len(snaps))
+        for i, (name, created) in enumerate(snaps):
+            out[i].name, out[i].createdNs = name, created
+
+    @served
+    async def restore(self, name: str, _context: Any, **_: Any) -> None:
+        self._rw()
+        await self._b.to_trio(self._h.restore, self._hv, name)
+
+    @served
     async def detach(self, _context: Any, **_: Any) -> None:
         await self._b.to_trio(self._h.detach, self._hv, self._mount)
 
     @served
     async def chunkRefs(self, _context: Any, **_: Any) -> None:
-        refs = await self._call(lambda m: m.chunk_refs())
+        refs = await self._b.to_trio(self._h.chunk_refs, self._hv)
         out = _context.results.init("hashes", len(refs))
         for i, h in enumerate(refs):
             out[i] = h

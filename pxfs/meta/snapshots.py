@@ -1,0 +1,106 @@
+"""Snapshots of a volume's metadata: records in the keyspace, copies of it, and roll-backs.
+
+A snapshot is named by a ``N<name>`` key written as one batch. Every replica, when it commits that
+batch, takes a checkpoint of its keyspace (``KV.after_commit``): since all replicas apply the same
+batches in the same order, their checkpoints hold the same state, exactly the writes acknowledged
+before the snapshot and none after. Chunks are shared, never copied.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+
+from pxfs.errors import Exists, Invalid, NotFound
+from pxfs.meta import keys
+from pxfs.meta.kv import KV, Batch
+
+SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+COPY_BATCH = 20000
+
+
+def check_name(volume: str, name: str) -> str:
+    if not SNAPSHOT_NAME.match(name or ""):
+        raise Invalid(f'snapshot "{volume}@{name}"', "name must be 1-63 letters, digits, '_', '.', '-' "
+                      "starting with a letter or digit")
+    return name
+
+
+def create(kv: KV, volume: str, name: str, created_ns: int) -> None:
+    check_name(volume, name)
+    if kv.get(keys.snapshot_key(name)) is not None:
+        raise Exists(f'snapshot "{volume}@{name}"', "exists")
+    b = Batch()
+    b.put(keys.snapshot_key(name), json.dumps({"created_ns": created_ns}).encode())
+    kv.write(b)
+
+
+def delete(kv: KV, volume: str, name: str) -> None:
+    if kv.get(keys.snapshot_key(name)) is None:
+        raise NotFound(f'snapshot "{volume}@{name}"', "no such snapshot")
+    b = Batch()
+    b.delete(keys.snapshot_key(name))
+    kv.write(b)
+
+
+def listing(kv: KV) -> list[tuple[str, int]]:
+    return [(k[1:].decode(), json.loads(v).get("created_ns", 0)) for k, v in kv.scan(keys.SNAPSHOT_PREFIX)]
+
+
+def changed_names(batch: Batch) -> Iterator[tuple[str, bool]]:
+    """(snapshot name, created?) for each snapshot key a batch creates or deletes."""
+    for key, value in batch.ops:
+        if key.startswith(keys.SNAPSHOT_PREFIX):
+            yield key[1:].decode(errors="replace"), value is not None
+
+
+def _data_keys(kv: KV) -> Iterator[tuple[bytes, bytes]]:
+    """Everything but the snapshot records (those belong to the volume, not to a point in time)."""
+    for key, value in kv.scan(b""):
+        if not key.startswith(keys.SNAPSHOT_PREFIX):
+            yield key, value
+
+
+def restore(kv: KV, snapshot: KV) -> int:
+    """Make ``kv`` hold what ``snapshot`` holds (snapshot records kept) in ONE batch; returns ops."""
+    b = Batch()
+    want = dict(_data_keys(snapshot))
+    for key, value in _data_keys(kv):
+        if key not in want:
+            b.delete(key)
+        elif want[key] == value:
+            del want[key]
+    for key, value in want.items():
+        b.put(key, value)
+    if len(b):
+        kv.write(b)
+    return len(b)
+
+
+def copy_into(target: KV, snapshot: KV) -> int:
+    """Fill an empty keyspace (a new clone) from a snapshot, in batches; returns keys copied."""
+    n = 0
+    b = Batch()
+    for key, value in _data_keys(snapshot):
+        b.put(key, value)
+        n += 1
+        if len(b) >= COPY_BATCH:
+            target.write(b)
+            b = Batch()
+    if len(b):
+        target.write(b)
+    return n
+
+
+def chunk_refs(kv: KV) -> tuple[dict[bytes, int], int]:
+    """Distinct chunks a keyspace's block maps name (hash -> bytes in use), and the logical bytes."""
+    refs: dict[bytes, int] = {}
+    logical = 0
+    for key, value in kv.scan(b"A"):
+        if len(key) == 18 and key[9:10] == b"C":
+            digest, length = keys.decode_block(value)
+            logical += length
+            if length > refs.get(digest, -1):
+                refs[digest] = length
+    return refs, logical
