@@ -18,7 +18,8 @@ from pxfs.errors import Corrupt, NoSpace, NotFound, PxfsError, Unavailable
 
 log = logging.getLogger(__name__)
 
-PUT_TIMEOUT = 30.0
+PUT_TIMEOUT = 10.0
+SUSPECT_FOR = 5.0  # a replica that timed out is skipped this long (degraded), not waited on per chunk
 
 
 class ReplicaChunks:
@@ -30,6 +31,14 @@ class ReplicaChunks:
             self.replicas.insert(0, local)
         self._peers = peers
         self.degraded: set[str] = set()
+        self._suspect: dict[str, float] = {}
+
+    def _live(self) -> list[str]:
+        now = trio.current_time()
+        return [n for n in self.replicas if self._suspect.get(n, 0) <= now]
+
+    def _suspect_node(self, node: str) -> None:
+        self._suspect[node] = trio.current_time() + SUSPECT_FOR
 
     async def put(self, h: bytes, data: bytes) -> None:
         results: dict[str, PxfsError | None] = {}
@@ -41,13 +50,19 @@ class ReplicaChunks:
                 results[node] = None
             except trio.TooSlowError:
                 results[node] = Unavailable(f"node {node}", f"chunk put took over {PUT_TIMEOUT:g}s")
+                self._suspect_node(node)
             except PxfsError as err:
                 results[node] = err
                 if isinstance(err, Unavailable):
+                    self._suspect_node(node)
                     await self._peers.forget(node)
 
+        live = self._live() or list(self.replicas)
+        for node in self.replicas:
+            if node not in live:
+                results[node] = Unavailable(f"node {node}", "recently unresponsive; skipped")
         async with trio.open_nursery() as nursery:
-            for node in self.replicas:
+            for node in live:
                 nursery.start_soon(one, node)
         errors = {n: e for n, e in results.items() if e is not None}
         for node, err in errors.items():
@@ -67,9 +82,15 @@ class ReplicaChunks:
     async def get(self, h: bytes) -> bytes:
         last: PxfsError | None = None
         bad: list[str] = []
-        for node in self.replicas:
+        order = self._live() + [n for n in self.replicas if n not in self._live()]
+        for node in order:
             try:
-                data = await (await self._peers.chunks(node)).get(h)
+                with trio.fail_after(PUT_TIMEOUT):
+                    data = await (await self._peers.chunks(node)).get(h)
+            except trio.TooSlowError:
+                self._suspect_node(node)
+                last = Unavailable(f"node {node}", f"chunk get took over {PUT_TIMEOUT:g}s")
+                continue
             except (NotFound, Corrupt) as err:
                 # The node quarantined a corrupt copy; either way it lacks a good one.
                 last = err

@@ -85,7 +85,7 @@ class ClusterAdmin:
             repair = detail.get("repair", {}) if fresh else {}
             v.detail = {"missing_replicas": missing, "lagging": lagging, "repair": repair}
             short = len(v.replicas) < v.repl
-            incomplete = bool(repair.get("missing")) or repair.get("lost", 0) > 0 or repair.get("state") == "copying"
+            incomplete = not repair.get("converged", False) if repair else False
             v.state = "degraded" if missing or lagging or short or incomplete else "healthy"
             mounts = await self._store.range(f"mounts/{v.name}/")
             v.mounts = sum(1 for _k, raw in mounts if now - json.loads(raw).get("ts", 0) <= MOUNT_TTL)

@@ -31,12 +31,13 @@ class RepairStatus:
     missing: dict[str, int] = field(default_factory=dict)   # replica -> chunks it lacks
     lost: int = 0                # chunks no replica has a good copy of
     rounds: int = 0
+    converged: bool = False      # the last finished round found every replica complete
     last_error: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"state": self.state, "total": self.total, "done": self.done, "bytes": self.bytes,
                 "rate": round(self.rate), "missing": dict(self.missing), "lost": self.lost, "rounds": self.rounds,
-                "last_error": self.last_error}
+                "converged": self.converged, "last_error": self.last_error}
 
 
 class Throttle:
@@ -126,6 +127,7 @@ class ChunkRepair:
         st.missing = {n: c for n, c in st.missing.items() if c > 0}
         st.state = "idle"
         st.rounds += 1
+        st.converged = not st.total and not st.missing and not st.lost and set(holdings) == set(replicas)
         if st.total:
             log.info("volume=%s repair round: copied %d chunks (%d bytes) at %.1f MB/s, lost %d", self.volume,
                      st.done, st.bytes, st.rate / 1e6, st.lost)

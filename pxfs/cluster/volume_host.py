@@ -39,6 +39,7 @@ SUPERVISE_INTERVAL = 1.0
 CLONE_DONE = b"cloneDone"
 REPAIR_PERIOD = 60.0
 SPACE_PERIOD = 30.0
+FRESH_WINDOW = 20.0  # longer than a mount's refresh interval
 
 
 class HostedVolume:
@@ -58,7 +59,10 @@ class HostedVolume:
         self.repair_running = False
         self.last_repair = 0.0
         self.repair_asked = 0.0
+        self.repair_not_before = 0.0
         self.space_due = 0.0
+        self.known_replicas: list[str] = []
+        self.fresh_replicas: dict[str, float] = {}
         self.space: dict[str, Any] = {}
         self.snap_due = 0.0
         self.spec: VolumeInfo | None = None
@@ -210,6 +214,12 @@ class VolumeHost:
             hv.repair_wanted = True
             log.info("node=%s coordinates volume=%s epoch=%d seq=%d", self.node_id, name, spec.epoch, hv.kv.seq)
         hv.meta.capacity = spec.size
+        if hv.known_replicas and set(spec.replicas) - set(hv.known_replicas):
+            # Mounts learn of a new replica only at their next refresh: until then the coordinator
+            # itself makes sure what they commit reaches it (see commit()).
+            for r in set(spec.replicas) - set(hv.known_replicas):
+                hv.fresh_replicas[r] = time.monotonic() + FRESH_WINDOW
+        hv.known_replicas = list(spec.replicas)
         followers = [r for r in spec.replicas if r != self.node_id]
         rep = hv.replicator
         if rep is None or rep.followers != followers or rep.epoch != spec.epoch or rep.deposed:
@@ -324,6 +334,37 @@ class VolumeHost:
         hv.mounts.pop(mount_id, None)
         await self._store.delete(f"mounts/{hv.name}/{mount_id}")
 
+    async def commit(self, hv: Any, ino: int, blocks: dict[int, tuple[bytes, int]], size: int,
+                     mtime_ns: int | None) -> Any:
+        attr = await self.call(hv, lambda m: m.commit_blocks(ino, blocks, size, mtime_ns))
+        now = time.monotonic()
+        fresh = [r for r, until in getattr(hv, "fresh_replicas", {}).items() if until > now]
+        if fresh and blocks:
+            await self._complete_on(hv, fresh, [h for h, _n in blocks.values()])
+        return attr
+
+    async def _complete_on(self, hv: HostedVolume, nodes: list[str], hashes: list[bytes]) -> None:
+        """Copy any of ``hashes`` that ``nodes`` lack from another replica (best effort: repair follows)."""
+        assert hv.spec is not None
+        for node in nodes:
+            try:
+                chunks = await self._peers.chunks(node)
+                have = await chunks.has_many(hashes)
+                for h, ok in zip(hashes, have, strict=True):
+                    if ok:
+                        continue
+                    for src in hv.spec.replicas:
+                        if src == node:
+                            continue
+                        try:
+                            data = await (await self._peers.chunks(src)).get(h)
+                        except PxfsError:
+                            continue
+                        await chunks.put(h, data)
+                        break
+            except PxfsError as err:
+                log.info("volume=%s new replica %s not completed inline: %s", hv.name, node, err)
+
     async def keepalive(self, hv: HostedVolume, mount_id: str, force: bool = False) -> None:
         if mount_id.startswith("tool:"):
             return  # scrub, fsck and test verifiers are sessions, not mounts
@@ -375,7 +416,8 @@ class VolumeHost:
             if ts > hv.repair_asked:
                 hv.repair_asked = ts
                 hv.repair_wanted = True
-        if not hv.repair_running and (hv.repair_wanted or now - hv.last_repair > REPAIR_PERIOD):
+        if not hv.repair_running and now >= hv.repair_not_before and (
+                hv.repair_wanted or now - hv.last_repair > REPAIR_PERIOD):
             hv.repair_wanted = False
             hv.repair_running = True
             assert self._nursery is not None
@@ -451,7 +493,13 @@ class VolumeHost:
             if hv.meta is None or hv.spec is None or hv.repair is None:
                 return
             refs = dict.fromkeys(await trio.to_thread.run_sync(self.all_chunk_refs, hv), 0)
-            await hv.repair.run(refs, list(hv.spec.replicas))
+            st = await hv.repair.run(refs, list(hv.spec.replicas))
+            if not st.converged:
+                # Chunks committed while this round ran were not in its list: go again until a
+                # round finds nothing to copy, and only then call the replicas complete. A replica
+                # that cannot be reached is retried less eagerly.
+                hv.repair_wanted = True
+                hv.repair_not_before = time.monotonic() + (0.0 if st.total else 5.0)
         except PxfsError as err:
             log.warning("volume=%s repair failed: %s", hv.name, err)
         finally:

@@ -9,6 +9,7 @@ A retried operation that the old coordinator had already applied may report EEXI
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ import trio
 from pxfs.chunks.replicas import ReplicaChunks
 from pxfs.cluster.config import load_config
 from pxfs.cluster.peers import Peers
-from pxfs.errors import Conflict, NotFound, PxfsError, Unauthorized, Unavailable
+from pxfs.errors import Conflict, FsError, NotFound, PxfsError, Unauthorized, Unavailable
 from pxfs.model import Attr, VolumeInfo
 from pxfs.rpc.bridge import Bridge
 from pxfs.rpc.client import Connection
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FAILOVER_TIMEOUT = 60.0
+CALL_TIMEOUT = 10.0  # a coordinator silent this long (frozen, partitioned) is looked up again
 
 
 class VolumeSession:
@@ -90,8 +92,9 @@ class VolumeSession:
                 try:
                     info = await self._lookup()
                     await self.peers.forget(info.coordinator)
-                    volumes = await self.peers.volumes(info.coordinator)
-                    meta, info = await volumes.open(self.volume, self.mount_id, self.read_only)
+                    with trio.fail_after(CALL_TIMEOUT):
+                        volumes = await self.peers.volumes(info.coordinator)
+                        meta, info = await volumes.open(self.volume, self.mount_id, self.read_only)
                     for ino, count in self._open.items():
                         for _ in range(count):
                             await meta.open(ino)
@@ -103,25 +106,42 @@ class VolumeSession:
                     log.warning("volume=%s reconnected to coordinator %s (epoch %d) after: %s", self.volume,
                                 info.coordinator, info.epoch, cause)
                     return
-                except (Unavailable, Conflict) as err:
+                except (Unavailable, Conflict, trio.TooSlowError) as err:
                     if time.monotonic() > deadline:
                         raise Unavailable(f'volume "{self.volume}"',
                                           f"no coordinator for {FAILOVER_TIMEOUT:g}s (last: {err})") from None
                     await trio.sleep(delay)
                     delay = min(delay * 2, 1.0)
 
-    async def _call(self, fn: Callable[[VolumeClient], Awaitable[T]]) -> T:
+    async def _call(self, fn: Callable[[VolumeClient], Awaitable[T]],
+                    after_retry: Callable[[FsError], Awaitable[T]] | None = None) -> T:
+        """One metadata call, retried at the current coordinator when the old one is gone or stuck.
+
+        A retried mutation may already have been applied by the coordinator that died before it
+        answered; ``after_retry`` turns the error that repetition produces (EEXIST for a create,
+        ENOENT for an unlink) back into the success the application is owed.
+        """
         deadline = time.monotonic() + FAILOVER_TIMEOUT
+        retried = False
         while True:
             meta = self.meta
             if meta is None:
                 raise Unavailable(f'volume "{self.volume}"', "not connected")
             try:
-                return await fn(meta)
+                with trio.fail_after(CALL_TIMEOUT):
+                    return await fn(meta)
+            except FsError as err:
+                if retried and after_retry is not None:
+                    return await after_retry(err)
+                raise
+            except trio.TooSlowError:
+                err2: PxfsError = Unavailable(f'volume "{self.volume}"', f"coordinator silent for {CALL_TIMEOUT:g}s")
             except (Unavailable, Conflict) as err:
-                if time.monotonic() > deadline:
-                    raise
-                await self._reconnect(meta, err, deadline)
+                err2 = err
+            if time.monotonic() > deadline:
+                raise err2
+            await self._reconnect(meta, err2, deadline)
+            retried = True
 
     async def refresh(self) -> None:
         """Keepalive: tells the coordinator this mount lives, and picks up replica set changes."""
@@ -151,29 +171,51 @@ class VolumeSession:
     async def lookup(self, parent: int, name: bytes) -> Attr:
         return await self._call(lambda m: m.lookup(parent, name))
 
+    def _exists_after_retry(self, parent: int, name: bytes) -> Callable[[FsError], Awaitable[Attr]]:
+        async def recover(err: FsError) -> Attr:
+            if err.errno != errno.EEXIST:
+                raise err
+            return await self.lookup(parent, name)  # our own create, applied before the failover
+        return recover
+
+    def _gone_after_retry(self, err: FsError) -> Awaitable[None]:
+        async def recover() -> None:
+            if err.errno != errno.ENOENT:
+                raise err
+        return recover()
+
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
-        return await self._call(lambda m: m.mknod(parent, name, mode, rdev, uid, gid))
+        return await self._call(lambda m: m.mknod(parent, name, mode, rdev, uid, gid),
+                                self._exists_after_retry(parent, name))
 
     async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
-        return await self._call(lambda m: m.mkdir(parent, name, mode, uid, gid))
+        return await self._call(lambda m: m.mkdir(parent, name, mode, uid, gid),
+                                self._exists_after_retry(parent, name))
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
-        return await self._call(lambda m: m.symlink(parent, name, target, uid, gid))
+        return await self._call(lambda m: m.symlink(parent, name, target, uid, gid),
+                                self._exists_after_retry(parent, name))
 
     async def readlink(self, ino: int) -> bytes:
         return await self._call(lambda m: m.readlink(ino))
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
-        return await self._call(lambda m: m.link(ino, new_parent, new_name))
+        return await self._call(lambda m: m.link(ino, new_parent, new_name),
+                                self._exists_after_retry(new_parent, new_name))
 
     async def unlink(self, parent: int, name: bytes) -> None:
-        await self._call(lambda m: m.unlink(parent, name))
+        await self._call(lambda m: m.unlink(parent, name), self._gone_after_retry)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
-        await self._call(lambda m: m.rmdir(parent, name))
+        await self._call(lambda m: m.rmdir(parent, name), self._gone_after_retry)
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
-        await self._call(lambda m: m.rename(parent, name, new_parent, new_name, flags))
+        async def recover(err: FsError) -> None:
+            if err.errno != errno.ENOENT:
+                raise err
+            await self.lookup(new_parent, new_name)  # the source is gone and the target is there: done
+
+        await self._call(lambda m: m.rename(parent, name, new_parent, new_name, flags), recover)
 
     async def setattr(self, ino: int, **changes: Any) -> Attr:
         return await self._call(lambda m: m.setattr(ino, **changes))

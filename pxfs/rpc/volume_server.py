@@ -192,7 +192,8 @@ class VolumeServer(pxfs_capnp.Volume.Server):
     async def commit(self, ino: int, blocks: Any, size: int, mtimeNs: int, _context: Any, **_: Any) -> None:  # noqa: N803
         self._rw()
         bm = {b.index: (bytes(b.hash), b.length) for b in blocks}
-        await self._attr(_context, lambda m: m.commit_blocks(ino, bm, size, mtimeNs or None))
+        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None)
+        convert.attr_to(_context.results.init("attr"), attr)
 
     @served
     async def statfs(self, _context: Any, **_: Any) -> None:

@@ -184,13 +184,6 @@ def node_state(cluster: Cluster, node: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # The faults
 
-# Not strict: the bug is a race (it shows in most runs of these tests, not all), see the report.
-REPLICA_SET_RACE = pytest.mark.xfail(
-    strict=False,
-    reason="pxfs bug: after a replica-set change the mount keeps putting chunks to its old replica list "
-           "until its next keepalive refresh (~3 s) and a repair round only checks the chunk refs it "
-           "snapshotted when it started, so a chunk acknowledged in that window is missing on the new "
-           "replica while the volume already reports healthy (until the 60 s periodic repair)")
 
 
 def test_follower_killed_and_back(cluster3: FaultCluster, tmp_path: Path,
@@ -214,8 +207,6 @@ def test_follower_killed_and_back(cluster3: FaultCluster, tmp_path: Path,
     assert_replicas_identical(cluster3, run.vol, info["replicas"])
 
 
-@pytest.mark.xfail(strict=False, reason="pxfs bug (racy): a create the killed coordinator had applied and replicated "
-                   "but not answered is retried at the new one and fails with EEXIST (O_EXCL) to the application")
 def test_coordinator_killed_fails_over(cluster3: FaultCluster, tmp_path: Path,
                                        record_property: Callable[[str, object], None]) -> None:
     """SIGKILL the coordinator: a follower takes over under epoch + 1, the mount follows it without
@@ -240,7 +231,6 @@ def test_coordinator_killed_fails_over(cluster3: FaultCluster, tmp_path: Path,
     assert_replicas_identical(cluster3, run.vol, info["replicas"])
 
 
-@REPLICA_SET_RACE
 def test_two_nodes_lost_one_after_another(cluster4: FaultCluster, tmp_path: Path,
                                           record_property: Callable[[str, object], None]) -> None:
     """Kill follower A: it is replaced and the volume healthy again; bring A back (now spare), kill a
@@ -266,7 +256,6 @@ def test_two_nodes_lost_one_after_another(cluster4: FaultCluster, tmp_path: Path
         assert b not in info["replicas"] and len(info["replicas"]) == 3
 
 
-@REPLICA_SET_RACE
 def test_node_removed_for_good(cluster4: FaultCluster, tmp_path: Path,
                                record_property: Callable[[str, object], None]) -> None:
     """`pxfs node remove` of a live follower: its replica moves elsewhere; node list says removed."""
@@ -284,7 +273,6 @@ def test_node_removed_for_good(cluster4: FaultCluster, tmp_path: Path,
         assert gone not in info["replicas"]
 
 
-@REPLICA_SET_RACE
 def test_ha_update_up_and_down_under_load(cluster3: FaultCluster, tmp_path: Path,
                                           record_property: Callable[[str, object], None]) -> None:
     """`volume ha-update --repl 3` on a repl-2 volume while writing, then back to 2."""
@@ -371,8 +359,6 @@ def test_stopped_coordinator_is_deposed_and_returns_as_follower(
                                                                           if r != info["coordinator"]])
 
 
-@pytest.mark.xfail(strict=True, reason="pxfs bug: a mount's metadata call to a frozen (SIGSTOPped) coordinator "
-                   "has no timeout, so the mount never moves to the new coordinator while the old one is stopped")
 def test_mount_moves_on_while_old_coordinator_is_frozen(
         cluster3: FaultCluster, tmp_path: Path, record_property: Callable[[str, object], None]) -> None:
     """After the failover the application must make progress against the new coordinator even while
