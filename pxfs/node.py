@@ -6,6 +6,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -13,12 +14,13 @@ from pxfs.chunks.local import LocalChunkStore
 from pxfs.chunks.pool import Pool
 from pxfs.cluster.admin import ClusterAdmin
 from pxfs.cluster.config import load_config, load_secret
+from pxfs.cluster.gc import Collector
 from pxfs.cluster.manager import Manager, Settings
 from pxfs.cluster.peers import Peers, store_resolver
 from pxfs.cluster.remote_store import RemoteStore
 from pxfs.cluster.store import ControlStore, EmbeddedStore
 from pxfs.cluster.volume_host import VolumeHost
-from pxfs.errors import PxfsError
+from pxfs.errors import PxfsError, Unavailable
 from pxfs.model import NodeInfo, PoolInfo
 from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import split_address
@@ -48,10 +50,16 @@ class NodeConfig:
 
 
 class ChunkService:
-    """The node's pools as the ChunkStore RPC sees them: LocalChunkStore plus per-pool stats."""
+    """The node's pools as the ChunkStore RPC sees them: LocalChunkStore plus per-pool stats and GC."""
 
     def __init__(self, node_id: str, store: LocalChunkStore) -> None:
         self.node_id, self.store = node_id, store
+        self.collector: Collector | None = None
+
+    async def collect(self, dry_run: bool, grace: float) -> dict[str, Any]:
+        if self.collector is None:
+            raise Unavailable(f"node {self.node_id}", "garbage collection is not running yet")
+        return await self.collector.collect(dry_run, grace)
 
     async def put(self, h: bytes, data: bytes) -> bool:
         return await self.store.put(h, data)
@@ -113,6 +121,7 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
         admin = ClusterAdmin(store, cluster)
         peers = Peers(bridge, secret, node_id, store_resolver(store))
         volumes = VolumeHost(node_id, state, store, peers, repair_rate=cluster.repair_rate)
+        chunk_service.collector = Collector(node_id, store, peers, chunks)
         services = Services(admin=admin, chunks=chunk_service, control=embedded, volumes=volumes)
         server = RpcServer(bridge, services, secret, cluster.id, node_id)
         host, port = split_address(cfg.listen)
@@ -142,6 +151,7 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(heartbeat_loop)
                 await nursery.start(volumes.run)
+                nursery.start_soon(chunk_service.collector.run, cluster.gc_interval, cluster.gc_grace)
                 if embedded is not None:
                     manager = Manager(store, admin, peers, Settings(failover_after=cluster.failover_after,
                                                                    replace_after=cluster.replace_after))

@@ -132,6 +132,8 @@ interface ChunkStore {
   # Scrub: re-read and re-hash; 0 good, 1 missing, 2 corrupt (the bad copy is quarantined).
   verify @4 (hashes :List(Data)) -> (status :List(UInt8));
   list @5 (after :Data, limit :UInt32) -> (hashes :List(Data));
+  # Garbage collection of this node's pools (mark via the coordinators, sweep past the grace period).
+  collect @6 (dryRun :Bool, graceSeconds :Float64) -> (report :Text);
 }
 
 # The cluster map's key-value store (embedded backend, served by the seed node). Called by: nodes.

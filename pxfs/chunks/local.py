@@ -72,7 +72,7 @@ class LocalChunkStore:
     def _put_sync(self, h: bytes, data: bytes | memoryview) -> bool:
         check_chunk(h, data)
         order = self._order(h)
-        if any(p.has(h) for p in order):
+        if any(p.touch(h) for p in order):
             return False
         n = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
         for pool in order:
@@ -125,6 +125,15 @@ class LocalChunkStore:
                 except Corrupt:
                     out.append(2)
             return out
+        return await trio.to_thread.run_sync(run, limiter=self._limiter)
+
+    async def sweep(self, keep: set[bytes], older_than: float, dry_run: bool) -> tuple[int, int, int]:
+        def run() -> tuple[int, int, int]:
+            totals = [0, 0, 0]
+            for pool in self._pools:
+                for i, n in enumerate(pool.sweep(keep, older_than, dry_run)):
+                    totals[i] += n
+            return totals[0], totals[1], totals[2]
         return await trio.to_thread.run_sync(run, limiter=self._limiter)
 
     async def list_hashes(self, after: bytes, limit: int) -> list[bytes]:

@@ -293,6 +293,55 @@ class Pool:
     def has(self, h: bytes) -> bool:
         return self._file(h).exists()
 
+    def touch(self, h: bytes) -> bool:
+        """Mark an existing chunk as just written (GC's grace period counts from here); False if absent.
+
+        A put that dedups against a chunk nobody references yet must keep GC from sweeping it
+        before the write's commit lands.
+        """
+        with self._turn(h):  # never between sweep's age check and its unlink
+            try:
+                os.utime(self._file(h))
+                return True
+            except FileNotFoundError:
+                return False
+
+    def sweep(self, keep: set[bytes], older_than: float, dry_run: bool) -> tuple[int, int, int]:
+        """Delete chunks not in ``keep`` whose files are older than ``older_than`` (epoch seconds).
+
+        Returns (scanned, deleted, bytes freed). Safe to stop at any point and run again.
+        """
+        scanned = deleted = freed = 0
+        for h in list(self.iter_hashes()):
+            scanned += 1
+            if h in keep:
+                continue
+            size = self._sweep_one(h, older_than, dry_run)
+            if size is not None:
+                deleted += 1
+                freed += size
+        return scanned, deleted, freed
+
+    def _sweep_one(self, h: bytes, older_than: float, dry_run: bool) -> int | None:
+        path = self._file(h)
+        with self._turn(h):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                return None
+            if st.st_mtime >= older_than:
+                return None
+            if dry_run:
+                return st.st_size
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return None
+            with self._cond:
+                self._used -= st.st_size
+                self._count -= 1
+            return st.st_size
+
     def has_many(self, hs: list[bytes]) -> list[bool]:
         return [self.has(h) for h in hs]
 

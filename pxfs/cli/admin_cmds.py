@@ -135,6 +135,18 @@ async def cmd_volume_inspect(args: argparse.Namespace) -> int:
          "coordinator" if r == v.coordinator else "follower",
          "lagging" if r in lagging else ("-" if r not in nodes or nodes[r].state != "up" else "in sync"),
          str(missing.get(r, 0))] for r in v.replicas])
+    space = v.detail.get("space") or {}
+    if space:
+        line("")
+        line(f"space: logical {format_size(space.get('logical', 0))}, unique {format_size(space.get('unique', 0))} "
+             f"(dedup ratio {space.get('dedup_ratio', 1.0):.2f}), shared with snapshots "
+             f"{format_size(space.get('shared_with_snapshots', 0))}, in snapshots only "
+             f"{format_size(space.get('snapshot_only', 0))}")
+    snaps = v.detail.get("snapshots") or []
+    if snaps:
+        line("snapshots: " + ", ".join(f"{s['name']} ({format_size(s.get('unique', 0))} unique)" for s in snaps))
+    if v.source:
+        line(f"cloned from {v.source}")
     if repair:
         line("")
         rate = repair.get("rate", 0) / 1e6

@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="even if it holds the only copy of a volume")
     p.set_defaults(run=admin_cmds.cmd_node_remove)
 
-    from pxfs.cli import scrub_cmd
+    from pxfs.cli import gc_cmd, scrub_cmd, snapshot_cmds
+
+    gc_cmd.register(sub, _client)
+
+    snapshot_cmds.register(sub, vol, _client)
 
     p = _client(sub.add_parser("scrub", help="verify every chunk of a volume or node; heal; report what is lost"))
     p.add_argument("volume", nargs="?", default="")

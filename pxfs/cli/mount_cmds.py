@@ -34,7 +34,7 @@ IGNORED = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "_netd
 
 def parse_options(opts: list[str]) -> dict[str, object]:
     """Split ``-o`` options into pxfs's own and the FUSE ones; unknown options are an error."""
-    out: dict[str, object] = {"fuse": set(), "ro": False, "cluster": None, "attr_timeout": 1.0}
+    out: dict[str, object] = {"fuse": set(), "ro": False, "rw": False, "cluster": None, "attr_timeout": 1.0}
     for group in opts:
         for opt in filter(None, group.split(",")):
             key, sep, value = opt.partition("=")
@@ -42,6 +42,8 @@ def parse_options(opts: list[str]) -> dict[str, object]:
                 out["fuse"].add(opt)  # type: ignore[union-attr]
             elif opt == "ro":
                 out["ro"] = True
+            elif opt == "rw":
+                out["rw"] = True
             elif opt in IGNORED or key.startswith("x-") or key in ("comment",):
                 continue
             elif key == "cluster" and sep and value:
@@ -91,7 +93,16 @@ def cmd_mount(args: argparse.Namespace) -> int:
         args.cluster = Path(str(opts["cluster"])).resolve()
     if args.cluster is None:
         raise Invalid("cluster", "no cluster directory: pass --cluster DIR, -o cluster=DIR or set PXFS_CLUSTER")
-    volume = check_volume_name(args.volume)
+    base, at, snap = args.volume.partition("@")
+    check_volume_name(base)
+    if at:
+        from pxfs.meta.snapshots import check_name
+
+        check_name(base, snap)
+        if opts["rw"]:
+            raise Invalid(f'snapshot "{args.volume}"', "snapshots are read-only; clone it for a writable copy")
+        opts["ro"] = True
+    volume = args.volume
     mp = Path(args.mountpoint).resolve()
     _check_mountpoint(mp)
     from pxfs.cluster.config import load_config, load_secret
@@ -102,7 +113,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
                       read_only=bool(opts["ro"]), attr_timeout=float(opts["attr_timeout"]))  # type: ignore[arg-type]
     log_dir = args.cluster / "logs"
     log_dir.mkdir(exist_ok=True)
-    log_path = Path(args.log) if args.log else log_dir / f"mount-{volume}.log"
+    log_path = Path(args.log) if args.log else log_dir / f"mount-{volume.replace('@', '_at_')}.log"
 
     if args.foreground:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

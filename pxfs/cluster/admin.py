@@ -83,7 +83,8 @@ class ClusterAdmin:
             missing = [r for r in v.replicas if r not in up]
             lagging = [r for r in detail.get("lagging", []) if r not in missing] if fresh else []
             repair = detail.get("repair", {}) if fresh else {}
-            v.detail = {"missing_replicas": missing, "lagging": lagging, "repair": repair}
+            v.detail = {"missing_replicas": missing, "lagging": lagging, "repair": repair,
+                        "space": detail.get("space", {}), "snapshots": detail.get("snapshots", [])}
             short = len(v.replicas) < v.repl
             incomplete = not repair.get("converged", False) if repair else False
             v.state = "degraded" if missing or lagging or short or incomplete else "healthy"

@@ -29,6 +29,8 @@ class ClusterConfig:
     failover_after: float = 2.0
     replace_after: float = 600.0
     repair_rate: float = 200e6
+    gc_interval: float = 3600.0   # automatic GC rounds (0: only `pxfs gc`)
+    gc_grace: float = 3600.0      # a chunk younger than this is never collected
 
     def addresses(self) -> list[str]:
         """Where a client tries to connect: the seed first, then every known node."""

@@ -67,7 +67,7 @@ class VolumeSession:
                 continue
             try:
                 admin = await conn.admin()
-                info = await admin.get_volume(self.volume)
+                info = await admin.get_volume(self.volume.partition("@")[0])  # VOLUME@SNAPSHOT: its volume
                 self._addresses.update({n.id: n.address for n in await admin.list_nodes()})
                 return info
             except (Unavailable, Conflict) as err:

@@ -6,6 +6,7 @@ answer into plain Python values) happens on the bridge's thread.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -166,6 +167,11 @@ class ChunkClient(_Caller):
         async def go() -> list[int]:
             return list((await self.cap.verify(hashes)).status)
         return await self.call(go)
+
+    async def collect(self, dry_run: bool, grace: float) -> dict[str, Any]:
+        async def go() -> str:
+            return (await self.cap.collect(dry_run, grace)).report
+        return json.loads(await self.call(go))
 
     async def list_hashes(self, after: bytes, limit: int) -> list[bytes]:
         async def go() -> list[bytes]:

@@ -5,6 +5,7 @@ Each method validates what the wire cannot (lengths, ranges) before anything rea
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pxfs.errors import Invalid
@@ -133,6 +134,12 @@ class ChunkStoreServer(pxfs_capnp.ChunkStore.Server):
         out = _context.results.init("status", len(status))
         for i, st in enumerate(status):
             out[i] = st
+
+    @served
+    async def collect(self, dryRun: bool, graceSeconds: float, _context: Any, **_: Any) -> None:
+        if not 0 <= graceSeconds <= 10 * 365 * 86400:
+            raise Invalid("gc", f"grace period {graceSeconds} out of range")
+        _context.results.report = json.dumps(await self._b.to_trio(self._s.collect, dryRun, graceSeconds))
 
     @served
     async def list(self, after: Any, limit: int, _context: Any, **_: Any) -> None:
