@@ -17,6 +17,7 @@ import errno
 import os
 import random
 import stat
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -636,31 +637,76 @@ CALL = st.one_of(
 )
 
 
-async def _run_calls(cluster: Cluster, coordinator: int, calls: list[Call]) -> None:
-    async with node_connection(cluster, 0) as conn0, service(cluster, coordinator) as (_conn, vs):
-        vol, _info = await vs.open("hx-fuzz", "fuzz", False)
-        chunks, admin = await conn0.chunks(), await conn0.admin()
-        targets: dict[str, Any] = {"vol": vol, "vs": vs, "chunks": chunks, "admin": admin}
-        extra: list[_Caller] = []
+class _Portal:
+    """One trio run, one bridge and one set of connections for every fuzz example.
+
+    Hypothesis drives examples synchronously; each example's calls are submitted to a trio run in a
+    worker thread. One long-lived bridge (rather than one per example) keeps capnp objects on their
+    thread for the whole test.
+    """
+
+    def __init__(self, cluster: Cluster, coordinator: int) -> None:
+        self.cluster, self.coordinator = cluster, coordinator
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.targets: dict[str, Any] = {}
+        self._ready = threading.Event()
+        self._stop: trio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
         try:
-            for target, method, args in calls:
-                fn: Callable[..., Awaitable[Any]] = getattr(targets[target], method)
-                try:
-                    with trio.fail_after(10):
-                        if method == "setattr":
-                            result = await fn(args[0], **args[1])
-                        else:
-                            result = await fn(*args)
-                except trio.TooSlowError:
-                    raise AssertionError(f"{target}.{method}{args!r:.300} hung") from None
-                except PxfsError as err:
-                    assert "internal error" not in str(err), f"{target}.{method}{args!r:.300}: {err}"
-                else:
-                    if isinstance(result, tuple) and result and isinstance(result[0], _Caller):
-                        extra.append(result[0])
-        finally:
-            for client in (*extra, vol, chunks, admin):
-                await client.drop()
+            trio.run(self._serve)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._stop = trio.Event()
+        async with node_connection(self.cluster, 0) as conn0, service(self.cluster, self.coordinator) as (_c, vs):
+            vol, _info = await vs.open("hx-fuzz", "fuzz", False)
+            chunks, admin = await conn0.chunks(), await conn0.admin()
+            self.targets = {"vol": vol, "vs": vs, "chunks": chunks, "admin": admin}
+            self.extra: list[_Caller] = []
+            self.token = trio.lowlevel.current_trio_token()
+            self._ready.set()
+            try:
+                await self._stop.wait()
+            finally:
+                for client in (*self.extra, vol, chunks, admin):
+                    await client.drop()
+
+    def __enter__(self) -> _Portal:
+        self._thread.start()
+        self._ready.wait(60)
+        if self._error is not None or self.token is None:
+            raise AssertionError(f"fuzz portal did not start: {self._error!r}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.token is not None and self._stop is not None
+        trio.from_thread.run_sync(self._stop.set, trio_token=self.token)
+        self._thread.join(60)
+
+    def run(self, calls: list[Call]) -> None:
+        trio.from_thread.run(self._run_calls, calls, trio_token=self.token)
+
+    async def _run_calls(self, calls: list[Call]) -> None:
+        for target, method, args in calls:
+            fn: Callable[..., Awaitable[Any]] = getattr(self.targets[target], method)
+            try:
+                with trio.fail_after(10):
+                    if method == "setattr":
+                        result = await fn(args[0], **args[1])
+                    else:
+                        result = await fn(*args)
+            except trio.TooSlowError:
+                raise AssertionError(f"{target}.{method}{args!r:.300} hung") from None
+            except PxfsError as err:
+                assert "internal error" not in str(err), f"{target}.{method}{args!r:.300}: {err}"
+            else:
+                if isinstance(result, tuple) and result and isinstance(result[0], _Caller):
+                    self.extra.append(result[0])
 
 
 def test_fuzz_rpc_surface(shared_cluster: Cluster, volumes: dict[str, VolumeInfo]) -> None:
@@ -670,22 +716,23 @@ def test_fuzz_rpc_surface(shared_cluster: Cluster, volumes: dict[str, VolumeInfo
     watch = LogWatch(cluster)
     examples = 0
 
-    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(calls=st.lists(CALL, min_size=1, max_size=6))
-    def fuzz(calls: list[Call]) -> None:
-        nonlocal examples
-        examples += 1
-        trio.run(_run_calls, cluster, coordinator, calls)
+    with _Portal(cluster, coordinator) as portal:
+        @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(calls=st.lists(CALL, min_size=1, max_size=6))
+        def fuzz(calls: list[Call]) -> None:
+            nonlocal examples
+            examples += 1
+            portal.run(calls)
 
-    try:
-        fuzz()
-    finally:
-        async def cleanup() -> None:
-            for name in ADMIN_VOLUMES:
-                await delete_volume(cluster, name)
+        try:
+            fuzz()
+        finally:
+            async def cleanup() -> None:
+                for name in ADMIN_VOLUMES:
+                    await delete_volume(cluster, name)
 
-        trio.run(cleanup)
+            trio.from_thread.run(cleanup, trio_token=portal.token)
     assert examples >= 100
     lines = watch.new_lines()
     assert not [ln for ln in lines if "Traceback" in ln or "internal error" in ln or "ERROR" in ln], \
