@@ -53,3 +53,19 @@ def test_pool_at_reserve_gives_enospc_and_damages_nothing(small: Cluster, tmp_pa
     pools = small.json("pool", "list")
     assert all(p["free"] < (2 << 20) for p in pools), pools
     assert small.json("status")["health"] == "healthy"
+
+    # Deleting files and collecting their chunks gives the space back: writes succeed again.
+    with mounted(small, "fill", tmp_path / "mnt2") as m:
+        for name in list(written)[:20]:
+            (m.path / name).unlink()
+        (m.path / "more").unlink(missing_ok=True)
+    report = small.json("gc", "--grace", "0")
+    assert sum(n["deleted"] for n in report["nodes"]) >= 2 * 20, report
+    with mounted(small, "fill", tmp_path / "mnt3") as m:
+        data = os.urandom(4 << 20)
+        with open(m.path / "after-gc", "wb") as fh:
+            fh.write(data)
+            os.fsync(fh.fileno())
+        assert (m.path / "after-gc").read_bytes() == data
+        for name in list(written)[20:]:
+            assert hashlib.sha256((m.path / name).read_bytes()).hexdigest() == written[name]
