@@ -226,7 +226,9 @@ async def _wait_healthy(admin: object, name: str, quiet: bool, done: object, aft
                 bar.update(task, total=rep.get("total") or None, completed=rep.get("done", 0),
                            rate=f"{rep.get('rate', 0) / 1e6:.1f} MB/s", description=f"{name}: {v.state}")
                 fresh = not after or rounds > start_rounds
-                if fresh and rep.get("state") == "idle" and (v.state == "healthy" or not fail) and done(v):  # type: ignore[operator]
+                settled = v.state == "healthy" or (not fail and (rep.get("converged") or rep.get("lost")
+                                                                  or rounds > (start_rounds or 0) + 5))
+                if fresh and rep.get("state") == "idle" and settled and done(v):  # type: ignore[operator]
                     return v
                 await trio.sleep(0.5)
     if not fail:

@@ -132,6 +132,9 @@ def _extend(sub: argparse._SubParsersAction, client: Callable) -> None:
     except ImportError:
         return
     mount_cmds.register(sub, client)
+    from pxfs.cli import bench_cmd
+
+    bench_cmd.register(sub, client)
 
 
 def main(argv: list[str] | None = None) -> int:

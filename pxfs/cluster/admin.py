@@ -86,7 +86,9 @@ class ClusterAdmin:
             v.detail = {"missing_replicas": missing, "lagging": lagging, "repair": repair,
                         "space": detail.get("space", {}), "snapshots": detail.get("snapshots", [])}
             short = len(v.replicas) < v.repl
-            incomplete = not repair.get("converged", False) if repair else False
+            # Until a repair round has checked the replicas, only an empty volume is known complete.
+            incomplete = bool(repair) and not repair.get("converged", False) and (
+                repair.get("rounds", 0) > 0 or v.used > 0)
             v.state = "degraded" if missing or lagging or short or incomplete else "healthy"
             mounts = await self._store.range(f"mounts/{v.name}/")
             v.mounts = sum(1 for _k, raw in mounts if now - json.loads(raw).get("ts", 0) <= MOUNT_TTL)
@@ -216,10 +218,8 @@ class ClusterAdmin:
             raise Invalid(f"snapshot {source!r}", "expected VOLUME@SNAPSHOT")
         check_volume_name(name)
         src, _raw = await self._spec(src_name)
-        usage = await self._store.get(f"usage/{src_name}")
-        known = [s["name"] for s in json.loads(usage).get("snapshots", [])] if usage else None
-        if known is not None and snap not in known:
-            raise NotFound(f'snapshot "{source}"', "no such snapshot")
+        # The snapshot's existence is checked by the caller at the coordinator (the CLI does); the
+        # usage record here can be seconds old, too stale to refuse a snapshot taken just now.
         if await self._store.get(_vol_key(name)) is not None:
             raise Exists(f'volume "{name}"', "a volume with this name exists")
         vol = VolumeInfo(name=name, size=src.size, repl=src.repl, block_size=src.block_size, labels=dict(src.labels),

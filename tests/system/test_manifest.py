@@ -93,6 +93,10 @@ def test_writer_manifest_verifies_and_a_bad_replica_is_caught(shared_cluster: Cl
             assert {(p.file, p.node) for p in problems} == {(victim.name, node)}, [str(p) for p in problems]
             assert all("Corrupt" in p.what for p in problems), [str(p) for p in problems]
         finally:
-            flip_byte(path, path.stat().st_size // 2)
-        # Restored (reading a bad chunk must not have quarantined or deleted it): clean again.
+            if path.exists():
+                flip_byte(path, path.stat().st_size // 2)
+        # The node quarantined the bad copy when it was read; repair puts a good one back.
+        assert not path.exists()
+        assert list((shared_cluster.dir / "nodes" / node / "pool" / "corrupt").iterdir())
+        shared_cluster.cli("volume", "repair", vol, "--wait", timeout=300)
         assert trio.run(verify_on_replicas, shared_cluster, vol, target, entries) == []
