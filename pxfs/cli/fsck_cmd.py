@@ -17,7 +17,6 @@ from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
 from pxfs.cluster.config import load_secret
 from pxfs.cluster.volume_session import VolumeSession
-from pxfs.errors import PxfsError
 
 
 async def cmd_fsck(args: argparse.Namespace) -> int:
@@ -31,16 +30,7 @@ async def cmd_fsck(args: argparse.Namespace) -> int:
             assert session.meta is not None
             report: dict[str, Any] = await session.meta.fsck(args.repair)
             refs = await session.meta.chunk_refs()
-            present: set[bytes] = set()
-            unreachable = []
-            for r in vol.replicas:
-                try:
-                    chunks = await session.peers.chunks(r)
-                    for i in range(0, len(refs), 4096):
-                        part = refs[i:i + 4096]
-                        present.update(h for h, ok in zip(part, await chunks.has_many(part), strict=True) if ok)
-                except PxfsError:
-                    unreachable.append(r)
+            present, unreachable = await session.held_by_replicas(vol.replicas, refs)
             missing = [h for h in refs if h not in present]
             places = await session.meta.locate(missing) if missing else []
         finally:

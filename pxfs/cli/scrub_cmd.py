@@ -125,15 +125,7 @@ async def _lost(bridge: Any, cluster: Any, secret: bytes, name: str, replicas: l
         await session.connect()
         assert session.meta is not None
         refs = await session.meta.chunk_refs()
-        present: set[bytes] = set()
-        for r in replicas:
-            try:
-                chunks = await session.peers.chunks(r)
-                for i in range(0, len(refs), 4096):
-                    part = refs[i:i + 4096]
-                    present.update(h for h, ok in zip(part, await chunks.has_many(part), strict=True) if ok)
-            except PxfsError:
-                continue
+        present, _unreachable = await session.held_by_replicas(replicas, refs)
         lost = [h for h in refs if h not in present]
         places = await session.meta.locate(lost) if lost else []
     finally:

@@ -53,9 +53,13 @@ class ClusterAdmin:
         c = self._config
         return {"id": c.id, "name": c.name, "seed": c.seed, "store": c.store}
 
+    async def _removed(self) -> set[str]:
+        """Node ids an operator took out with ``pxfs node remove``."""
+        return {k.removeprefix("removed/") for k, _ in await self._store.range("removed/")}
+
     async def list_nodes(self) -> list[NodeInfo]:
         nodes = await self._store.liveness()
-        removed = {k.removeprefix("removed/") for k, _ in await self._store.range("removed/")}
+        removed = await self._removed()
         for n in nodes:
             if n.id in removed:
                 n.state = "removed"
@@ -72,7 +76,7 @@ class ClusterAdmin:
 
     async def _decorate(self, vols: list[VolumeInfo], nodes: list[NodeInfo] | None = None) -> list[VolumeInfo]:
         nodes = nodes if nodes is not None else await self._store.liveness()
-        removed = {k.removeprefix("removed/") for k, _ in await self._store.range("removed/")}
+        removed = await self._removed()
         up = {n.id for n in nodes if n.state == "up"} - removed
         now = time.time()
         for v in vols:
@@ -125,7 +129,7 @@ class ClusterAdmin:
             raise Invalid(f'volume "{name}"', f"block size {block_size} must be a power of two from 4K to 16M")
         if await self._store.get(_vol_key(name)) is not None:
             raise Exists(f'volume "{name}"', "a volume with this name exists")
-        removed = {k.removeprefix("removed/") for k, _ in await self._store.range("removed/")}
+        removed = await self._removed()
         nodes = [n for n in await self._store.liveness() if n.id not in removed]
         replicas = placement.place(name, nodes, repl, size, await self._committed(), self._overcommit)
         # Spread coordinator duty, and keep it off the seed when possible: losing the seed already
@@ -179,7 +183,7 @@ class ClusterAdmin:
         spec, _raw = await self._spec(name)
         if repl > spec.repl:
             live = [n for n in await self._store.liveness() if n.state == "up"]
-            removed = {k.removeprefix("removed/") for k, _ in await self._store.range("removed/")}
+            removed = await self._removed()
             candidates = [n for n in live if n.id not in removed and n.id not in spec.replicas]
             if len(candidates) < repl - len(spec.replicas):
                 raise Invalid(f'volume "{name}"', f"not enough nodes for repl={repl} "

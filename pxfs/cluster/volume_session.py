@@ -152,6 +152,20 @@ class VolumeSession:
             self.chunks.replicas = list(info.replicas)
         await self._call(lambda m: m.statfs())
 
+    async def held_by_replicas(self, replicas: list[str], hashes: list[bytes]) -> tuple[set[bytes], list[str]]:
+        """Which of ``hashes`` at least one replica holds, and which replicas could not be asked."""
+        present: set[bytes] = set()
+        unreachable = []
+        for r in replicas:
+            try:
+                chunks = await self.peers.chunks(r)
+                for i in range(0, len(hashes), 4096):
+                    part = hashes[i:i + 4096]
+                    present.update(h for h, ok in zip(part, await chunks.has_many(part), strict=True) if ok)
+            except PxfsError:
+                unreachable.append(r)
+        return present, unreachable
+
     async def close(self) -> None:
         with trio.CancelScope(shield=True):
             if self.meta is not None:
