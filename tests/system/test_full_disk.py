@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster, make_cluster, mounted
+from tests.conftest import Cluster, eventually, make_cluster, mounted
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root and FUSE")
 
@@ -50,8 +50,9 @@ def test_pool_at_reserve_gives_enospc_and_damages_nothing(small: Cluster, tmp_pa
         assert again.value.errno == errno.ENOSPC
         (m.path / "dir").mkdir()
         assert sorted(os.listdir(m.path))[:2] == ["dir", "f000"]
-    pools = small.json("pool", "list")
-    assert all(p["free"] < (2 << 20) for p in pools), pools
+    # Pool usage reaches the cluster map with the next heartbeat.
+    eventually(lambda: all(p["free"] < (2 << 20) for p in small.json("pool", "list")), timeout=15,
+               what="full pools reported")
     assert small.json("status")["health"] == "healthy"
 
     # Deleting files and collecting their chunks gives the space back: writes succeed again.
