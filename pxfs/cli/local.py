@@ -23,6 +23,7 @@ from pxfs.rpc.client import Connection, split_address
 
 CLASSES = ("high", "medium", "low")
 UP_TIMEOUT = 30.0
+SETTLE_TIMEOUT = 15.0
 DOWN_TIMEOUT = 15.0
 
 
@@ -137,12 +138,31 @@ async def _wait_up(cluster: Path, expected: list[str], procs: dict[str, subproce
                         await conn.close()
                     up = {n.id for n in nodes if n.state == "up"}
                     if all(e in up for e in expected):
+                        await _settle(bridge, cfg.seed, secret)
                         return
                 except PxfsError:
                     pass
                 await trio.sleep(0.2)
         if scope.cancelled_caught:
             raise Unavailable(f"cluster in {cluster}", f"nodes not all up after {UP_TIMEOUT:g}s; see nodes/*/node.log")
+
+
+async def _settle(bridge: object, seed: str, secret: bytes) -> None:
+    """Give restarted replicas a moment to be caught up, so the status printed next is not a
+    transient 'degraded'; a volume still degraded after SETTLE_TIMEOUT is shown as it is."""
+    with trio.move_on_after(SETTLE_TIMEOUT):
+        while True:
+            try:
+                conn = await Connection.open(bridge, seed, secret, peer="cli", timeout=2)  # type: ignore[arg-type]
+                try:
+                    vols = await (await conn.admin()).list_volumes()
+                finally:
+                    await conn.close()
+                if all(v.state == "healthy" for v in vols):
+                    return
+            except PxfsError:
+                pass
+            await trio.sleep(0.5)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
