@@ -226,6 +226,9 @@ class VolumeHost:
             if rep is not None:
                 rep.stop()
                 hv.repair_wanted = True
+            if hv.repair is not None:
+                # A new replica set is complete only once a repair round has checked it.
+                hv.repair.status.converged = False
             assert self._nursery is not None
             hv.replicator = Replicator(name, hv.kv, spec.epoch, followers, self._peers,
                                        on_caught_up=lambda _f, hv=hv: setattr(hv, "repair_wanted", True))
