@@ -79,7 +79,17 @@ def _check_mountpoint(mp: Path) -> None:
         subprocess.run(["umount", "-l", str(mp)], capture_output=True)
         logging.getLogger(__name__).info("cleared stale mount at %s", mp)
     elif state == "mounted":
-        raise Invalid(f"mountpoint {str(mp)!r}", "already in use by another mount")
+        reg = _registry(mp)
+        try:
+            pid = int(json.loads(reg.read_text())["pid"])
+            dead = not Path(f"/proc/{pid}").exists()
+        except (OSError, ValueError, KeyError):
+            dead = False
+        if not dead:
+            raise Invalid(f"mountpoint {str(mp)!r}", "already in use by another mount")
+        # Our mount daemon is gone but the kernel has not noticed yet: clear it like a stale one.
+        subprocess.run(["umount", "-l", str(mp)], capture_output=True)
+        reg.unlink(missing_ok=True)
     if not mp.is_dir():
         raise Invalid(f"mountpoint {str(mp)!r}", "not a directory")
 

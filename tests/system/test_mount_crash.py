@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ def test_kill_mount_mid_write_then_remount(shared_cluster: Cluster, tmp_path: Pa
         pid = mount_pid(mp)
         fd = os.pidfd_open(pid)
         os.kill(pid, signal.SIGKILL)
+        select.select([fd], [], [], 30)  # the kill is complete once the process is gone
         os.close(fd)
     finally:
         writer.kill()
