@@ -148,13 +148,18 @@ def make_cluster(tmp_path: Path, nodes: int = 3, pool_size: str = "2G") -> Itera
         c.up()
         yield c
     finally:
-        stray = _stray_mounts(c.dir)
-        c.down()
-        left = _leftover_pids(c.dir)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        assert not left, f"processes left behind after pxfs down: {left}"
-        assert not stray, f"mounts left behind: {stray}"
+        stop_and_check(c)
+
+
+def stop_and_check(c: Cluster) -> None:
+    """Stop a test cluster and fail if it left a mount or a process behind (killing what it left)."""
+    stray = _stray_mounts(c.dir)
+    c.down()
+    left = _leftover_pids(c.dir)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left behind after pxfs down: {left}"
+    assert not stray, f"mounts left behind: {stray}"
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from pxfs.meta.kv import RocksKV
-from tests.conftest import Cluster, Mount, _leftover_pids, _stray_mounts, eventually, free_port_block, mounted
+from tests.conftest import Cluster, Mount, eventually, free_port_block, mounted, stop_and_check
 from tests.system.manifest import ManifestWriter, MiB, verify_on_replicas, verify_through_mount
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and FUSE")
@@ -70,13 +70,7 @@ def fault_cluster(tmp_path: Path, nodes: int, *settings: str) -> Iterator[FaultC
         yield c
     finally:
         c.resume_all()
-        stray = _stray_mounts(c.dir)
-        c.down()
-        left = _leftover_pids(c.dir)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        assert not left, f"processes left behind after pxfs down: {left}"
-        assert not stray, f"mounts left behind: {stray}"
+        stop_and_check(c)
 
 
 @pytest.fixture
