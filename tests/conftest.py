@@ -24,6 +24,19 @@ from pxfs.rpc.client import Connection
 PXFS = [sys.executable, "-m", "pxfs"]
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> None:
+    """Adopt orphaned daemons without reaping them, as a container's init may: killed ones stay zombies."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+_become_subreaper()
+
+
 def free_port_block(n: int) -> int:
     """A base port with ``n`` consecutive free loopback ports after it."""
     for _ in range(200):

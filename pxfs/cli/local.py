@@ -14,6 +14,7 @@ from pathlib import Path
 import trio
 
 from pxfs.cli.output import line
+from pxfs.cli.procs import alive
 from pxfs.cli.sizes import parse_size
 from pxfs.cluster.config import init_cluster, load_config, load_secret, save_config
 from pxfs.errors import Invalid, PxfsError, Unavailable
@@ -89,10 +90,7 @@ def _pid_alive(pid_file: Path, marker: str) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except (FileNotFoundError, ValueError, ProcessLookupError):
         return None
-    if marker not in cmdline:
-        return None
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+    if marker not in cmdline or not alive(pid):
         return None
     return pid
 
@@ -255,13 +253,6 @@ def _unmount_all(d: Path) -> list[str]:
 
 async def _wait_exit(pids: dict[str, int]) -> list[str]:
     with trio.move_on_after(DOWN_TIMEOUT):
-        while any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in pids.values()):
+        while any(alive(p) for p in pids.values()):
             await trio.sleep(0.05)
-    return [n for n, p in pids.items() if Path(f"/proc/{p}").exists() and not _zombie(p)]
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+    return [n for n, p in pids.items() if alive(p)]

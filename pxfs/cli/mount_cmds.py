@@ -66,6 +66,7 @@ def _registry(mountpoint: Path) -> Path:
 
 
 def _check_mountpoint(mp: Path) -> None:
+    from pxfs.cli.procs import holds_fuse
     from pxfs.mountd import mount_state
 
     try:
@@ -81,13 +82,13 @@ def _check_mountpoint(mp: Path) -> None:
     elif state == "mounted":
         reg = _registry(mp)
         try:
-            pid = int(json.loads(reg.read_text())["pid"])
-            dead = not Path(f"/proc/{pid}").exists()
+            pid: int | None = int(json.loads(reg.read_text())["pid"])
         except (OSError, ValueError, KeyError):
-            dead = False
-        if not dead:
-            raise Invalid(f"mountpoint {str(mp)!r}", "already in use by another mount")
-        # Our mount daemon is gone but the kernel has not noticed yet: clear it like a stale one.
+            pid = None
+        if pid is None or holds_fuse(pid):
+            owner = f" (pxfs mount pid {pid})" if pid else ""
+            raise Invalid(f"mountpoint {str(mp)!r}", f"already in use by another mount{owner}")
+        # Our mount daemon is gone (or going) but the kernel still serves cached attributes: clear it.
         subprocess.run(["umount", "-l", str(mp)], capture_output=True)
         reg.unlink(missing_ok=True)
     if not mp.is_dir():

@@ -34,8 +34,9 @@ def test_kill_mount_mid_write_then_remount(shared_cluster: Cluster, tmp_path: Pa
         pid = mount_pid(mp)
         fd = os.pidfd_open(pid)
         os.kill(pid, signal.SIGKILL)
-        select.select([fd], [], [], 30)  # the kill is complete once the process is gone
+        ready, _, _ = select.select([fd], [], [], 30)  # the kill is complete once the process is gone
         os.close(fd)
+        assert ready, f"mount daemon {pid} still running 30 s after SIGKILL"
     finally:
         writer.kill()
     acked = writer.entries()
