@@ -100,6 +100,7 @@ async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
                         await trio.to_thread.run_sync(_raise_readahead, cfg.mountpoint)
 
                     nursery.start_soon(keepalive)
+                    nursery.start_soon(session.send_releases)
                     nursery.start_soon(on_signal)
                     nursery.start_soon(after_init)
                     ready()

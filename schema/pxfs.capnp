@@ -195,6 +195,10 @@ interface Volume {
   snapshotDelete @26 (name :Text) -> ();
   snapshotList @27 () -> (snapshots :List(SnapshotInfo));
   restore @28 (name :Text) -> ();
+  # create = mknod of a regular file + open of it, in one round trip (the common open(O_CREAT)).
+  create @29 (parent :UInt64, name :Data, mode :UInt32, uid :UInt32, gid :UInt32) -> (attr :Attr);
+  # Closes sent in the background, many at once: close(2) does not wait for the coordinator.
+  releaseMany @30 (inos :List(UInt64)) -> ();
 }
 
 struct ChunkPlace {

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FAILOVER_TIMEOUT = 60.0
-CALL_TIMEOUT = 10.0  # a coordinator silent this long (frozen, partitioned) is looked up again
+CALL_TIMEOUT = 10.0
+MAX_RELEASES = 4096  # a coordinator silent this long (frozen, partitioned) is looked up again
 
 
 class VolumeSession:
@@ -45,6 +46,8 @@ class VolumeSession:
         self.info: VolumeInfo | None = None
         self.chunks: ReplicaChunks | None = None
         self._open: dict[int, int] = {}
+        self._releases: list[int] = []  # closes the coordinator has not heard of yet
+        self._release_kick = trio.Event()
         self._lock = trio.Lock()
 
     async def _resolve(self, node_id: str) -> str:
@@ -95,6 +98,9 @@ class VolumeSession:
                     with trio.fail_after(CALL_TIMEOUT):
                         volumes = await self.peers.volumes(info.coordinator)
                         meta, info = await volumes.open(self.volume, self.mount_id, self.read_only)
+                    # The new coordinator counts only what is open now; closes queued for the old one
+                    # would take away handles it never counted.
+                    self._releases.clear()
                     for ino, count in self._open.items():
                         for _ in range(count):
                             await meta.open(ino)
@@ -171,6 +177,7 @@ class VolumeSession:
             if self.meta is not None:
                 try:
                     with trio.move_on_after(3):
+                        await self.flush_releases()
                         await self.meta.detach()
                 except PxfsError:
                     pass  # the coordinator forgets a silent mount after MOUNT_TTL anyway
@@ -254,13 +261,52 @@ class VolumeSession:
         self._open[ino] = self._open.get(ino, 0) + 1
         return result
 
+    async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        async def retry_open(err: FsError) -> Attr:
+            if err.errno != errno.EEXIST:
+                raise err
+            # Our own create, applied before the failover: count its handle at the new coordinator.
+            attr = await self.lookup(parent, name)
+            await self._call(lambda m: m.open(attr.ino))
+            return attr
+
+        attr = await self._call(lambda m: m.create(parent, name, mode, uid, gid), retry_open)
+        self._open[attr.ino] = self._open.get(attr.ino, 0) + 1
+        return attr
+
     async def release(self, ino: int) -> None:
+        """Queue the close for the background sender: close(2) does not wait for the coordinator.
+
+        Only an unlinked file's space depends on it, and that is freed a moment later instead.
+        """
         n = self._open.get(ino, 0) - 1
         if n > 0:
             self._open[ino] = n
         else:
             self._open.pop(ino, None)
-        await self._call(lambda m: m.release(ino))
+        self._releases.append(ino)
+        self._release_kick.set()
+
+    async def send_releases(self) -> None:
+        """Background task: tell the coordinator about closes, as many per call as have queued up."""
+        while True:
+            await self._release_kick.wait()
+            self._release_kick = trio.Event()
+            await self.flush_releases()
+
+    async def flush_releases(self) -> None:
+        while self._releases:
+            todo, self._releases = self._releases[:MAX_RELEASES], self._releases[MAX_RELEASES:]
+            meta = self.meta
+            if meta is None:
+                return
+            try:
+                # Not retried at a new coordinator: it counts only the handles open when we reconnected.
+                with trio.fail_after(CALL_TIMEOUT):
+                    await meta.release_many(todo)
+            except (PxfsError, trio.TooSlowError) as err:
+                # Lost closes only delay freeing unlinked files until the coordinator restarts.
+                log.warning("volume=%s could not send %d closes: %s", self.volume, len(todo), err)
 
     async def commit(self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int) -> Attr:
         return await self._call(lambda m: m.commit(ino, blocks, size, mtime_ns))

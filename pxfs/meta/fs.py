@@ -392,6 +392,14 @@ class Meta:
         self._open[ino] = self._open.get(ino, 0) + 1
         return a
 
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        """open(O_CREAT) of a new regular file: mknod and one open handle, in one call."""
+        if not stat.S_ISREG(mode):
+            raise FsError(errno.EINVAL, f"name {name[:80]!r}", "create makes regular files only")
+        a = self.mknod(parent, name, mode, 0, uid, gid)
+        self._open[a.ino] = self._open.get(a.ino, 0) + 1
+        return a
+
     def release(self, ino: int) -> None:
         count = self._open.get(ino, 0)
         if count == 0:

@@ -136,6 +136,12 @@ class VolumeClient(_Caller):
     async def release(self, ino: int) -> None:
         await self._void("release", ino)
 
+    async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return await self._attr("create", parent, name, mode, uid, gid)
+
+    async def release_many(self, inos: list[int]) -> None:
+        await self._void("releaseMany", inos)
+
     async def commit(self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int) -> Attr:
         async def go() -> Attr:
             req = self.cap.commit_request()

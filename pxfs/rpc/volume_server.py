@@ -12,6 +12,7 @@ from pxfs.rpc.errors import served
 from pxfs.rpc.schema import pxfs_capnp
 
 MAX_BATCH = 64 << 20
+MAX_RELEASES = 65536
 MAX_DATA = 1 << 20  # xattr values, symlink targets and names are far smaller; refuse absurd payloads
 
 
@@ -187,6 +188,24 @@ class VolumeServer(pxfs_capnp.Volume.Server):
     @served
     async def release(self, ino: int, _context: Any, **_: Any) -> None:
         await self._call(lambda m: m.release(ino))
+
+    @served
+    async def create(self, parent: int, name: Any, mode: int, uid: int, gid: int, _context: Any, **_: Any) -> None:
+        self._rw()
+        n = _data(name, "name")
+        await self._attr(_context, lambda m: m.create(parent, n, mode, uid, gid))
+
+    @served
+    async def releaseMany(self, inos: Any, _context: Any, **_: Any) -> None:  # noqa: N802
+        todo = list(inos)
+        if len(todo) > MAX_RELEASES:
+            raise Invalid("releaseMany", f"{len(todo)} inodes at once is more than {MAX_RELEASES}")
+
+        def go(m: Any) -> None:
+            for ino in todo:
+                m.release(ino)
+
+        await self._call(go)
 
     @served
     async def commit(self, ino: int, blocks: Any, size: int, mtimeNs: int, _context: Any, **_: Any) -> None:  # noqa: N803

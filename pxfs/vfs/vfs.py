@@ -23,7 +23,7 @@ from pxfs.model import Attr
 from pxfs.vfs.cache import ChunkCache, run_all
 from pxfs.vfs.flush import Writeback
 from pxfs.vfs.openfile import Handle, OpenInode
-from pxfs.vfs.ports import ChunkPort, MetaPort
+from pxfs.vfs.ports import BlockMap, ChunkPort, MetaPort
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,10 @@ class Vfs:
     # -- open files -----------------------------------------------------------------------------
     async def open(self, ino: int, flags: int) -> int:
         attr, blocks = await self.meta.open(ino)  # meta counts every handle: one release each
+        return await self._opened(attr, blocks, flags)
+
+    async def _opened(self, attr: Attr, blocks: BlockMap, flags: int) -> int:
+        ino = attr.ino
         st = self._inodes.get(ino)
         if st is None:
             st = self._inodes[ino] = OpenInode(attr, blocks, self.block_size)
@@ -107,8 +111,8 @@ class Vfs:
         return fh
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
-        attr = await self.meta.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), 0, uid, gid)
-        return await self.open(attr.ino, flags), attr
+        attr = await self.meta.create(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        return await self._opened(attr, {}, flags & ~os.O_TRUNC), attr  # new and empty: nothing to truncate
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
