@@ -75,6 +75,14 @@ class VolumeInfo:
 
 
 @dataclass
+class Changed:
+    """What one metadata operation wrote: the kernel caches of the other mounts must forget these."""
+
+    inodes: set[int] = field(default_factory=set)
+    entries: set[tuple[int, bytes]] = field(default_factory=set)
+
+
+@dataclass
 class Attr:
     ino: int
     mode: int

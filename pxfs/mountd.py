@@ -31,6 +31,9 @@ from pxfs.vfs.vfs import Vfs
 log = logging.getLogger(__name__)
 
 KEEPALIVE_INTERVAL = 5.0
+# The kernel may answer stat and lookups from its cache this long. The coordinator tells every mount
+# what the others change (Watcher), so this only bounds staleness when such a callback is lost.
+ATTR_TIMEOUT = 30.0
 READ_AHEAD_KB = 4096
 
 
@@ -41,7 +44,7 @@ class MountConfig:
     mountpoint: Path
     fuse_options: set[str] = field(default_factory=set)
     read_only: bool = False
-    attr_timeout: float = 1.0
+    attr_timeout: float = ATTR_TIMEOUT
 
 
 def _raise_readahead(mountpoint: Path) -> None:
@@ -67,6 +70,7 @@ async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
             vfs = Vfs(session, session.chunks, info.block_size)
             ops = Operations(vfs, attr_timeout=cfg.attr_timeout, entry_timeout=cfg.attr_timeout,
                              read_only=cfg.read_only)
+            session.on_invalidate = ops.invalidate
             options = set(cfg.fuse_options) | {f"fsname={cfg.volume}", "subtype=pxfs", "default_permissions"}
             if cfg.read_only:
                 options.add("ro")

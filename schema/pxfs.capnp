@@ -149,8 +149,19 @@ interface ControlStore {
 }
 
 # Volume metadata at a node. Called by: mounts (open), coordinators (replication to followers).
+# A mount's callback: names and attributes another mount changed, for the kernel to forget, so
+# mounts can let the kernel cache them for long (coherent without a short TTL).
+struct EntryRef {
+  parent @0 :UInt64;
+  name @1 :Data;
+}
+
+interface Watcher {
+  invalidate @0 (inodes :List(UInt64), entries :List(EntryRef)) -> ();
+}
+
 interface VolumeService {
-  open @0 (name :Text, mountId :Text, readOnly :Bool) -> (volume :Volume, info :VolumeInfo);
+  open @0 (name :Text, mountId :Text, readOnly :Bool, watcher :Watcher) -> (volume :Volume, info :VolumeInfo);
   # A coordinator ships batches to a follower; refused when epoch is older than the follower's.
   apply @1 (name :Text, epoch :UInt64, seq :UInt64, batch :Data) -> (seq :UInt64);
   lastSeq @2 (name :Text) -> (seq :UInt64, epoch :UInt64, lastHash :Data);

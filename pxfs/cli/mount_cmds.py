@@ -34,7 +34,9 @@ IGNORED = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "_netd
 
 def parse_options(opts: list[str]) -> dict[str, object]:
     """Split ``-o`` options into pxfs's own and the FUSE ones; unknown options are an error."""
-    out: dict[str, object] = {"fuse": set(), "ro": False, "rw": False, "cluster": None, "attr_timeout": 1.0}
+    from pxfs.mountd import ATTR_TIMEOUT
+
+    out: dict[str, object] = {"fuse": set(), "ro": False, "rw": False, "cluster": None, "attr_timeout": ATTR_TIMEOUT}
     for group in opts:
         for opt in filter(None, group.split(",")):
             key, sep, value = opt.partition("=")

@@ -30,7 +30,7 @@ from pxfs.meta import keys, snapshots
 from pxfs.meta.fs import Meta
 from pxfs.meta.fsck import fsck
 from pxfs.meta.kv import Batch, RocksKV
-from pxfs.model import VolumeInfo
+from pxfs.model import Changed, VolumeInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,6 +68,9 @@ class HostedVolume:
         self.spec: VolumeInfo | None = None
         self.mounts: dict[str, float] = {}
         self.lock = trio.Lock()  # serialises apply() of batches arriving from the coordinator
+        self.changed_keys: list[bytes] | None = None  # keys written by the operation VolumeHost.call runs
+        # mount id -> its Volume server, which holds the mount's Watcher (capnp thread only)
+        self.watchers: dict[str, Any] = {}
 
     def _open_kv(self) -> RocksKV:
         kv = RocksKV(str(self.path / "meta"))
@@ -75,6 +78,8 @@ class HostedVolume:
         return kv
 
     def _after_commit(self, seq: int, batch: Batch) -> None:
+        if self.changed_keys is not None:
+            self.changed_keys.extend(k for k, _ in batch.ops)
         for name, created in snapshots.changed_names(batch):
             where = self.path / "snapshots" / name
             self.close_snapshot(name)
@@ -143,6 +148,8 @@ class HostedSnapshot:
         self.meta: Meta | None = None
         self.replicator: Replicator | None = None
         self.mounts: dict[str, float] = {}
+        self.changed_keys: list[bytes] | None = None
+        self.watchers: dict[str, Any] = {}  # a snapshot never changes: nobody is told anything
 
 
 class VolumeHost:
@@ -273,12 +280,23 @@ class VolumeHost:
         await self.keepalive(hv, mount_id, force=True)
         return hv, spec
 
-    async def call(self, hv: HostedVolume, fn: Callable[[Meta], T]) -> T:
-        """Run one Meta operation; if it wrote a batch, return only once the live followers hold it."""
+    async def call(self, hv: HostedVolume, fn: Callable[[Meta], T], changed: Changed | None = None) -> T:
+        """Run one Meta operation; if it wrote a batch, return only once the live followers hold it.
+
+        ``changed`` receives the inodes and entries the operation wrote, for the other mounts' caches.
+        """
         if hv.meta is None:
             raise Unavailable(f'volume "{hv.name}"', f"no longer coordinated by node {self.node_id}; reopen")
         before = hv.kv.seq
-        result = fn(hv.meta)
+        hv.changed_keys = [] if changed is not None else None
+        try:
+            result = fn(hv.meta)  # synchronous: no other operation's batch can land in changed_keys
+        finally:
+            written, hv.changed_keys = hv.changed_keys, None
+        if changed is not None and written:
+            inodes, entries = keys.touched(written)
+            changed.inodes |= inodes
+            changed.entries |= entries
         rep = hv.replicator
         if hv.kv.seq != before and rep is not None:
             await rep.wait_acked(hv.kv.seq)
@@ -338,8 +356,8 @@ class VolumeHost:
         await self._store.delete(f"mounts/{hv.name}/{mount_id}")
 
     async def commit(self, hv: Any, ino: int, blocks: dict[int, tuple[bytes, int]], size: int,
-                     mtime_ns: int | None) -> Any:
-        attr = await self.call(hv, lambda m: m.commit_blocks(ino, blocks, size, mtime_ns))
+                     mtime_ns: int | None, changed: Changed | None = None) -> Any:
+        attr = await self.call(hv, lambda m: m.commit_blocks(ino, blocks, size, mtime_ns), changed)
         now = time.monotonic()
         fresh = [r for r, until in getattr(hv, "fresh_replicas", {}).items() if until > now]
         if fresh and blocks:

@@ -47,6 +47,8 @@ class VolumeSession:
         self.chunks: ReplicaChunks | None = None
         self._open: dict[int, int] = {}
         self._releases: list[int] = []  # closes the coordinator has not heard of yet
+        # Set by the mount: what other mounts changed, for the kernel's caches to forget.
+        self.on_invalidate: Callable[[list[int], list[tuple[int, bytes]]], Awaitable[None]] | None = None
         self._release_kick = trio.Event()
         self._lock = trio.Lock()
 
@@ -83,7 +85,7 @@ class VolumeSession:
         """First open: errors (unknown volume, wrong secret) go straight to the caller."""
         info = await self._lookup()
         volumes = await self.peers.volumes(info.coordinator)
-        self.meta, self.info = await volumes.open(self.volume, self.mount_id, self.read_only)
+        self.meta, self.info = await volumes.open(self.volume, self.mount_id, self.read_only, self._invalidated)
         self.chunks = ReplicaChunks(self.volume, self.info.replicas, self.peers)
 
     async def _reconnect(self, failed: VolumeClient | None, cause: PxfsError, deadline: float) -> None:
@@ -97,7 +99,8 @@ class VolumeSession:
                     await self.peers.forget(info.coordinator)
                     with trio.fail_after(CALL_TIMEOUT):
                         volumes = await self.peers.volumes(info.coordinator)
-                        meta, info = await volumes.open(self.volume, self.mount_id, self.read_only)
+                        meta, info = await volumes.open(self.volume, self.mount_id, self.read_only,
+                                                        self._invalidated)
                     # The new coordinator counts only what is open now; closes queued for the old one
                     # would take away handles it never counted.
                     self._releases.clear()
@@ -148,6 +151,10 @@ class VolumeSession:
                 raise err2
             await self._reconnect(meta, err2, deadline)
             retried = True
+
+    async def _invalidated(self, inodes: list[int], entries: list[tuple[int, bytes]]) -> None:
+        if self.on_invalidate is not None:
+            await self.on_invalidate(inodes, entries)
 
     async def refresh(self) -> None:
         """Keepalive: tells the coordinator this mount lives, and picks up replica set changes."""

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields, StatvfsData
 
+from pxfs.errors import FsError
 from pxfs.fuse.errors import fuse_op
 from pxfs.model import Attr
 from pxfs.vfs.vfs import Vfs
@@ -76,7 +77,32 @@ class Operations(pyfuse3.Operations):
     # -- names ----------------------------------------------------------------------------------
     @fuse_op
     async def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
-        return self._looked_up(await self.vfs.lookup(parent_inode, name))
+        try:
+            a = await self.vfs.lookup(parent_inode, name)
+        except FsError as err:
+            if err.errno != errno.ENOENT:
+                raise
+            # A negative entry the kernel may keep (inode 0): the coordinator's invalidation
+            # reaches us when another mount creates the name.
+            e = EntryAttributes()
+            e.st_ino = 0
+            e.entry_timeout = self.entry_timeout
+            return e
+        return self._looked_up(a)
+
+    async def invalidate(self, inodes: list[int], entries: list[tuple[int, bytes]]) -> None:
+        """Another mount changed these: make the kernel ask again instead of using its cache."""
+        for parent, name in entries:
+            if parent in self.lookups or parent == pyfuse3.ROOT_INODE:
+                pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+        for ino in inodes:
+            if ino in self.lookups or ino == pyfuse3.ROOT_INODE:
+                try:
+                    # Attributes only: the page cache is dropped at open (close-to-open) anyway,
+                    # and invalidating pages could wait on a read this process has to answer.
+                    pyfuse3.invalidate_inode(ino, attr_only=True)
+                except OSError as err:
+                    log.debug("invalidate inode=%d: %s", ino, err)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Nothing to free here: open data is released by release(), orphans by the metadata.

@@ -157,3 +157,18 @@ def encode_u64(n: int) -> bytes:
 
 def decode_u64(value: bytes | None) -> int:
     return _U64.unpack(value)[0] if value else 0
+
+
+def touched(keys: list[bytes]) -> tuple[set[int], set[tuple[int, bytes]]]:
+    """The inodes whose attributes or data and the (parent, name) entries that writes to ``keys`` change."""
+    inodes: set[int] = set()
+    entries: set[tuple[int, bytes]] = set()
+    for key in keys:
+        if len(key) < 10 or key[:1] != b"A":
+            continue
+        ino = _U64.unpack_from(key, 1)[0]
+        if key[9:10] == b"D":
+            entries.add((ino, key[10:]))
+        else:
+            inodes.add(ino)
+    return inodes, entries

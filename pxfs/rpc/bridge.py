@@ -71,6 +71,11 @@ async def _scrubbed(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     raise err
 
 
+async def within(seconds: float, awaitable: Awaitable[T]) -> T:
+    """On the capnp thread: await ``awaitable`` for at most ``seconds`` (TimeoutError after)."""
+    return await asyncio.wait_for(awaitable, seconds)
+
+
 class Bridge:
     """An asyncio+KJ loop in its own thread, joined to the trio run that opened it."""
 
@@ -85,6 +90,7 @@ class Bridge:
         # Every client object that may hold capnp references: stripped on the capnp thread at close,
         # so none is left for a destructor to run on the trio thread after the loop is gone.
         self._tracked: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._background: set[asyncio.Future] = set()  # started by background(); referenced until done
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -193,6 +199,12 @@ class Bridge:
             loop.call_soon_threadsafe(holder.clear)
         except RuntimeError:
             pass
+
+    def background(self, coro_fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """From the capnp thread, start ``coro_fn(*args)`` there without waiting for it (fire and forget)."""
+        task = asyncio.ensure_future(coro_fn(*args))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- asyncio -> trio ----------------------------------------------------------------------
 

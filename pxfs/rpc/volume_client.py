@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pxfs.model import Attr, VolumeInfo
@@ -10,15 +11,34 @@ from pxfs.rpc import convert
 from pxfs.rpc.client import _Caller
 from pxfs.rpc.schema import pxfs_capnp
 
+Invalidate = Callable[[list[int], list[tuple[int, bytes]]], Awaitable[None]]
+
+
+class WatcherServer(pxfs_capnp.Watcher.Server):
+    """The mount's end of the coordinator's invalidation callbacks."""
+
+    def __init__(self, bridge: Any, on_invalidate: Invalidate) -> None:
+        self._b, self._fn = bridge, on_invalidate
+
+    async def invalidate(self, inodes: Any, entries: Any, **_: Any) -> None:
+        inos = [int(i) for i in inodes]
+        names = [(int(e.parent), bytes(e.name)) for e in entries]
+        await self._b.to_trio(self._fn, inos, names)
+
 
 class VolumeServiceClient(_Caller):
     def __init__(self, bridge: Any, peer: str, cap: Any) -> None:
         super().__init__(bridge, peer)
         self.cap = cap
 
-    async def open(self, name: str, mount_id: str, read_only: bool) -> tuple[VolumeClient, VolumeInfo]:
+    async def open(self, name: str, mount_id: str, read_only: bool,
+                   on_invalidate: Invalidate | None = None) -> tuple[VolumeClient, VolumeInfo]:
+        """Open the volume at its coordinator; ``on_invalidate`` hears what other mounts change."""
         async def go() -> tuple[Any, VolumeInfo]:
-            r = await self.cap.open(name, mount_id, read_only)
+            if on_invalidate is None:
+                r = await self.cap.open(name, mount_id, read_only)
+            else:
+                r = await self.cap.open(name, mount_id, read_only, WatcherServer(self.bridge, on_invalidate))
             return r.volume.cast_as(pxfs_capnp.Volume), convert.volume_from(r.info)
         cap, info = await self.call(go)
         return VolumeClient(self.bridge, self.peer, cap), info

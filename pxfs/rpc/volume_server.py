@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import errno
+import logging
 from typing import Any
 
 from pxfs.errors import FsError, Invalid
+from pxfs.model import Changed
 from pxfs.rpc import convert
-from pxfs.rpc.bridge import Bridge
+from pxfs.rpc.bridge import Bridge, within
 from pxfs.rpc.errors import served
 from pxfs.rpc.schema import pxfs_capnp
 
+log = logging.getLogger(__name__)
+
 MAX_BATCH = 64 << 20
 MAX_RELEASES = 65536
+WATCHER_TIMEOUT = 5.0
 MAX_DATA = 1 << 20  # xattr values, symlink targets and names are far smaller; refuse absurd payloads
 
 
@@ -28,14 +33,18 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
         self._b, self._h, self._peer = bridge, host, peer
 
     @served
-    async def open(self, name: str, mountId: str, readOnly: bool, _context: Any, **_: Any) -> None:  # noqa: N803
+    async def open(self, name: str, mountId: str, readOnly: bool, watcher: Any, _context: Any,  # noqa: N803
+                   **_: Any) -> None:
         if not mountId or len(mountId) > 128 or "/" in mountId:
             raise Invalid("mount id", "must be 1-128 characters without '/'")
         if not name or len(name) > 200 or "\0" in name or "/" in name:
             raise Invalid(f"volume {name[:80]!r}", "not a volume name")
         hv, info = await self._b.to_trio(self._h.open, name, mountId)
         # A snapshot is read-only whatever the mount asked for.
-        _context.results.volume = VolumeServer(self._b, self._h, hv, mountId, readOnly or "@" in name)
+        server = VolumeServer(self._b, self._h, hv, mountId, readOnly or "@" in name)
+        if _context.params._has("watcher") and "@" not in name:  # scrub, fsck and tools pass none
+            server.watch(watcher)
+        _context.results.volume = server
         convert.volume_to(_context.results.init("info"), info)
 
     @served
@@ -58,9 +67,46 @@ class VolumeServer(pxfs_capnp.Volume.Server):
 
     def __init__(self, bridge: Bridge, host: Any, hv: Any, mount_id: str, read_only: bool) -> None:
         self._b, self._h, self._hv, self._mount, self._ro = bridge, host, hv, mount_id, read_only
+        self._watcher: Any = None
+
+    # -- telling the other mounts ---------------------------------------------------------------
+    def watch(self, watcher: Any) -> None:
+        self._watcher = watcher
+        self._hv.watchers[self._mount] = self  # a remount under the same id replaces the old one
+
+    def _unwatch(self) -> None:
+        if self._hv.watchers.get(self._mount) is self:
+            del self._hv.watchers[self._mount]
+        self._watcher = None
+
+    def _tell_others(self, changed: Changed) -> None:
+        if changed.inodes or changed.entries:
+            for mount, server in list(self._hv.watchers.items()):
+                if mount != self._mount:
+                    self._b.background(server._invalidate, changed)
+
+    async def _invalidate(self, changed: Changed) -> None:
+        watcher = self._watcher
+        if watcher is None:
+            return
+        req = watcher.invalidate_request()
+        inodes = req.init("inodes", len(changed.inodes))
+        for i, ino in enumerate(changed.inodes):
+            inodes[i] = ino
+        entries = req.init("entries", len(changed.entries))
+        for i, (parent, name) in enumerate(changed.entries):
+            entries[i].parent, entries[i].name = parent, name
+        try:
+            await within(WATCHER_TIMEOUT, req.send())
+        except Exception as err:  # noqa: BLE001 - a gone mount: stop telling it; its TTLs still bound staleness
+            log.info("volume=%s mount=%s no longer takes invalidations: %s", self._hv.name, self._mount, err)
+            self._unwatch()
 
     async def _call(self, fn: Any) -> Any:
-        return await self._b.to_trio(self._h.call, self._hv, fn)
+        changed = Changed()
+        result = await self._b.to_trio(self._h.call, self._hv, fn, changed)
+        self._tell_others(changed)
+        return result
 
     def _rw(self) -> None:
         if self._ro:
@@ -211,7 +257,9 @@ class VolumeServer(pxfs_capnp.Volume.Server):
     async def commit(self, ino: int, blocks: Any, size: int, mtimeNs: int, _context: Any, **_: Any) -> None:  # noqa: N803
         self._rw()
         bm = {b.index: (bytes(b.hash), b.length) for b in blocks}
-        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None)
+        changed = Changed()
+        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None, changed)
+        self._tell_others(changed)
         convert.attr_to(_context.results.init("attr"), attr)
 
     @served
@@ -251,6 +299,7 @@ class VolumeServer(pxfs_capnp.Volume.Server):
 
     @served
     async def detach(self, _context: Any, **_: Any) -> None:
+        self._unwatch()
         await self._b.to_trio(self._h.detach, self._hv, self._mount)
 
     @served

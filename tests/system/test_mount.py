@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PXFS, Cluster, is_mounted, mounted
+from tests.conftest import PXFS, Cluster, eventually, is_mounted, mounted
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and FUSE")
 
@@ -164,6 +164,34 @@ def test_two_mounts_close_to_open(shared_cluster: Cluster, vol: str, tmp_path: P
         with open(b.path / "c2o" / "x", "r+b") as fh:
             fh.write(b"CHANGED")
         assert (a.path / "c2o" / "x").read_bytes()[:7] == b"CHANGED"
+
+
+def test_other_mounts_caches_follow_changes(shared_cluster: Cluster, vol: str, tmp_path: Path) -> None:
+    """B's kernel caches attributes, names and missing names for 30 s; A's changes reach it at once."""
+    with mounted(shared_cluster, vol, tmp_path / "a") as a, mounted(shared_cluster, vol, tmp_path / "b") as b:
+        (a.path / "inval").mkdir()
+        da, db = a.path / "inval", b.path / "inval"
+        (da / "f").write_bytes(b"one")
+        assert db.joinpath("f").stat().st_mode & 0o777 == 0o644  # B caches the entry and its attributes
+        assert not db.joinpath("later").exists()  # ... and a negative entry
+
+        def b_sees(check) -> bool:  # noqa: ANN001 - bounded far below the 30 s cache lifetime
+            try:
+                return eventually(check, timeout=5, what="mount B seeing mount A's change")
+            except AssertionError:
+                return False
+
+        os.chmod(da / "f", 0o600)
+        assert b_sees(lambda: db.joinpath("f").stat().st_mode & 0o777 == 0o600)
+        (da / "later").write_bytes(b"two")
+        assert b_sees(lambda: db.joinpath("later").exists())
+        with open(da / "f", "ab") as fh:
+            fh.write(b"more")
+        assert b_sees(lambda: db.joinpath("f").stat().st_size == 7)
+        os.rename(da / "f", da / "g")
+        assert b_sees(lambda: not db.joinpath("f").exists() and db.joinpath("g").read_bytes() == b"onemore")
+        os.unlink(da / "later")
+        assert b_sees(lambda: not db.joinpath("later").exists())
 
 
 def test_quota_gives_enospc(shared_cluster: Cluster, tmp_path: Path) -> None:
