@@ -42,6 +42,7 @@ T = TypeVar("T")
 # Attributes of client objects that hold capnp references (see Bridge.track).
 CAPNP_ATTRS = ("cap", "_client", "_session", "_caps")
 GC_INTERVAL = 0.5
+FULL_GC_EVERY = 60  # rounds
 
 
 class CapnpError(Exception):
@@ -118,9 +119,13 @@ class Bridge:
         """Cyclic garbage may hold capnp objects, whose destructors need this thread's KJ loop: the
         cycle collector runs here, never on the trio thread (automatic collection is off while a
         bridge is open)."""
+        gc.freeze()  # what exists by now (modules, the schema) lives for good: never scan it again
+        rounds = 0
         while True:
             await asyncio.sleep(GC_INTERVAL)
-            gc.collect()
+            rounds += 1
+            # Young objects every round; the whole heap, whose scan grows with it, only now and then.
+            gc.collect(2 if rounds % FULL_GC_EVERY == 0 else 1 if rounds % 10 == 0 else 0)
 
     async def _start(self, nursery: trio.Nursery) -> None:
         self._token = trio.lowlevel.current_trio_token()

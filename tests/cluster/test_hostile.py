@@ -264,6 +264,25 @@ async def test_file_names_get_posix_errors(shared_cluster: Cluster, volumes: dic
     await assert_serving(cluster)
 
 
+async def test_create_and_release_many_refuse_bad_input(shared_cluster: Cluster,
+                                                       volumes: dict[str, VolumeInfo]) -> None:
+    watch = LogWatch(shared_cluster)
+    async with opened(shared_cluster, "hx-names") as (_vs, vol, _info):
+        for mode in (stat.S_IFDIR | 0o755, stat.S_IFIFO | 0o644, stat.S_IFLNK | 0o777, 0):
+            await expect(FsError, vol.create(1, b"c-bad-mode", mode, 0, 0), (errno.EINVAL,))
+        await expect(FsError, vol.create(1, b"a/b", stat.S_IFREG | 0o644, 0, 0), (errno.EINVAL,))
+        await expect(FsError, vol.create(1 << 62, b"c", stat.S_IFREG | 0o644, 0, 0), (errno.ENOENT,))
+        a = await vol.create(1, b"c-ok", stat.S_IFREG | 0o644, 0, 0)
+        await expect(FsError, vol.create(1, b"c-ok", stat.S_IFREG | 0o644, 0, 0), (errno.EEXIST,))
+        await expect(Invalid, vol.release_many([a.ino] * 70000), ())
+        # Closes of handles never opened, or unknown inodes, change nothing.
+        await vol.release_many([a.ino, a.ino, 1, 0, (1 << 64) - 1])
+        assert (await vol.getattr(a.ino)).nlink == 1
+        await vol.unlink(1, b"c-ok")
+    watch.check(13)
+    await assert_serving(shared_cluster)
+
+
 async def test_huge_and_oversized_names(shared_cluster: Cluster, volumes: dict[str, VolumeInfo]) -> None:
     """Names past 1 MiB are refused before Meta sees them; a message past the frame limit is dropped."""
     cluster = shared_cluster

@@ -134,10 +134,19 @@ def test_unlinked_open_file_stays_readable(shared_cluster: Cluster, vol: str, tm
         f = m.path / "ghost"
         data = os.urandom(3 << 20)
         f.write_bytes(data)
+        used = used_bytes(m.path)
         with open(f, "rb") as fh:
             os.unlink(f)
             assert not f.exists()
             assert fh.read() == data
+            assert used_bytes(m.path) == used  # still open: its space is still taken
+        # close(2) does not wait for the coordinator; the orphan goes once the close reaches it.
+        eventually(lambda: used_bytes(m.path) <= used - len(data), timeout=10, what="orphan space freed")
+
+
+def used_bytes(path: Path) -> int:
+    sv = os.statvfs(path)
+    return (sv.f_blocks - sv.f_bfree) * sv.f_frsize
 
 
 def test_data_survives_remount(shared_cluster: Cluster, vol: str, tmp_path: Path) -> None:
