@@ -53,6 +53,14 @@ def default_reserve(capacity: int) -> int:
     return min(max(capacity // 100, 4 * MiB), GiB, capacity // 2)
 
 
+def chunk_file(pool: Path, h: bytes) -> Path:
+    """Where the chunk named ``h`` lives under the pool directory ``pool``."""
+    if len(h) != HASH_LEN:
+        raise Invalid(f"chunk {bytes(h).hex()[:16]}", f"hash is {len(h)} bytes, not {HASH_LEN}")
+    hx = h.hex()
+    return pool / "chunks" / hx[:2] / hx
+
+
 def chunk_name(h: bytes) -> str:
     """The short printable name of a chunk used in errors and logs."""
     return f"chunk {h.hex()[:16]}"
@@ -187,10 +195,7 @@ class Pool:
             raise Invalid(f"pool {self._path}", "not open: call open() first")
 
     def _file(self, h: bytes) -> Path:
-        if len(h) != HASH_LEN:
-            raise Invalid(f"chunk {bytes(h).hex()[:16]}", f"hash is {len(h)} bytes, not {HASH_LEN}")
-        hx = h.hex()
-        return self._chunks / hx[:2] / hx
+        return chunk_file(self._path, h)
 
     @contextmanager
     def _turn(self, h: bytes) -> Iterator[None]:

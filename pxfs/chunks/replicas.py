@@ -2,8 +2,9 @@
 
 This is the ``ChunkPort`` of a mount. A put succeeds when at least one replica stored the chunk and
 none refused it for lack of space (a refusal fails the write with ENOSPC before replicas diverge);
-replicas that cannot be reached leave the volume degraded for the repair loop to fix. A get tries the
-local replica first, then the others, and never returns bytes that do not match their hash.
+replicas that cannot be reached leave the volume degraded for the repair loop to fix. A get reads a
+replica's chunk file directly when the replica runs on this host, else asks the replicas (spread by
+hash), and never returns bytes that do not match their hash.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import blake3
 import trio
 
+from pxfs.chunks.local_read import LocalPools
 from pxfs.errors import Corrupt, NoSpace, NotFound, PxfsError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -23,12 +25,10 @@ SUSPECT_FOR = 5.0  # a replica that timed out is skipped this long (degraded), n
 
 
 class ReplicaChunks:
-    def __init__(self, volume: str, replicas: list[str], peers: Any, local: str | None = None) -> None:
+    def __init__(self, volume: str, replicas: list[str], peers: Any, local: LocalPools | None = None) -> None:
         self.volume = volume
         self.replicas = list(replicas)
-        if local in self.replicas:  # short-circuit: read from this host's replica first
-            self.replicas.remove(local)
-            self.replicas.insert(0, local)
+        self.local = local or LocalPools()  # replicas on this host: their chunk files are read directly
         self._peers = peers
         self.degraded: set[str] = set()
         self._suspect: dict[str, float] = {}
@@ -80,9 +80,23 @@ class ReplicaChunks:
                 self.degraded.discard(node)
 
     async def get(self, h: bytes) -> bytes:
+        rotten: list[str] = []
+        for node in self.replicas:
+            if node in self.local:
+                try:
+                    data = await trio.to_thread.run_sync(self.local.read, node, h)
+                except Corrupt:
+                    rotten.append(node)
+                    break
+                if data is not None:
+                    return data
         last: PxfsError | None = None
         bad: list[str] = []
-        order = self._live() + [n for n in self.replicas if n not in self._live()]
+        live = self._live()
+        # Spread reads over the live replicas by hash, so a sequential read keeps all of them busy.
+        k = h[0] % len(live) if live else 0
+        order = rotten + [n for n in live[k:] + live[:k] + self.replicas if n not in rotten]
+        order = list(dict.fromkeys(order))
         for node in order:
             try:
                 with trio.fail_after(PUT_TIMEOUT):

@@ -18,11 +18,12 @@ from typing import Any, TypeVar
 
 import trio
 
+from pxfs.chunks.local_read import LocalPools, is_local_address
 from pxfs.chunks.replicas import ReplicaChunks
 from pxfs.cluster.config import load_config
 from pxfs.cluster.peers import Peers
 from pxfs.errors import Conflict, FsError, NotFound, PxfsError, Unauthorized, Unavailable
-from pxfs.model import Attr, VolumeInfo
+from pxfs.model import Attr, NodeInfo, VolumeInfo
 from pxfs.rpc.bridge import Bridge
 from pxfs.rpc.client import Connection
 from pxfs.rpc.volume_client import VolumeClient
@@ -33,6 +34,16 @@ T = TypeVar("T")
 FAILOVER_TIMEOUT = 60.0
 CALL_TIMEOUT = 10.0
 MAX_RELEASES = 4096  # a coordinator silent this long (frozen, partitioned) is looked up again
+
+
+def local_pools(nodes: list[NodeInfo]) -> LocalPools:
+    """The pools of the nodes that run on this host, whose chunk files a mount may read directly."""
+    local = {n.id: [Path(p.path) for p in n.pools] for n in nodes
+             if is_local_address(n.address.rpartition(":")[0].strip("[]"))}
+    found = LocalPools(local)
+    if found.pools:
+        log.info("short-circuit reads from the pools of local node(s) %s", ",".join(sorted(found.pools)))
+    return found
 
 
 class VolumeSession:
@@ -46,6 +57,7 @@ class VolumeSession:
         self.info: VolumeInfo | None = None
         self.chunks: ReplicaChunks | None = None
         self._open: dict[int, int] = {}
+        self.local: LocalPools | None = None  # pools of the nodes on this host (short-circuit reads)
         self._releases: list[int] = []  # closes the coordinator has not heard of yet
         # Set by the mount: what other mounts changed, for the kernel's caches to forget.
         self.on_invalidate: Callable[[list[int], list[tuple[int, bytes]]], Awaitable[None]] | None = None
@@ -73,7 +85,10 @@ class VolumeSession:
             try:
                 admin = await conn.admin()
                 info = await admin.get_volume(self.volume.partition("@")[0])  # VOLUME@SNAPSHOT: its volume
-                self._addresses.update({n.id: n.address for n in await admin.list_nodes()})
+                nodes = await admin.list_nodes()
+                self._addresses.update({n.id: n.address for n in nodes})
+                if self.local is None:
+                    self.local = await trio.to_thread.run_sync(local_pools, nodes)
                 return info
             except (Unavailable, Conflict) as err:
                 errors.append(str(err))
@@ -86,7 +101,7 @@ class VolumeSession:
         info = await self._lookup()
         volumes = await self.peers.volumes(info.coordinator)
         self.meta, self.info = await volumes.open(self.volume, self.mount_id, self.read_only, self._invalidated)
-        self.chunks = ReplicaChunks(self.volume, self.info.replicas, self.peers)
+        self.chunks = ReplicaChunks(self.volume, self.info.replicas, self.peers, self.local)
 
     async def _reconnect(self, failed: VolumeClient | None, cause: PxfsError, deadline: float) -> None:
         async with self._lock:
