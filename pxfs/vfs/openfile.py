@@ -3,6 +3,10 @@
 Every handle of an inode shares one ``OpenInode``: the block map fetched at open (close-to-open: it is
 fetched again by the first open after all handles were released), the dirty blocks written since the
 last flush, and the local size and mtime, which run ahead of the metadata while data is dirty.
+
+A dirty block stays in ``OpenInode.dirty`` until the commit naming its chunk has succeeded. While an
+upload holds it, its buffer is frozen (immutable ``bytes``): readers still see it, and a writer
+replaces it with a writable copy, so the bytes hashed are the bytes put and the newer bytes stay dirty.
 """
 
 from __future__ import annotations
@@ -12,14 +16,26 @@ from dataclasses import dataclass
 
 import trio
 
+from pxfs.errors import PxfsError
 from pxfs.model import Attr
 from pxfs.vfs.ports import BlockMap
 
 
 @dataclass(eq=False)
 class DirtyBlock:
-    buf: bytearray  # the whole block, block_size bytes; bytes past EOF stay zero
-    version: int = 0  # bumped by every change, so a flush can tell whether the block moved under it
+    buf: bytearray | bytes  # the whole block, block_size bytes; bytes past EOF stay zero
+    # Bytes [0, valid) are file content (written, or old content and holes below EOF): a block is worth
+    # uploading before fsync once the writer has filled it and moved on.
+    valid: int
+    since: float  # trio clock time of the oldest write to it not yet committed
+
+    @property
+    def frozen(self) -> bool:
+        return isinstance(self.buf, bytes)
+
+    @property
+    def complete(self) -> bool:
+        return self.valid == len(self.buf)
 
 
 class OpenInode:
@@ -29,7 +45,11 @@ class OpenInode:
         self.handles = 0
         self.dirty: dict[int, DirtyBlock] = {}
         self.dirty_since: float | None = None  # trio clock time of the oldest unflushed write
-        # One flush (or truncate) at a time per inode: a second one would commit the same blocks twice.
+        # A background upload failure not yet reported: the next fsync or close of the file raises it.
+        self.error: PxfsError | None = None
+        self.retry_at = 0.0  # after a failed upload, background uploads wait until then (trio clock)
+        # One upload (or truncate) at a time per inode: commits of one file land in order, and a
+        # truncate never races an upload of the blocks it cuts.
         self.lock = trio.Lock()
         self.refresh(attr, blocks)
 

@@ -46,9 +46,9 @@ class Vfs:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The flush timer and the home of readahead tasks; runs until cancelled."""
+        """The flush timer and the home of readahead and background upload tasks; runs until cancelled."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            self._nursery = self.writeback.tasks = nursery
             task_status.started()
             try:
                 while True:
@@ -56,14 +56,14 @@ class Vfs:
                     await trio.sleep(self.flush_interval / 2)
                     await self.writeback.flush_due(self.flush_interval)
             finally:
-                self._nursery = None
+                self._nursery = self.writeback.tasks = None
 
     async def close(self) -> None:
         """Flush everything; raises the first failure after trying every inode."""
         failure: PxfsError | None = None
         for st in self.writeback.dirty_inodes():
             try:
-                await self.writeback.flush(st)
+                await self.writeback.sync(st)
             except PxfsError as err:
                 log.error("flush of inode=%d at close failed: %s", st.ino, err)
                 failure = failure or err
@@ -161,25 +161,7 @@ class Vfs:
                 self._nursery.start_soon(self.cache.prefetch, ref[0])
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
-        st = self._handle(fh).inode
-        if not data:
-            return 0
-        bs = self.block_size
-        end = off + len(data)
-        new = sum(1 for i in range(off // bs, (end - 1) // bs + 1) if i not in st.dirty)
-        if new:
-            await self.writeback.make_room(new * bs)
-        src = memoryview(data)
-        pos = off
-        while pos < end:
-            idx, within = divmod(pos, bs)
-            n = min(bs - within, end - pos)
-            blk = await self.writeback.block(st, idx, whole=n == bs)
-            blk.buf[within:within + n] = src[pos - off:pos - off + n]
-            blk.version += 1
-            pos += n
-        st.size = max(st.size, end)
-        st.mtime_ns = time.time_ns()
+        await self.writeback.write(self._handle(fh).inode, off, data)
         return len(data)
 
     async def flush(self, fh: int) -> None:

@@ -48,13 +48,15 @@ class FakeChunks:
 
     def __init__(self) -> None:
         self.store: dict[bytes, bytes] = {}
-        self.puts = 0
+        self.puts = 0  # puts that stored their chunk
+        self.started = 0  # puts entered, stored or not: an upload under way shows here first
         self.gets: list[bytes] = []
         self.fail: PxfsError | None = None  # raised by every put while set
         self.get_gate: trio.Event | None = None  # gets wait on it while set: to observe in-flight fetches
         self.put_gate: trio.Event | None = None  # puts wait on it while set: to act in the middle of a flush
 
     async def put(self, h: bytes, data: bytes) -> None:
+        self.started += 1
         if self.put_gate is not None:
             await self.put_gate.wait()
         await trio.lowlevel.checkpoint()

@@ -14,24 +14,37 @@ from tests.vfs.conftest import BLOCK, ROOT, pattern, running
 from tests.vfs.fakes import FakeChunks, FakeMeta
 
 
-async def test_buffer_limit_flushes_oldest_inode_first(meta: FakeMeta, chunks: FakeChunks) -> None:
-    async with running(meta, chunks, buffer_limit=3 * BLOCK) as vfs:
+async def test_buffer_limit_bounds_memory_of_all_inodes(meta: FakeMeta, chunks: FakeChunks) -> None:
+    limit = 3 * BLOCK
+    async with running(meta, chunks, buffer_limit=limit) as vfs:
+        wb = vfs.writeback
         fa, a = await vfs.create(ROOT, b"a", 0o644, 0, 0, 0)
         fb, b = await vfs.create(ROOT, b"b", 0o644, 0, 0, 0)
         await vfs.write(fa, 0, pattern(2 * BLOCK))
-        await vfs.write(fb, 0, pattern(BLOCK, seed=1))
-        assert meta.commits == []
-        await vfs.write(fb, BLOCK, pattern(BLOCK, seed=2))  # over the limit: the writer flushes "a"
-        assert [c[0] for c in meta.commits] == [a.ino]
-        assert vfs.writeback.dirty_bytes <= 3 * BLOCK
-        for i in range(2, 10):
+        for i in range(10):
             await vfs.write(fb, i * BLOCK, pattern(BLOCK, seed=i))
-            assert vfs.writeback.dirty_bytes <= 3 * BLOCK
+            assert wb.dirty_bytes + wb.flying_bytes <= limit
+        assert a.ino in [c[0] for c in meta.commits]  # the other file's blocks made room too
         await vfs.release(fb)
         await vfs.release(fa)
         fh = await vfs.open(b.ino, 0)
-        assert await vfs.read(fh, 0, 10 * BLOCK) == b"".join(pattern(BLOCK, seed=i) for i in [1, 2, *range(2, 10)])
+        assert await vfs.read(fh, 0, 11 * BLOCK) == b"".join(pattern(BLOCK, seed=i) for i in range(10))
         await vfs.release(fh)
+        fh = await vfs.open(a.ino, 0)
+        assert await vfs.read(fh, 0, 3 * BLOCK) == pattern(2 * BLOCK)
+        await vfs.release(fh)
+
+
+async def test_buffer_limit_without_background_tasks_flushes_in_the_writer(meta: FakeMeta,
+                                                                            chunks: FakeChunks) -> None:
+    vfs = Vfs(meta, chunks, BLOCK, buffer_limit=2 * BLOCK)  # not running: no pumps
+    fh, attr = await vfs.create(ROOT, b"f", 0o644, 0, 0, 0)
+    for i in range(5):
+        await vfs.write(fh, i * BLOCK, pattern(BLOCK, seed=i))
+        assert vfs.writeback.dirty_bytes <= 2 * BLOCK
+    assert meta.commits
+    await vfs.release(fh)
+    assert meta.meta.getattr(attr.ino).size == 5 * BLOCK
 
 
 async def test_timer_flushes_old_dirty_blocks(meta: FakeMeta, chunks: FakeChunks,
