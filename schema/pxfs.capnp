@@ -167,6 +167,8 @@ interface VolumeService {
   lastSeq @2 (name :Text) -> (seq :UInt64, epoch :UInt64, lastHash :Data);
   # Wipe a follower's copy (it diverged, e.g. a deposed coordinator) so the coordinator can resend it all.
   reset @3 (name :Text, epoch :UInt64) -> ();
+  # Batches first, first+1, ... in one call: catching up costs one round trip per many batches.
+  applyMany @4 (name :Text, epoch :UInt64, first :UInt64, batches :List(Data)) -> (seq :UInt64);
 }
 
 # One volume's POSIX metadata, served by its coordinator to a mount. Names are raw bytes.

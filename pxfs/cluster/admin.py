@@ -82,7 +82,10 @@ class ClusterAdmin:
         for v in vols:
             raw = await self._store.get(f"usage/{v.name}")
             detail = json.loads(raw) if raw else {}
-            fresh = detail.get("coordinator") == v.coordinator and detail.get("epoch") == v.epoch
+            # Published by this coordinator for this replica set: a report from before a replica
+            # change says nothing about the new replica.
+            fresh = (detail.get("coordinator") == v.coordinator and detail.get("epoch") == v.epoch
+                     and detail.get("replicas") == sorted(v.replicas))
             v.used = detail.get("used", 0)
             missing = [r for r in v.replicas if r not in up]
             lagging = [r for r in detail.get("lagging", []) if r not in missing] if fresh else []
@@ -91,8 +94,9 @@ class ClusterAdmin:
                         "space": detail.get("space", {}), "snapshots": detail.get("snapshots", [])}
             short = len(v.replicas) < v.repl
             # Until a repair round has checked the replicas, only an empty volume is known complete.
-            incomplete = bool(repair) and not repair.get("converged", False) and (
-                repair.get("rounds", 0) > 0 or v.used > 0)
+            # A report from before the last failover or replica change: unknown, so not healthy yet.
+            incomplete = (bool(detail) and not fresh) or (bool(repair) and not repair.get("converged", False) and (
+                repair.get("rounds", 0) > 0 or v.used > 0))
             v.state = "degraded" if missing or lagging or short or incomplete else "healthy"
             mounts = await self._store.range(f"mounts/{v.name}/")
             v.mounts = sum(1 for _k, raw in mounts if now - json.loads(raw).get("ts", 0) <= MOUNT_TTL)

@@ -71,6 +71,14 @@ class Peers:
             await self.forget(node_id)
             raise Unavailable(f"node {node_id}", "did not answer a replication call") from None
 
+    async def apply_many(self, node_id: str, volume: str, epoch: int, first: int, batches: list[bytes]) -> int:
+        try:
+            with trio.fail_after(CALL_TIMEOUT):
+                return await (await self.volumes(node_id)).apply_many(volume, epoch, first, batches)
+        except (Unavailable, trio.TooSlowError):
+            await self.forget(node_id)
+            raise Unavailable(f"node {node_id}", "did not answer a replication call") from None
+
     async def reset(self, node_id: str, volume: str, epoch: int) -> None:
         try:
             with trio.fail_after(CALL_TIMEOUT):

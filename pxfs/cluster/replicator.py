@@ -8,7 +8,7 @@ up from the log in the background as soon as it answers again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import blake3
@@ -20,7 +20,25 @@ from pxfs.meta.kv import KV
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT = 5.0
+GROUP_BATCHES = 1024  # per replication call
+GROUP_BYTES = 8 << 20
 RETRY_MAX = 2.0
+
+
+def _groups(entries: list[tuple[int, bytes]]) -> Iterator[tuple[int, list[bytes]]]:
+    """Consecutive log entries in runs of at most GROUP_BATCHES batches and about GROUP_BYTES bytes."""
+    run: list[bytes] = []
+    first = size = 0
+    for seq, batch in entries:
+        if run and (len(run) >= GROUP_BATCHES or size + len(batch) > GROUP_BYTES):
+            yield first, run
+            run, size = [], 0
+        if not run:
+            first = seq
+        run.append(batch)
+        size += len(batch)
+    if run:
+        yield first, run
 
 
 class Replicator:
@@ -77,11 +95,12 @@ class Replicator:
                     kick = self._kick
                     await kick.wait()
                     continue
-                for seq, batch in self.kv.log_since(acked):
-                    got = await self._peers.apply(follower, self.volume, self.epoch, seq, batch)
+                for first, batches in _groups(self.kv.log_since(acked)):
+                    last = first + len(batches) - 1
+                    got = await self._peers.apply_many(follower, self.volume, self.epoch, first, batches)
                     self.acked[follower] = got
                     self._notify_progress()
-                    if got != seq:
+                    if got != last:
                         break
                 delay = 0.05
             except Conflict as err:

@@ -450,7 +450,8 @@ class VolumeHost:
         st = hv.meta.statfs()
         rep = hv.replicator
         detail = {"used": st["used"], "inodes": st["inodes"], "seq": hv.kv.seq, "epoch": hv.epoch,
-                  "coordinator": self.node_id, "lagging": sorted(rep.lagging) if rep else [],
+                  "coordinator": self.node_id, "replicas": sorted(hv.known_replicas),
+                  "lagging": sorted(rep.lagging) if rep else [],
                   "repair": hv.repair.status.to_json(), "ts": time.time(),
                   "space": {k: v for k, v in hv.space.items() if k != "snapshots"},
                   "snapshots": hv.space.get("snapshots", [])}
@@ -553,6 +554,10 @@ class VolumeHost:
 
     async def apply(self, name: str, epoch: int, seq: int, batch: bytes, peer: str) -> int:
         """Apply batch ``seq`` from the coordinator of ``epoch``; returns this replica's seq after it."""
+        return await self.apply_many(name, epoch, seq, [batch], peer)
+
+    async def apply_many(self, name: str, epoch: int, first: int, batches: list[bytes], peer: str) -> int:
+        """Apply batches ``first``, ``first + 1``, ... in order (a catching-up follower gets many at once)."""
         hv = await self._follower(name, epoch, peer)
         async with hv.lock:
             if epoch < hv.epoch:
@@ -563,12 +568,15 @@ class VolumeHost:
                     log.info("node=%s deposed as coordinator of volume=%s by epoch %d", self.node_id, name, epoch)
                 hv.demote()
                 hv.set_epoch(epoch)
-            if seq == hv.kv.seq + 1:
-                hv.kv.apply(seq, batch)
-            elif seq <= hv.kv.seq:
-                ours = hv.kv.log_entry(seq)
-                if ours is not None and ours != batch:
-                    raise Conflict(f'volume "{name}"', f"batch {seq} differs from the one this replica holds")
+            for seq, batch in enumerate(batches, first):
+                if seq == hv.kv.seq + 1:
+                    hv.kv.apply(seq, batch)
+                elif seq <= hv.kv.seq:
+                    ours = hv.kv.log_entry(seq)
+                    if ours is not None and ours != batch:
+                        raise Conflict(f'volume "{name}"', f"batch {seq} differs from the one this replica holds")
+                else:
+                    break  # a gap: the coordinator resends from our seq
             return hv.kv.seq
 
     async def last_seq(self, name: str) -> tuple[int, int, bytes]:

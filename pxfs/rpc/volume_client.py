@@ -48,6 +48,11 @@ class VolumeServiceClient(_Caller):
             return (await self.cap.apply(name, epoch, seq, batch)).seq
         return await self.call(go)
 
+    async def apply_many(self, name: str, epoch: int, first: int, batches: list[bytes]) -> int:
+        async def go() -> int:
+            return (await self.cap.applyMany(name, epoch, first, batches)).seq
+        return await self.call(go)
+
     async def last_seq(self, name: str) -> tuple[int, int, bytes]:
         async def go() -> tuple[int, int, bytes]:
             r = await self.cap.lastSeq(name)

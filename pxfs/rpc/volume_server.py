@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 64 << 20
 MAX_RELEASES = 65536
+MAX_BATCHES = 4096
 WATCHER_TIMEOUT = 5.0
 MAX_DATA = 1 << 20  # xattr values, symlink targets and names are far smaller; refuse absurd payloads
 
@@ -51,6 +52,16 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
     async def apply(self, name: str, epoch: int, seq: int, batch: Any, _context: Any, **_: Any) -> None:
         _context.results.seq = await self._b.to_trio(self._h.apply, name, epoch, seq, _data(batch, "batch", MAX_BATCH),
                                                       self._peer)
+
+    @served
+    async def applyMany(self, name: str, epoch: int, first: int, batches: Any, _context: Any,  # noqa: N802
+                        **_: Any) -> None:
+        if len(batches) > MAX_BATCHES:
+            raise Invalid("applyMany", f"{len(batches)} batches at once is more than {MAX_BATCHES}")
+        todo = [bytes(b) for b in batches]
+        if sum(map(len, todo)) > MAX_BATCH:
+            raise Invalid("applyMany", f"batches of more than {MAX_BATCH} bytes in one call")
+        _context.results.seq = await self._b.to_trio(self._h.apply_many, name, epoch, first, todo, self._peer)
 
     @served
     async def lastSeq(self, name: str, _context: Any, **_: Any) -> None:  # noqa: N802

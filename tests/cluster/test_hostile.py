@@ -499,6 +499,11 @@ async def test_follower_refuses_bad_replication_calls(shared_cluster: Cluster,
                 await expect((Corrupt, Invalid, Conflict), fvs.apply("hx-repl", epoch, seq + 1, junk))
                 refused += 1
             refused += 1
+            # Many at once: too many, or junk among good ones, changes nothing either.
+            await expect(Invalid, fvs.apply_many("hx-repl", epoch, seq + 1, [enc] * 5000))
+            await expect((Corrupt, Invalid, Conflict), fvs.apply_many("hx-repl", epoch, seq + 1, [garbage[0], enc]))
+            await expect(Conflict, fvs.apply_many("hx-repl", epoch, seq + 1, [enc, enc]))  # not from the coordinator
+            refused += 3
             assert await fvs.last_seq("hx-repl") == want  # data intact
             watch.check(refused)
 
