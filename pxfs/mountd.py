@@ -71,6 +71,7 @@ async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
             ops = Operations(vfs, attr_timeout=cfg.attr_timeout, entry_timeout=cfg.attr_timeout,
                              read_only=cfg.read_only)
             session.on_invalidate = ops.invalidate
+            session.on_reconnect = vfs.forget_caches
             options = set(cfg.fuse_options) | {f"fsname={cfg.volume}", "subtype=pxfs", "default_permissions"}
             if cfg.read_only:
                 options.add("ro")

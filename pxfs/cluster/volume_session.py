@@ -33,7 +33,8 @@ T = TypeVar("T")
 
 FAILOVER_TIMEOUT = 60.0
 CALL_TIMEOUT = 10.0
-MAX_RELEASES = 4096  # a coordinator silent this long (frozen, partitioned) is looked up again
+MAX_RELEASES = 4096
+RELEASE_DELAY = 0.05  # a coordinator silent this long (frozen, partitioned) is looked up again
 
 
 def local_pools(nodes: list[NodeInfo]) -> LocalPools:
@@ -61,6 +62,7 @@ class VolumeSession:
         self._releases: list[int] = []  # closes the coordinator has not heard of yet
         # Set by the mount: what other mounts changed, for the kernel's caches to forget.
         self.on_invalidate: Callable[[list[int], list[tuple[int, bytes]]], Awaitable[None]] | None = None
+        self.on_reconnect: Callable[[], None] | None = None  # callbacks may have been lost meanwhile
         self._release_kick = trio.Event()
         self._lock = trio.Lock()
 
@@ -123,6 +125,8 @@ class VolumeSession:
                         for _ in range(count):
                             await meta.open(ino)
                     old, self.meta, self.info = self.meta, meta, info
+                    if self.on_reconnect is not None:
+                        self.on_reconnect()
                     if self.chunks is not None:
                         self.chunks.replicas = list(info.replicas)
                     if old is not None:
@@ -313,6 +317,8 @@ class VolumeSession:
         """Background task: tell the coordinator about closes, as many per call as have queued up."""
         while True:
             await self._release_kick.wait()
+            # Let closes gather: a loop of open/close would otherwise send one call per close.
+            await trio.sleep(RELEASE_DELAY)
             self._release_kick = trio.Event()
             await self.flush_releases()
 

@@ -92,6 +92,7 @@ class Operations(pyfuse3.Operations):
 
     async def invalidate(self, inodes: list[int], entries: list[tuple[int, bytes]]) -> None:
         """Another mount changed these: make the kernel ask again instead of using its cache."""
+        self.vfs.invalidated(inodes, entries)
         for parent, name in entries:
             if parent in self.lookups or parent == pyfuse3.ROOT_INODE:
                 pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)

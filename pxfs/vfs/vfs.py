@@ -14,6 +14,8 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import trio
@@ -21,6 +23,7 @@ import trio
 from pxfs.errors import FsError, PxfsError
 from pxfs.model import Attr
 from pxfs.vfs.cache import ChunkCache, run_all
+from pxfs.vfs.dircache import KnownDirs
 from pxfs.vfs.flush import Writeback
 from pxfs.vfs.openfile import Handle, OpenInode
 from pxfs.vfs.ports import BlockMap, ChunkPort, MetaPort
@@ -28,6 +31,8 @@ from pxfs.vfs.ports import BlockMap, ChunkPort, MetaPort
 log = logging.getLogger(__name__)
 
 READDIR_PAGE = 1000
+NO_XATTR_LIMIT = 100_000  # inodes
+RENAME_EXCHANGE = 2  # renameat2(2) flag, linux/fs.h
 
 
 class Vfs:
@@ -43,6 +48,8 @@ class Vfs:
         self._handles: dict[int, Handle] = {}
         self._next_fh = itertools.count(1)
         self._nursery: trio.Nursery | None = None  # for readahead; set while run() runs
+        self.known = KnownDirs()  # directories whose every name this mount knows
+        self._no_xattr: dict[int, set[bytes]] = {}  # xattrs known to be absent, per inode
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -111,7 +118,9 @@ class Vfs:
         return fh
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
-        attr = await self.meta.create(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        with self._changing(parent):
+            attr = await self.meta.create(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        self.known.added(parent, name)
         return await self._opened(attr, {}, flags & ~os.O_TRUNC), attr  # new and empty: nothing to truncate
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -207,48 +216,107 @@ class Vfs:
             st.refresh(attr, st.blocks)
         return st.patch(attr)
 
-    # -- names and metadata: straight to the metadata, with local sizes of dirty files ----------
+    # -- names and metadata: to the metadata, with local sizes of dirty files --------------------
     async def lookup(self, parent: int, name: bytes) -> Attr:
+        if self.known.missing(parent, name):
+            raise FsError(errno.ENOENT, f"name {name[:80]!r}", "no such entry")
         return self._patch(await self.meta.lookup(parent, name))
 
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
-        return await self.meta.mknod(parent, name, mode, rdev, uid, gid)
+        with self._changing(parent):
+            attr = await self.meta.mknod(parent, name, mode, rdev, uid, gid)
+        self.known.added(parent, name)
+        return attr
 
     async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
-        return await self.meta.mkdir(parent, name, mode, uid, gid)
+        with self._changing(parent):
+            attr = await self.meta.mkdir(parent, name, mode, uid, gid)
+        self.known.added(parent, name)
+        self.known.made(attr.ino)
+        return attr
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
-        return await self.meta.symlink(parent, name, target, uid, gid)
+        with self._changing(parent):
+            attr = await self.meta.symlink(parent, name, target, uid, gid)
+        self.known.added(parent, name)
+        return attr
 
     async def readlink(self, ino: int) -> bytes:
         return await self.meta.readlink(ino)
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
-        return self._patch(await self.meta.link(ino, new_parent, new_name))
+        with self._changing(new_parent):
+            attr = await self.meta.link(ino, new_parent, new_name)
+        self.known.added(new_parent, new_name)
+        return self._patch(attr)
 
     async def unlink(self, parent: int, name: bytes) -> None:
-        await self.meta.unlink(parent, name)
+        with self._changing(parent):
+            await self.meta.unlink(parent, name)
+        self.known.removed(parent, name)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
-        await self.meta.rmdir(parent, name)
+        with self._changing(parent):
+            await self.meta.rmdir(parent, name)
+        self.known.removed(parent, name)
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
-        await self.meta.rename(parent, name, new_parent, new_name, flags)
+        with self._changing(parent, new_parent):
+            await self.meta.rename(parent, name, new_parent, new_name, flags)
+        if not flags & RENAME_EXCHANGE:  # an exchange keeps both names
+            self.known.removed(parent, name)
+            self.known.added(new_parent, new_name)
+
+    @contextmanager
+    def _changing(self, *parents: int) -> Iterator[None]:
+        """A change this mount makes in ``parents``; if it fails, someone else's change may be why."""
+        try:
+            yield
+        except PxfsError:
+            for p in parents:
+                self.known.forget(p)
+            raise
 
     async def readdir(self, ino: int, after: bytes = b"", limit: int = READDIR_PAGE) -> list[tuple[bytes, Attr]]:
         return [(name, self._patch(a)) for name, a in await self.meta.readdir(ino, after, limit)]
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        self._no_xattr.pop(ino, None)
         await self.meta.setxattr(ino, name, value, flags)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
-        return await self.meta.getxattr(ino, name)
+        # The kernel asks for security.capability before every write(2): a known absence saves a
+        # round trip per write.
+        if name in self._no_xattr.get(ino, ()):
+            raise FsError(errno.ENODATA, f"xattr {name[:80]!r}", "no such attribute")
+        try:
+            return await self.meta.getxattr(ino, name)
+        except FsError as err:
+            if err.errno == errno.ENODATA:
+                if len(self._no_xattr) >= NO_XATTR_LIMIT:
+                    self._no_xattr.clear()
+                self._no_xattr.setdefault(ino, set()).add(name)
+            raise
 
     async def listxattr(self, ino: int) -> list[bytes]:
         return await self.meta.listxattr(ino)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
+        self._no_xattr.pop(ino, None)
         await self.meta.removexattr(ino, name)
+
+    # -- what other mounts changed ----------------------------------------------------------------
+    def invalidated(self, inodes: list[int], entries: list[tuple[int, bytes]]) -> None:
+        """Another mount changed these (the coordinator's callback): forget what we knew of them."""
+        for parent, _name in entries:
+            self.known.forget(parent)
+        for ino in inodes:
+            self._no_xattr.pop(ino, None)
+
+    def forget_caches(self) -> None:
+        """After a reconnect: callbacks may have been lost, so trust nothing cached about names."""
+        self.known.forget_all()
+        self._no_xattr.clear()
 
     async def statfs(self) -> dict[str, Any]:
         return await self.meta.statfs()

@@ -201,6 +201,11 @@ def test_other_mounts_caches_follow_changes(shared_cluster: Cluster, vol: str, t
         assert b_sees(lambda: not db.joinpath("f").exists() and db.joinpath("g").read_bytes() == b"onemore")
         os.unlink(da / "later")
         assert b_sees(lambda: not db.joinpath("later").exists())
+        # A made the directory, so it answers lookups of missing names there by itself, until B
+        # changes something in it.
+        assert not da.joinpath("from_b").exists()
+        (db / "from_b").write_bytes(b"b")
+        assert b_sees(lambda: da.joinpath("from_b").read_bytes() == b"b")
 
 
 def test_quota_gives_enospc(shared_cluster: Cluster, tmp_path: Path) -> None:
