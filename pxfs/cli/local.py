@@ -16,7 +16,7 @@ import trio
 from pxfs.cli.output import line
 from pxfs.cli.procs import alive
 from pxfs.cli.sizes import parse_size
-from pxfs.cluster.config import init_cluster, load_config, load_secret, save_config
+from pxfs.cluster.config import MIN_GC_GRACE, init_cluster, load_config, load_secret, save_config
 from pxfs.errors import Invalid, PxfsError, Unavailable
 from pxfs.node import NodeConfig, PoolSpec, run_node
 from pxfs.rpc.bridge import open_bridge
@@ -171,6 +171,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise Invalid(f"--base-port {args.base_port}", "must be between 1024 and 65535 minus the node count")
     pool_size = args.pool_size
     parse_size(pool_size, "pool size")
+    if args.gc_interval is not None and not 0 <= args.gc_interval <= 30 * 86400:
+        raise Invalid(f"--gc-interval {args.gc_interval:g}", "must be 0 (no automatic GC) to 30 days")
+    if args.gc_grace is not None and not MIN_GC_GRACE <= args.gc_grace <= 30 * 86400:
+        # A put's commit may wait out a failover; a younger chunk may still be about to be named.
+        raise Invalid(f"--gc-grace {args.gc_grace:g}", f"must be {MIN_GC_GRACE:g} s (a write's longest wait "
+                      "for its commit, doubled) to 30 days")
     if not (d / "cluster.json").exists():
         init_cluster(d, args.name or d.name, f"127.0.0.1:{args.base_port}")
         line(f"initialised cluster in {d}")
@@ -181,6 +187,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         cfg.replace_after = args.replace_after
     if args.repair_rate is not None:
         cfg.repair_rate = float(parse_size(args.repair_rate, "repair rate"))
+    if args.gc_interval is not None:
+        cfg.gc_interval = args.gc_interval
+    if args.gc_grace is not None:
+        cfg.gc_grace = args.gc_grace
     existing = _node_dirs(d)
     for i in range(len(existing) + 1, args.nodes + 1):
         nd = d / "nodes" / f"n{i}"

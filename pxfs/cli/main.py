@@ -12,6 +12,7 @@ import trio
 
 from pxfs.cli import admin_cmds, local
 from pxfs.cli.output import error
+from pxfs.cluster.config import MIN_GC_GRACE
 from pxfs.errors import Invalid, PxfsError
 
 
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failover-after", type=float, help="seconds a coordinator may be down before failover")
     p.add_argument("--replace-after", type=float, help="seconds a replica node may be down before re-replication")
     p.add_argument("--repair-rate", help="repair throttle per coordinator, e.g. 100M (bytes/s)")
+    p.add_argument("--gc-interval", type=float, help="seconds between automatic GC rounds (0: only `pxfs gc`)")
+    p.add_argument("--gc-grace", type=float, help=f"seconds a new chunk is safe from GC (at least {MIN_GC_GRACE:g})")
     p.set_defaults(run=local.cmd_up, sync=True)
 
     p = sub.add_parser("down", help="stop the nodes of a local cluster")

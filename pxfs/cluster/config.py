@@ -17,6 +17,10 @@ from pathlib import Path
 
 from pxfs.errors import Exists, Invalid, NotFound
 
+# A mount's commit after its chunk puts may wait out a failover (60 s) and a silent call (10 s);
+# a chunk younger than twice that may still be about to be named by a commit.
+MIN_GC_GRACE = 140.0
+
 
 @dataclass
 class ClusterConfig:
@@ -30,7 +34,7 @@ class ClusterConfig:
     replace_after: float = 600.0
     repair_rate: float = 200e6
     gc_interval: float = 3600.0   # automatic GC rounds (0: only `pxfs gc`)
-    gc_grace: float = 3600.0      # a chunk younger than this is never collected
+    gc_grace: float = 3600.0      # a chunk younger than this is never collected (>= MIN_GC_GRACE)
 
     def addresses(self) -> list[str]:
         """Where a client tries to connect: the seed first, then every known node."""

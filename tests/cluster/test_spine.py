@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -87,6 +88,25 @@ def test_repl_beyond_nodes_and_cli_errors(tmp_path: Path) -> None:
         nodir = subprocess.run([*PXFS, "status", "--cluster", str(tmp_path / "nothing")], capture_output=True,
                                text=True)
         assert nodir.returncode == 1 and "no cluster.json" in nodir.stderr
+
+
+def test_up_gc_settings_are_checked_and_kept(tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    for bad, message in ((["--gc-grace", "10"], "--gc-grace 10: must be 140 s"),
+                         (["--gc-interval", "-1"], "--gc-interval -1: must be 0")):
+        proc = subprocess.run([*PXFS, "up", "--dir", str(d), *bad], capture_output=True, text=True)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not d.exists()  # refused before anything was made
+    from tests.conftest import stop_and_check
+
+    c = Cluster(dir=d, base_port=free_port_block(1), nodes=1, pool_size="1G")
+    try:
+        c.cli("up", "--dir", str(d), "--nodes", "1", "--base-port", str(c.base_port), "--pool-size", "1G",
+              "--gc-interval", "30", "--gc-grace", "300")
+        cfg = json.loads((d / "cluster.json").read_text())
+        assert (cfg["gc_interval"], cfg["gc_grace"]) == (30, 300)
+    finally:
+        stop_and_check(c)
 
 
 def test_placement_spreads_over_zones(tmp_path: Path, cluster: Cluster) -> None:
