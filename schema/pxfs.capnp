@@ -118,7 +118,8 @@ interface Admin {
   # Take a node out for good: its replicas are re-created elsewhere.
   removeNode @8 (id :Text, force :Bool) -> ();
   # Ask the coordinator for a full chunk check and repair now.
-  repairVolume @9 (name :Text) -> ();
+  # requested: the time stamp of this request; a round that covers it reports it as repair.asked.
+  repairVolume @9 (name :Text) -> (requested :Float64);
   cloneVolume @10 (source :Text, name :Text) -> (volume :VolumeInfo);
   scheduleSnapshots @11 (name :Text, everySeconds :UInt32, keep :UInt32) -> ();
 }

@@ -195,10 +195,10 @@ async def cmd_volume_ha_update(args: argparse.Namespace) -> int:
 
 async def cmd_volume_repair(args: argparse.Namespace) -> int:
     async with cluster_admin(args.cluster) as (admin, *_):
-        await admin.repair_volume(args.name)
+        asked = await admin.repair_volume(args.name)
         vol = await admin.get_volume(args.name)
         if args.wait:
-            vol = await _wait_healthy(admin, args.name, args.json, lambda v: True, after=True)
+            vol = await _wait_healthy(admin, args.name, args.json, lambda v: True, after=asked)
     if args.json:
         emit_json(vol.to_json())
     else:
@@ -206,9 +206,10 @@ async def cmd_volume_repair(args: argparse.Namespace) -> int:
     return 0 if vol.state == "healthy" or not args.wait else 1
 
 
-async def _wait_healthy(admin: object, name: str, quiet: bool, done: object, after: bool = False,
+async def _wait_healthy(admin: object, name: str, quiet: bool, done: object, after: float | None = None,
                         timeout: float = 3600, fail: bool = True) -> VolumeInfo:
-    """Poll the volume until it is healthy (and ``done(v)``), showing repair progress."""
+    """Poll the volume until it is healthy (and ``done(v)``), showing repair progress; with ``after``
+    (a repair request's stamp), only once a round that began after that request has finished."""
     import trio
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -225,7 +226,7 @@ async def _wait_healthy(admin: object, name: str, quiet: bool, done: object, aft
                     start_rounds = rounds
                 bar.update(task, total=rep.get("total") or None, completed=rep.get("done", 0),
                            rate=f"{rep.get('rate', 0) / 1e6:.1f} MB/s", description=f"{name}: {v.state}")
-                fresh = not after or rounds > start_rounds
+                fresh = after is None or rep.get("asked", 0) >= after
                 settled = v.state == "healthy" or (not fail and (rep.get("converged") or rep.get("lost")
                                                                   or rounds > (start_rounds or 0) + 5))
                 if fresh and rep.get("state") == "idle" and settled and done(v):  # type: ignore[operator]

@@ -92,8 +92,8 @@ async def cmd_scrub(args: argparse.Namespace) -> int:
                 volumes = [vol.name]
         worst = 0
         for name in volumes:
-            await admin.repair_volume(name)
-            v = await _wait_healthy(admin, name, args.json, lambda v: True, after=True, timeout=args.timeout,
+            asked = await admin.repair_volume(name)
+            v = await _wait_healthy(admin, name, args.json, lambda v: True, after=asked, timeout=args.timeout,
                                     fail=False)
             entry: dict[str, Any] = {"state": v.state, "repaired": v.detail.get("repair", {}).get("done", 0),
                                      "lost": []}

@@ -214,9 +214,12 @@ class ClusterAdmin:
                                   "removing it loses data (use --force to accept that)")
         await self._store.put(f"removed/{node_id}", json.dumps({"ts": time.time()}).encode())
 
-    async def repair_volume(self, name: str) -> None:
+    async def repair_volume(self, name: str) -> float:
+        """Ask the coordinator for a repair round; returns the request's stamp (see RepairStatus.asked)."""
         await self._spec(name)
-        await self._store.put(f"repair/{name}", json.dumps({"ts": time.time()}).encode())
+        ts = time.time()
+        await self._store.put(f"repair/{name}", json.dumps({"ts": ts}).encode())
+        return ts
 
     async def clone_volume(self, source: str, name: str) -> VolumeInfo:
         """A writable volume from ``VOLUME@SNAPSHOT``, on the source's replicas (they hold the snapshot

@@ -32,12 +32,14 @@ class RepairStatus:
     lost: int = 0                # chunks no replica has a good copy of
     rounds: int = 0
     converged: bool = False      # the last finished round found every replica complete
+    asked: float = 0.0           # the newest repair request that a finished round began after
     last_error: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"state": self.state, "total": self.total, "done": self.done, "bytes": self.bytes,
                 "rate": round(self.rate), "missing": dict(self.missing), "lost": self.lost, "rounds": self.rounds,
-                "converged": self.converged, "last_error": self.last_error}
+                "converged": self.converged, "last_error": self.last_error,
+                "asked": self.asked}
 
 
 class Throttle:

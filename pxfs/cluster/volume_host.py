@@ -514,8 +514,10 @@ class VolumeHost:
         try:
             if hv.meta is None or hv.spec is None or hv.repair is None:
                 return
+            asked = hv.repair_asked  # requests read before this round began: it covers them
             refs = dict.fromkeys(await trio.to_thread.run_sync(self.all_chunk_refs, hv), 0)
             st = await hv.repair.run(refs, list(hv.spec.replicas))
+            st.asked = max(st.asked, asked)
             if not st.converged:
                 # Chunks committed while this round ran were not in its list: go again until a
                 # round finds nothing to copy, and only then call the replicas complete. A replica

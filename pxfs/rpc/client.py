@@ -130,10 +130,10 @@ class AdminClient(_Caller):
             await self.cap.scheduleSnapshots(name, every, keep)
         await self.call(go)
 
-    async def repair_volume(self, name: str) -> None:
-        async def go() -> None:
-            await self.cap.repairVolume(name)
-        await self.call(go)
+    async def repair_volume(self, name: str) -> float:
+        async def go() -> float:
+            return float((await self.cap.repairVolume(name)).requested)
+        return await self.call(go)
 
 
 class ChunkClient(_Caller):

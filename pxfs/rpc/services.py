@@ -94,7 +94,7 @@ class AdminServer(pxfs_capnp.Admin.Server):
 
     @served
     async def repairVolume(self, name: str, _context: Any, **_: Any) -> None:
-        await self._b.to_trio(self._a.repair_volume, name)
+        _context.results.requested = await self._b.to_trio(self._a.repair_volume, name)
 
 
 class ChunkStoreServer(pxfs_capnp.ChunkStore.Server):
