@@ -63,14 +63,6 @@ class Peers:
     async def chunks(self, node_id: str) -> ChunkClient:
         return await (await self.connection(node_id)).chunks()
 
-    async def apply(self, node_id: str, volume: str, epoch: int, seq: int, batch: bytes) -> int:
-        try:
-            with trio.fail_after(CALL_TIMEOUT):
-                return await (await self.volumes(node_id)).apply(volume, epoch, seq, batch)
-        except (Unavailable, trio.TooSlowError):
-            await self.forget(node_id)
-            raise Unavailable(f"node {node_id}", "did not answer a replication call") from None
-
     async def apply_many(self, node_id: str, volume: str, epoch: int, first: int, batches: list[bytes]) -> int:
         try:
             with trio.fail_after(CALL_TIMEOUT):

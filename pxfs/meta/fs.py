@@ -389,15 +389,18 @@ class Meta:
     def open(self, ino: int) -> Attr:
         """Count an open handle: an unlinked file lives on (as an orphan) until its last release."""
         a = self.getattr(ino)
-        self._open[ino] = self._open.get(ino, 0) + 1
+        self._hold(ino)
         return a
+
+    def _hold(self, ino: int) -> None:
+        self._open[ino] = self._open.get(ino, 0) + 1
 
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         """open(O_CREAT) of a new regular file: mknod and one open handle, in one call."""
         if not stat.S_ISREG(mode):
             raise FsError(errno.EINVAL, f"name {name[:80]!r}", "create makes regular files only")
         a = self.mknod(parent, name, mode, 0, uid, gid)
-        self._open[a.ino] = self._open.get(a.ino, 0) + 1
+        self._hold(a.ino)
         return a
 
     def release(self, ino: int) -> None:
