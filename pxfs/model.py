@@ -5,7 +5,7 @@ They are wire-independent: pxfs.rpc converts them to and from Cap'n Proto struct
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -56,6 +56,12 @@ class VolumeInfo:
     mounts: int = 0
     detail: dict[str, Any] = field(default_factory=dict)  # from the coordinator: lagging, repair progress
     source: str = ""  # "VOLUME@SNAPSHOT" for a clone
+    # Replicas known to hold every acknowledged batch and chunk: only they may be elected.
+    in_sync: list[str] = field(default_factory=list)
+    min_replicas: int = 1  # acknowledgements wait while fewer in-sync replicas remain
+    uid: str = ""  # unique per volume ever created: a tombstone names it, never just the name
+    clone_done: bool = False  # a clone's coordinator has copied its source snapshot in
+    waiting: str = ""  # why no coordinator serves the volume (judged from liveness; not stored)
 
     def to_json(self) -> dict[str, Any]:
         repair = self.detail.get("repair", {})
@@ -64,14 +70,9 @@ class VolumeInfo:
                 "replicas": list(self.replicas), "coordinator": self.coordinator, "epoch": self.epoch,
                 "mounts": self.mounts, "missing_replicas": self.detail.get("missing_replicas", []),
                 "lagging": self.detail.get("lagging", []), "repair": repair, "source": self.source,
-                "space": self.detail.get("space", {}), "snapshots": self.detail.get("snapshots", [])}
-
-    def spec(self) -> dict[str, Any]:
-        """The persistent part, as stored in the control store."""
-        d = asdict(self)
-        for k in ("used", "state", "mounts", "detail"):
-            d.pop(k)
-        return d
+                "space": self.detail.get("space", {}), "snapshots": self.detail.get("snapshots", []),
+                "in_sync": list(self.in_sync), "min_replicas": self.min_replicas, "uid": self.uid,
+                "waiting": self.waiting}
 
 
 @dataclass

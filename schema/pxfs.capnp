@@ -49,6 +49,11 @@ struct VolumeInfo {
   mounts @11 :UInt32;
   detail @12 :Text;          # JSON: lagging followers, missing chunks per replica, repair progress
   source @13 :Text;          # "VOLUME@SNAPSHOT" for a clone
+  inSync @14 :List(Text);    # replicas known to hold every acknowledged batch and chunk
+  minReplicas @15 :UInt8;    # acknowledgements wait while fewer in-sync replicas remain
+  uid @16 :Text;             # unique per volume ever created (tombstones name it)
+  waiting @17 :Text;         # why no coordinator serves the volume ("" when one does)
+  cloneDone @18 :Bool;       # a clone whose coordinator copied its source snapshot in
 }
 
 struct SnapshotInfo {
@@ -107,7 +112,8 @@ interface Session {
 interface Admin {
   clusterInfo @0 () -> (id :Text, name :Text, seed :Text, store :Text);
   listNodes @1 () -> (nodes :List(NodeInfo));
-  createVolume @2 (name :Text, size :UInt64, repl :UInt8, blockSize :UInt32, labels :List(Label))
+  createVolume @2 (name :Text, size :UInt64, repl :UInt8, blockSize :UInt32, labels :List(Label),
+                   minReplicas :UInt8)
       -> (volume :VolumeInfo);
   listVolumes @3 () -> (volumes :List(VolumeInfo));
   getVolume @4 (name :Text) -> (volume :VolumeInfo);
@@ -122,6 +128,9 @@ interface Admin {
   repairVolume @9 (name :Text) -> (requested :Float64);
   cloneVolume @10 (source :Text, name :Text) -> (volume :VolumeInfo);
   scheduleSnapshots @11 (name :Text, everySeconds :UInt32, keep :UInt32) -> ();
+  # The explicit way out when no in-sync replica returns: node becomes coordinator and the only
+  # in-sync replica under a new epoch; acknowledged writes only the others held are given up.
+  promoteVolume @12 (name :Text, node :Text) -> (volume :VolumeInfo);
 }
 
 # Content-addressed chunks of one node's pools. Called by: mounts (data path), other nodes (repair).
@@ -194,7 +203,10 @@ interface Volume {
   removexattr @15 (ino :UInt64, name :Data) -> ();
   open @16 (ino :UInt64) -> (attr :Attr, blocks :List(BlockRef));
   release @17 (ino :UInt64) -> ();
-  commit @18 (ino :UInt64, blocks :List(BlockRef), size :UInt64, mtimeNs :Int64) -> (attr :Attr);
+  # held: the replicas that answered "stored" for every chunk of blocks. The coordinator copies what
+  # an in-sync replica lacks, or takes it out of the in-sync set, before it acknowledges.
+  commit @18 (ino :UInt64, blocks :List(BlockRef), size :UInt64, mtimeNs :Int64, held :List(Text))
+      -> (attr :Attr);
   statfs @19 () -> (capacity :UInt64, used :UInt64, inodes :UInt64, blockSize :UInt32);
   info @20 () -> (info :VolumeInfo);
   # Every chunk the volume's block maps name (scrub), and where given chunks are used (its report).

@@ -2,7 +2,9 @@
 
 This is the ``ChunkPort`` of a mount. A put succeeds when at least one replica stored the chunk and
 none refused it for lack of space (a refusal fails the write with ENOSPC before replicas diverge);
-replicas that cannot be reached leave the volume degraded for the repair loop to fix. A get reads a
+replicas that cannot be reached leave the volume degraded for the repair loop to fix. Which
+replicas answered "stored" is remembered per chunk (``held_by``) and sent with the commit that names
+it: the coordinator must not count a replica as holding a write it never stored. A get reads a
 replica's chunk file directly when the replica runs on this host, else asks the replicas (spread by
 hash), and never returns bytes that do not match their hash.
 """
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 PUT_TIMEOUT = 10.0
 SUSPECT_FOR = 5.0  # a replica that timed out is skipped this long (degraded), not waited on per chunk
+HELD_MAX = 1 << 16  # chunks put but not yet committed whose holders we remember (oldest forgotten first)
 
 
 class ReplicaChunks:
@@ -32,6 +35,7 @@ class ReplicaChunks:
         self._peers = peers
         self.degraded: set[str] = set()
         self._suspect: dict[str, float] = {}
+        self._held: dict[bytes, frozenset[str]] = {}
 
     def _live(self) -> list[str]:
         now = trio.current_time()
@@ -78,6 +82,22 @@ class ReplicaChunks:
         for node in results:
             if results[node] is None:
                 self.degraded.discard(node)
+        self._held.pop(h, None)  # re-inserted last: eviction takes the oldest put first
+        self._held[h] = frozenset(n for n, e in results.items() if e is None)
+        if len(self._held) > HELD_MAX:
+            del self._held[next(iter(self._held))]
+
+    def held_by(self, hashes: list[bytes]) -> list[str]:
+        """The replicas that stored every one of ``hashes`` (for a chunk we did not put: none)."""
+        held: set[str] | None = None
+        for h in hashes:
+            nodes = self._held.get(h, frozenset())
+            held = set(nodes) if held is None else held & nodes
+        return sorted(held if held is not None else self.replicas)
+
+    def committed(self, hashes: list[bytes]) -> None:
+        for h in hashes:
+            self._held.pop(h, None)
 
     async def get(self, h: bytes) -> bytes:
         rotten: list[str] = []

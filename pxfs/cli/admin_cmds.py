@@ -94,12 +94,25 @@ async def cmd_volume_create(args: argparse.Namespace) -> int:
     size = parse_size(args.size, "size")
     block = parse_size(args.block_size, "block size") if args.block_size else 0
     async with cluster_admin(args.cluster) as (admin, *_):
-        vol = await admin.create_volume(args.name, size, args.repl, block, _labels(args.label))
+        vol = await admin.create_volume(args.name, size, args.repl, block, _labels(args.label), args.min_replicas)
     if args.json:
         emit_json(vol.to_json())
     else:
         line(f'volume "{vol.name}" created: {format_size(vol.size)}, repl {vol.repl}, '
              f'replicas {",".join(vol.replicas)}, coordinator {vol.coordinator}')
+    return 0
+
+
+async def cmd_volume_promote(args: argparse.Namespace) -> int:
+    if not args.accept_data_loss:
+        raise Invalid(f'volume "{args.name}"', f"promoting {args.node} gives up every acknowledged write it may "
+                      "lack; pass --accept-data-loss to do it")
+    async with cluster_admin(args.cluster) as (admin, *_):
+        vol = await admin.promote_volume(args.name, args.node)
+    if args.json:
+        emit_json(vol.to_json())
+    else:
+        line(f'volume "{vol.name}": {vol.coordinator} is coordinator at epoch {vol.epoch}, the only in-sync replica')
     return 0
 
 
@@ -125,7 +138,8 @@ async def cmd_volume_inspect(args: argparse.Namespace) -> int:
         ["size", f"{format_size(v.size)} ({v.size} bytes)"], ["used", f"{format_size(v.used)} ({v.used} bytes)"],
         ["repl", str(v.repl)], ["block size", format_size(v.block_size)], ["labels", _fmt_labels(v.labels)],
         ["state", v.state], ["epoch", str(v.epoch)], ["mounts", str(v.mounts)],
-    ])
+        ["in sync", ", ".join(v.in_sync) or "none"], ["min replicas", str(v.min_replicas)],
+    ] + ([["waiting", v.waiting]] if v.waiting else []))
     lagging = set(v.detail.get("lagging", []))
     repair = v.detail.get("repair", {})
     missing = repair.get("missing", {})
@@ -133,7 +147,8 @@ async def cmd_volume_inspect(args: argparse.Namespace) -> int:
     table(None, ["REPLICA", "ADDRESS", "STATE", "ROLE", "METADATA", "CHUNKS MISSING"], [
         [r, nodes[r].address if r in nodes else "?", nodes[r].state if r in nodes else "unknown",
          "coordinator" if r == v.coordinator else "follower",
-         "lagging" if r in lagging else ("-" if r not in nodes or nodes[r].state != "up" else "in sync"),
+         "lagging" if r in lagging else ("-" if r not in nodes or nodes[r].state != "up" else
+                                         "in sync" if r in v.in_sync else "catching up"),
          str(missing.get(r, 0))] for r in v.replicas])
     space = v.detail.get("space") or {}
     if space:

@@ -77,7 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repl", type=int, default=1)
     p.add_argument("--block-size", default="")
     p.add_argument("--label", action="append", metavar="KEY=VALUE")
+    p.add_argument("--min-replicas", type=int, default=1,
+                   help="acknowledge writes only while this many replicas are in sync (default 1)")
     p.set_defaults(run=admin_cmds.cmd_volume_create)
+    p = _client(vol.add_parser("promote", help="make a replica coordinator when no in-sync replica returns"))
+    p.add_argument("name")
+    p.add_argument("node")
+    p.add_argument("--accept-data-loss", action="store_true",
+                   help="required: writes acknowledged while NODE was out of sync are given up")
+    p.set_defaults(run=admin_cmds.cmd_volume_promote)
     _client(vol.add_parser("list", help="list volumes")).set_defaults(run=admin_cmds.cmd_volume_list)
     p = _client(vol.add_parser("inspect", help="one volume in detail"))
     p.add_argument("name")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
 from typing import Any
 
-from pxfs.cluster import placement
+from pxfs.cluster import placement, records
 from pxfs.cluster.config import ClusterConfig
 from pxfs.cluster.store import ControlStore
-from pxfs.errors import Conflict, Exists, Invalid, NotFound
+from pxfs.errors import Conflict, Exists, Invalid, NotFound, PxfsError, Unavailable
 from pxfs.model import NodeInfo, VolumeInfo
 
 VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -36,8 +37,7 @@ def check_labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
-def _vol_key(name: str) -> str:
-    return f"volumes/{name}"
+_vol_key = records.volume_key
 
 
 class ClusterAdmin:
@@ -66,13 +66,14 @@ class ClusterAdmin:
         return sorted(nodes, key=lambda n: n.id)
 
     async def _specs(self) -> list[VolumeInfo]:
-        return [VolumeInfo(**json.loads(raw)) for _k, raw in await self._store.range("volumes/")]
+        return records.volumes(await self._store.range(records.VOLUME_PREFIX))
 
     async def _spec(self, name: str) -> tuple[VolumeInfo, bytes]:
-        raw = await self._store.get(_vol_key(check_volume_name(name)))
+        key = _vol_key(check_volume_name(name))
+        raw = await self._store.get(key)
         if raw is None:
             raise NotFound(f'volume "{name}"', "no such volume")
-        return VolumeInfo(**json.loads(raw)), raw
+        return records.decode_volume(key, raw), raw
 
     async def _decorate(self, vols: list[VolumeInfo], nodes: list[NodeInfo] | None = None) -> list[VolumeInfo]:
         nodes = nodes if nodes is not None else await self._store.liveness()
@@ -80,8 +81,13 @@ class ClusterAdmin:
         up = {n.id for n in nodes if n.state == "up"} - removed
         now = time.time()
         for v in vols:
-            raw = await self._store.get(f"usage/{v.name}")
-            detail = json.loads(raw) if raw else {}
+            key = f"usage/{v.name}"
+            raw = await self._store.get(key)
+            try:
+                detail = records.decode_json(key, raw) if raw else {}
+            except PxfsError as err:
+                records.skip_bad(key, err)
+                detail = {}
             # Published by this coordinator for this replica set: a report from before a replica
             # change says nothing about the new replica.
             fresh = (detail.get("coordinator") == v.coordinator and detail.get("epoch") == v.epoch
@@ -97,10 +103,32 @@ class ClusterAdmin:
             # A report from before the last failover or replica change: unknown, so not healthy yet.
             incomplete = (bool(detail) and not fresh) or (bool(repair) and not repair.get("converged", False) and (
                 repair.get("rounds", 0) > 0 or v.used > 0))
-            v.state = "degraded" if missing or lagging or short or incomplete else "healthy"
-            mounts = await self._store.range(f"mounts/{v.name}/")
-            v.mounts = sum(1 for _k, raw in mounts if now - json.loads(raw).get("ts", 0) <= MOUNT_TTL)
+            # Replicas out of the in-sync set hold an old copy: they catch up, then rejoin.
+            behind = [r for r in v.replicas if r not in v.in_sync and r not in missing and r not in lagging]
+            v.detail["lagging"] = lagging + behind
+            v.waiting = self._waiting(v, up)
+            v.state = "degraded" if missing or lagging or behind or short or incomplete or v.waiting else "healthy"
+            if v.waiting:
+                v.state = "unavailable"
+            mounts = records.decode_all(await self._store.range(f"mounts/{v.name}/"), records.decode_json)
+            v.mounts = sum(1 for m in mounts if now - float(m.get("ts", 0)) <= MOUNT_TTL)
         return vols
+
+    @staticmethod
+    def _waiting(v: VolumeInfo, up: set[str]) -> str:
+        """Why nobody can serve the volume, or "": its coordinator is down and no in-sync replica is up."""
+        if v.coordinator in up:
+            return ""
+        electable = [r for r in v.in_sync if r != v.coordinator and r in up]
+        if electable:
+            return ""  # the manager fails over to one of them
+        behind = [r for r in v.replicas if r not in v.in_sync and r in up]
+        why = (f"coordinator {v.coordinator} is down and no other in-sync replica is up "
+               f"(in sync: {', '.join(v.in_sync) or 'none'})")
+        if behind:
+            why += (f"; {', '.join(behind)} may lack acknowledged writes: bring {v.coordinator} back, or "
+                    f"`pxfs volume promote {v.name} {behind[0]} --accept-data-loss`")
+        return why
 
     async def list_volumes(self) -> list[VolumeInfo]:
         return await self._decorate(sorted(await self._specs(), key=lambda v: v.name))
@@ -122,12 +150,15 @@ class ClusterAdmin:
         return committed
 
     async def create_volume(self, name: str, size: int, repl: int, block_size: int,
-                            labels: dict[str, str]) -> VolumeInfo:
+                            labels: dict[str, str], min_replicas: int = 1) -> VolumeInfo:
         check_volume_name(name)
         check_labels(labels)
         self._check_size(name, size)
         if not 1 <= repl <= 3:
             raise Invalid(f'volume "{name}"', f"repl must be 1, 2 or 3 (got {repl})")
+        min_replicas = min_replicas or 1
+        if not 1 <= min_replicas <= repl:
+            raise Invalid(f'volume "{name}"', f"min-replicas must be from 1 to repl={repl} (got {min_replicas})")
         block_size = block_size or DEFAULT_BLOCK
         if block_size & (block_size - 1) or not MIN_BLOCK <= block_size <= MAX_BLOCK:
             raise Invalid(f'volume "{name}"', f"block size {block_size} must be a power of two from 4K to 16M")
@@ -147,8 +178,9 @@ class ClusterAdmin:
         replicas.remove(coordinator)
         replicas.insert(0, coordinator)
         vol = VolumeInfo(name=name, size=size, repl=repl, block_size=block_size, labels=labels,
-                         replicas=replicas, coordinator=coordinator, epoch=1, created_ns=time.time_ns())
-        if not await self._store.cas(_vol_key(name), None, json.dumps(vol.spec()).encode()):
+                         replicas=replicas, coordinator=coordinator, epoch=1, created_ns=time.time_ns(),
+                         in_sync=list(replicas), min_replicas=min_replicas, uid=secrets.token_hex(8))
+        if not await self._store.cas(_vol_key(name), None, records.encode_volume(vol)):
             raise Exists(f'volume "{name}"', "a volume with this name exists")
         return (await self._decorate([vol], nodes))[0]
 
@@ -167,7 +199,7 @@ class ClusterAdmin:
                     raise Invalid(f'volume "{name}"', f"size {size} exceeds the thin-provisioning limit "
                                   f"({self._overcommit:g}x pool capacity) of replica node {r}")
         spec.size = size
-        if not await self._store.cas(_vol_key(name), raw, json.dumps(spec.spec()).encode()):
+        if not await self._store.cas(_vol_key(name), raw, records.encode_volume(spec)):
             raise Conflict(f'volume "{name}"', "changed concurrently; retry")
         return await self.get_volume(name)
 
@@ -175,6 +207,11 @@ class ClusterAdmin:
         vol = await self.get_volume(name)
         if vol.mounts and not force:
             raise Invalid(f'volume "{name}"', f"mounted {vol.mounts} time(s); unmount it first or use --force")
+        spec, _raw = await self._spec(name)
+        # Replicas and chunks go only on an explicit tombstone naming this volume's uid: a record
+        # that is merely missing (a lost control store) must never delete anything.
+        await self._store.put(records.tombstone_key(name, spec.uid or "none"),
+                              json.dumps({"v": 1, "ts": time.time()}).encode())
         await self._store.delete(_vol_key(name))
         await self._store.delete(f"usage/{name}")
         await self._store.delete(f"schedules/{name}")
@@ -235,8 +272,9 @@ class ClusterAdmin:
             raise Exists(f'volume "{name}"', "a volume with this name exists")
         vol = VolumeInfo(name=name, size=src.size, repl=src.repl, block_size=src.block_size, labels=dict(src.labels),
                          replicas=list(src.replicas), coordinator=src.coordinator, epoch=1,
-                         created_ns=time.time_ns(), source=source)
-        if not await self._store.cas(_vol_key(name), None, json.dumps(vol.spec()).encode()):
+                         created_ns=time.time_ns(), source=source, in_sync=list(src.replicas),
+                         min_replicas=src.min_replicas, uid=secrets.token_hex(8))
+        if not await self._store.cas(_vol_key(name), None, records.encode_volume(vol)):
             raise Exists(f'volume "{name}"', "a volume with this name exists")
         return (await self._decorate([vol]))[0]
 
@@ -254,6 +292,24 @@ class ClusterAdmin:
         for _ in range(20):
             spec, raw = await self._spec(name)
             change(spec)
-            if await self._store.cas(_vol_key(name), raw, json.dumps(spec.spec()).encode()):
+            if await self._store.cas(_vol_key(name), raw, records.encode_volume(spec)):
                 return spec
         raise Conflict(f'volume "{name}"', "too many concurrent changes")
+
+    async def promote_volume(self, name: str, node: str) -> VolumeInfo:
+        """Make ``node`` coordinator and sole in-sync replica: the operator accepts losing whatever
+        acknowledged writes only the other replicas held (the way out when none of them returns)."""
+        spec, _raw = await self._spec(name)
+        if node not in spec.replicas:
+            raise Invalid(f'volume "{name}"', f"node {node} is not one of its replicas ({', '.join(spec.replicas)})")
+        up = {n.id for n in await self._store.liveness() if n.state == "up"}
+        if node not in up:
+            raise Unavailable(f"node {node}", f'is down; it cannot coordinate volume "{name}"')
+
+        def change(s: VolumeInfo) -> None:
+            s.coordinator = node
+            s.in_sync = [node]
+            s.epoch += 1
+
+        await self.update_volume(name, change)
+        return await self.get_volume(name)

@@ -11,7 +11,6 @@ the rest.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 import trio
 
+from pxfs.cluster import records
 from pxfs.cluster.store import ControlStore
 from pxfs.errors import PxfsError, Unavailable
 from pxfs.model import VolumeInfo
@@ -48,7 +48,7 @@ class Collector:
     async def collect(self, dry_run: bool, grace: float) -> dict[str, Any]:
         async with self._lock:
             start = time.monotonic()
-            specs = [VolumeInfo(**json.loads(raw)) for _k, raw in await self._store.range("volumes/")]
+            specs = records.volumes(await self._store.range(records.VOLUME_PREFIX))
             mine = [s for s in specs if self.node_id in s.replicas]
             keep: set[bytes] = set()
             for spec in mine:

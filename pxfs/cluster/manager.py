@@ -2,8 +2,11 @@
 
 Once a second it compares every volume's record with node liveness and acts:
 * **failover**: the coordinator has been down for ``failover_after`` seconds (or was removed): the
-  live replica holding the most batches becomes coordinator under epoch + 1. Followers refuse
-  batches from older epochs, so the old coordinator cannot get a write acknowledged again.
+  live *in-sync* replica holding the most batches becomes coordinator under epoch + 1. Only an
+  in-sync replica holds every acknowledged batch and chunk; when none is live the volume waits (see
+  ``ClusterAdmin._waiting``) until one returns or an operator runs ``pxfs volume promote``.
+  Followers refuse batches from older epochs, so the old coordinator cannot get a write
+  acknowledged again.
 * **replacement**: a follower down for ``replace_after`` seconds, or removed by an operator, is
   replaced by a node chosen by the placement rules; the coordinator then ships it the metadata log
   and copies the chunks (repair).
@@ -14,7 +17,6 @@ pxfs grows no consensus of its own: the control store's compare-and-swap orders 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import Any
 
 import trio
 
-from pxfs.cluster import placement
+from pxfs.cluster import placement, records
 from pxfs.cluster.store import ControlStore
 from pxfs.errors import PxfsError
 from pxfs.model import NodeInfo, VolumeInfo
@@ -74,8 +76,7 @@ class Manager:
             since = self._down_since.get(node)
             return now - since if since is not None else (0.0 if node in {n.id for n in nodes} else float("inf"))
 
-        for _key, raw in await self._store.range("volumes/"):
-            spec = VolumeInfo(**json.loads(raw))
+        for spec in records.volumes(await self._store.range(records.VOLUME_PREFIX)):
             if down_for(spec.coordinator) >= self.settings.failover_after:
                 await self._failover(spec, gone)
                 continue
@@ -87,7 +88,7 @@ class Manager:
     async def _failover(self, spec: VolumeInfo, gone: set[str]) -> None:
         best: tuple[int, str] | None = None
         for r in spec.replicas:
-            if r == spec.coordinator or r in gone:
+            if r == spec.coordinator or r in gone or r not in spec.in_sync:
                 continue
             try:
                 with trio.fail_after(5):
@@ -98,13 +99,14 @@ class Manager:
             if best is None or seq > best[0]:
                 best = (seq, r)
         if best is None:
-            log.warning("volume=%s coordinator %s is down and no other replica is live: waiting",
-                        spec.name, spec.coordinator)
+            log.warning("volume=%s coordinator %s is down and no other in-sync replica (%s) is live: waiting",
+                        spec.name, spec.coordinator, ",".join(spec.in_sync))
             return
-        old = spec.coordinator
+        old, epoch = spec.coordinator, spec.epoch
 
         def change(s: VolumeInfo) -> None:
-            if s.coordinator == old:
+            # Only if nothing moved meanwhile: the coordinator may have shrunk the in-sync set.
+            if s.coordinator == old and s.epoch == epoch and best[1] in s.in_sync:
                 s.coordinator = best[1]
                 s.epoch += 1
 
@@ -117,7 +119,8 @@ class Manager:
         live = {n.id for n in nodes if n.state == "up"}
         if len(keep) > spec.repl:
             # Lower the replication factor: drop followers, down ones first, never the coordinator.
-            followers = sorted((r for r in keep if r != spec.coordinator), key=lambda r: (r in live, r))
+            followers = sorted((r for r in keep if r != spec.coordinator),
+                               key=lambda r: (r in live, r in spec.in_sync, r))
             keep = [r for r in keep if r not in followers[:len(keep) - spec.repl]]
         need = spec.repl - len(keep)
         added: list[str] = []
@@ -134,10 +137,16 @@ class Manager:
         target = keep + added
         if target == spec.replicas:
             return
+        if not any(r in spec.in_sync for r in target):
+            log.warning("volume=%s would keep no in-sync replica of %s: not reshaped", spec.name,
+                        ",".join(spec.in_sync))
+            return
 
         def change(s: VolumeInfo) -> None:
             if s.replicas == spec.replicas:
                 s.replicas = list(target)
+                # New replicas join the in-sync set only once their coordinator has caught them up.
+                s.in_sync = [r for r in s.in_sync if r in target]
 
         await self._admin.update_volume(spec.name, change)
         log.warning("volume=%s replicas %s -> %s", spec.name, ",".join(spec.replicas), ",".join(target))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
 import trio
 
+from pxfs.cluster import records
 from pxfs.cluster.store import ControlStore
 from pxfs.errors import NotFound, Unavailable
 from pxfs.rpc.bridge import Bridge
@@ -21,10 +21,11 @@ def store_resolver(store: ControlStore) -> Callable[[str], Awaitable[str]]:
     """Node id -> address, from the control store's node records."""
 
     async def resolve(node_id: str) -> str:
-        raw = await store.get(f"nodes/{node_id}")
+        key = f"nodes/{node_id}"
+        raw = await store.get(key)
         if raw is None:
             raise NotFound(f"node {node_id}", "not registered in the cluster map")
-        return json.loads(raw)["address"]
+        return records.decode_node(key, raw).address
 
     return resolve
 

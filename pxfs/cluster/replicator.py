@@ -1,8 +1,10 @@
 """Ships a coordinator's metadata batches to its followers, in sequence order, one task per follower.
 
-A mutation is acknowledged to the mount once every *live* follower holds its batch. A follower that
-does not answer within ``ACK_TIMEOUT`` is marked lagging (the volume runs degraded) and is caught
-up from the log in the background as soon as it answers again.
+Every follower gets every batch, but ``wait_acked`` waits only for the followers in the in-sync set
+(``in_sync``, kept by ``pxfs.volume.insync.InSync``): it returns those that did not acknowledge in
+time, and the coordinator must take them out of the set (compare-and-swap on the volume's record)
+before it may acknowledge without them. A follower out of the set is caught up from the log in the
+background and rejoins once it holds everything.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class Replicator:
         self._peers = peers
         self._on_caught_up = on_caught_up
         self.acked: dict[str, int | None] = {f: None for f in followers}
-        self.lagging: set[str] = set()
+        self.lagging: set[str] = set()  # unreachable or refusing: shown by inspect
+        self.in_sync: set[str] = set(followers)  # the followers wait_acked waits for
         self._kick = trio.Event()
         self._progress = trio.Event()
         self._scope = trio.CancelScope()
@@ -128,19 +131,33 @@ class Replicator:
         ours = self.kv.log_entry(seq)
         return ours is None or blake3.blake3(ours).digest() != last_hash
 
-    async def wait_acked(self, seq: int) -> None:
-        """Return once each follower holds ``seq`` or is lagging (unreachable: degraded, not blocked)."""
+    async def wait_acked(self, seq: int, timeout: float = ACK_TIMEOUT) -> set[str]:
+        """Wait up to ``timeout`` for every in-sync follower to hold ``seq``; returns those that do not
+        (the caller takes them out of the in-sync set before it acknowledges)."""
         self._kick.set()
         self._kick = trio.Event()
 
-        def pending() -> list[str]:
-            return [f for f in self.followers if f not in self.lagging and (self.acked[f] or 0) < seq]
+        def pending() -> set[str]:
+            return {f for f in self.followers if f in self.in_sync and (self.acked[f] or 0) < seq}
 
-        with trio.move_on_after(ACK_TIMEOUT):
-            while pending():
+        with trio.move_on_after(timeout):
+            while pending() and not self.deposed:
                 await self._progress.wait()
-            return
-        for f in pending():
-            log.warning("volume=%s follower=%s did not acknowledge seq %d within %gs: marked lagging",
-                        self.volume, f, seq, ACK_TIMEOUT)
+        slow = pending()
+        for f in slow:
+            log.warning("volume=%s follower=%s did not acknowledge seq %d within %gs", self.volume, f, seq, timeout)
             self.lagging.add(f)
+        return slow
+
+    async def reach(self, follower: str, seq: int, timeout: float = ACK_TIMEOUT) -> bool:
+        """Wait until ``follower`` holds ``seq``; False if it does not within ``timeout``."""
+        self._kick.set()
+        self._kick = trio.Event()
+        with trio.move_on_after(timeout):
+            while (self.acked.get(follower) or 0) < seq and not self.deposed:
+                await self._progress.wait()
+        return (self.acked.get(follower) or 0) >= seq
+
+    def set_in_sync(self, followers: set[str]) -> None:
+        self.in_sync = set(followers)
+        self._notify_progress()  # a waiter whose slow follower just left the set may go on

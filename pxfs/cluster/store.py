@@ -1,12 +1,7 @@
 """The control store: the cluster map as a small key-value store, behind one interface.
 
 Backends: ``EmbeddedStore`` (RocksDB inside the seed node, served to the other nodes over the
-``ControlStore`` RPC) and, later, etcd. Values are JSON documents; keys:
-
-  nodes/<id>        NodeInfo of a registered node (labels, address, pools with usage)
-  volumes/<name>    VolumeInfo spec (size, repl, block size, labels, replicas, coordinator, epoch)
-  usage/<name>      {"used": bytes, "inodes": n} reported by the volume's coordinator
-  mounts/<name>/<id> {"host", "pid", "mountpoint"} of a live mount (renewed by its heartbeat)
+``ControlStore`` RPC) and, later, etcd. The keys and their records are in ``pxfs.cluster.records``.
 
 Liveness is not persisted: a node is up when the store heard its heartbeat within ``down_after``
 seconds (an etcd backend will use leases for the same thing).
@@ -14,13 +9,13 @@ seconds (an etcd backend will use leases for the same thing).
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Protocol
 
 from rocksdict import Options, Rdict, WriteOptions
 
-from pxfs.model import NodeInfo, PoolInfo
+from pxfs.cluster import records
+from pxfs.model import NodeInfo
 
 DOWN_AFTER = 3.0
 
@@ -33,21 +28,6 @@ class ControlStore(Protocol):
     async def cas(self, key: str, expected: bytes | None, value: bytes) -> bool: ...
     async def heartbeat(self, node: NodeInfo) -> None: ...
     async def liveness(self) -> list[NodeInfo]: ...
-
-
-def node_to_json(n: NodeInfo) -> bytes:
-    d = n.to_json()
-    d.pop("state")
-    d.pop("last_seen_ms")
-    return json.dumps(d).encode()
-
-
-def node_from_json(raw: bytes) -> NodeInfo:
-    d = json.loads(raw)
-    pools = [PoolInfo(node=p["node"], path=p["path"], klass=p["class"], capacity=p["capacity"], used=p["used"],
-                      free=p["free"], chunks=p.get("chunks", 0)) for p in d.get("pools", [])]
-    return NodeInfo(id=d["id"], address=d["address"], labels=d.get("labels", {}), pools=pools,
-                    seed=d.get("seed", False))
 
 
 class EmbeddedStore:
@@ -102,7 +82,7 @@ class EmbeddedStore:
 
     async def heartbeat(self, node: NodeInfo) -> None:
         self._seen[node.id] = time.monotonic()
-        raw = node_to_json(node)
+        raw = records.encode_node(node)
         key = f"nodes/{node.id}".encode()
         if self._db.get(key) != raw:
             self._db.put(key, raw)
@@ -110,8 +90,7 @@ class EmbeddedStore:
     async def liveness(self) -> list[NodeInfo]:
         now = time.monotonic()
         nodes = []
-        for _key, raw in await self.range("nodes/"):
-            n = node_from_json(raw)
+        for n in records.decode_all(await self.range("nodes/"), records.decode_node):
             seen = self._seen.get(n.id)
             n.last_seen_ms = int((now - seen) * 1000) if seen is not None else 0
             n.state = "up" if seen is not None and now - seen <= self.down_after else "down"

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import blake3
 import trio
 
+from pxfs.cluster import records
 from pxfs.cluster.admin import check_volume_name
 from pxfs.cluster.repair import ChunkRepair
 from pxfs.cluster.replicator import Replicator
@@ -31,6 +32,7 @@ from pxfs.meta.fs import Meta
 from pxfs.meta.fsck import fsck
 from pxfs.meta.kv import Batch, RocksKV
 from pxfs.model import Changed, VolumeInfo
+from pxfs.volume.insync import MIN_REPLICAS_WAIT, REJOIN_LAG, Deposed, InSync
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,6 +56,10 @@ class HostedVolume:
         self.epoch = self._read_epoch()
         self.meta: Meta | None = None
         self.replicator: Replicator | None = None
+        self.insync: InSync | None = None
+        # The fencing token this replica follows: (coordinator, epoch) as the store last said.
+        self.token: tuple[str, int] | None = None
+        self.converged_round_started = -1.0  # when the last repair round that found all complete began
         self.repair: ChunkRepair | None = None
         self.repair_wanted = True
         self.repair_running = False
@@ -118,18 +124,27 @@ class HostedVolume:
 
     def demote(self) -> None:
         self.meta = None
+        self.insync = None
         if self.replicator is not None:
             self.replicator.stop()
             self.replicator = None
 
     def wipe(self) -> None:
-        """Drop this replica's copy entirely (it diverged); the coordinator resends the whole log."""
+        """Start this replica's copy over (it diverged); the coordinator resends the whole log.
+
+        The old copy is moved aside, never deleted: it holds only batches no in-sync replica
+        acknowledged, but an operator who promoted a replica with --accept-data-loss may want them.
+        """
         self.demote()
         self.kv.close()
         for name in list(self.snapshots):
             self.close_snapshot(name)
-        shutil.rmtree(self.path / "meta", ignore_errors=True)
-        shutil.rmtree(self.path / "snapshots", ignore_errors=True)
+        aside = self.path / "diverged"
+        shutil.rmtree(aside, ignore_errors=True)  # only the newest diverged copy is kept
+        aside.mkdir()
+        for part in ("meta", "snapshots"):
+            if (self.path / part).exists():
+                (self.path / part).rename(aside / part)
         self.kv = self._open_kv()
 
     def close(self) -> None:
@@ -163,7 +178,6 @@ class VolumeHost:
         self._peers = peers  # pxfs.cluster.peers.Peers: logged-in connections to other nodes
         self._repair_rate = repair_rate
         self._volumes: dict[str, HostedVolume] = {}
-        self._spec_cache: dict[str, tuple[VolumeInfo, float]] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -183,10 +197,11 @@ class VolumeHost:
         self._volumes.clear()
 
     async def _spec(self, name: str) -> VolumeInfo:
-        raw = await self._store.get(f"volumes/{name}")
+        key = records.volume_key(name)
+        raw = await self._store.get(key)
         if raw is None:
             raise NotFound(f'volume "{name}"', "no such volume")
-        return VolumeInfo(**json.loads(raw))
+        return records.decode_volume(key, raw)
 
     def _hosted(self, name: str) -> HostedVolume:
         hv = self._volumes.get(name)
@@ -228,6 +243,10 @@ class VolumeHost:
                 hv.fresh_replicas[r] = time.monotonic() + FRESH_WINDOW
         hv.known_replicas = list(spec.replicas)
         followers = [r for r in spec.replicas if r != self.node_id]
+        if hv.insync is None or hv.insync.epoch != spec.epoch:
+            hv.insync = InSync(name, self.node_id, spec, self._store, self._peers)
+        else:
+            hv.insync.refresh(spec)
         rep = hv.replicator
         if rep is None or rep.followers != followers or rep.epoch != spec.epoch or rep.deposed:
             if rep is not None:
@@ -236,10 +255,13 @@ class VolumeHost:
             if hv.repair is not None:
                 # A new replica set is complete only once a repair round has checked it.
                 hv.repair.status.converged = False
+            hv.converged_round_started = -1.0
             assert self._nursery is not None
             hv.replicator = Replicator(name, hv.kv, spec.epoch, followers, self._peers,
                                        on_caught_up=lambda _f, hv=hv: setattr(hv, "repair_wanted", True))
             self._nursery.start_soon(hv.replicator.run)
+        hv.replicator.set_in_sync(hv.insync.followers())
+        hv.insync.on_change = hv.replicator.set_in_sync
         if hv.repair is None:
             hv.repair = ChunkRepair(name, self._peers, self._repair_rate)
         return hv
@@ -297,20 +319,34 @@ class VolumeHost:
             inodes, entries = keys.touched(written)
             changed.inodes |= inodes
             changed.entries |= entries
-        rep = hv.replicator
-        if hv.kv.seq != before and rep is not None:
-            await rep.wait_acked(hv.kv.seq)
+        if hv.kv.seq != before:
+            await self._acknowledge(hv, hv.kv.seq)
+        return result
+
+    async def _acknowledge(self, hv: Any, seq: int) -> None:
+        """Return once every in-sync replica holds batch ``seq``, taking the slow ones out of the set
+        first; fail (EIO) after MIN_REPLICAS_WAIT when that would leave fewer than min_replicas."""
+        rep, insync = hv.replicator, getattr(hv, "insync", None)
+        if rep is None or insync is None:
+            return  # a snapshot view writes nothing
+        deadline = trio.current_time() + MIN_REPLICAS_WAIT
+        while True:
+            slow = await rep.wait_acked(seq)
             if rep.deposed:
                 hv.demote()
                 raise Unavailable(f'volume "{hv.name}"', "this coordinator was deposed by a newer epoch; reopen")
-            if rep.lagging:
-                # Acknowledged by fewer than all replicas: make sure we still hold the role, so a
-                # coordinator cut off from its followers cannot go on acknowledging writes alone.
-                spec = await self._spec(hv.name)
-                if spec.coordinator != self.node_id or spec.epoch != hv.epoch:
-                    hv.demote()
-                    raise Unavailable(f'volume "{hv.name}"', f"coordinator is now {spec.coordinator}; reopen")
-        return result
+            if not slow:
+                return
+            try:
+                if await insync.shrink(slow, f"did not acknowledge batch {seq}"):
+                    return
+            except Deposed:
+                hv.demote()
+                raise
+            if trio.current_time() > deadline:
+                raise Unavailable(f'volume "{hv.name}"', f"batch {seq} not acknowledged: replica(s) "
+                                  f"{','.join(sorted(slow))} do not answer and fewer than min-replicas "
+                                  f"{insync.min_replicas} would stay in sync (waited {MIN_REPLICAS_WAIT:g}s)")
 
     async def fsck(self, hv: HostedVolume, repair: bool) -> str:
         """Run fsck on the coordinator's keyspace; a repair batch ships to followers like any other.
@@ -356,7 +392,17 @@ class VolumeHost:
         await self._store.delete(f"mounts/{hv.name}/{mount_id}")
 
     async def commit(self, hv: Any, ino: int, blocks: dict[int, tuple[bytes, int]], size: int,
-                     mtime_ns: int | None, changed: Changed | None = None) -> Any:
+                     mtime_ns: int | None, changed: Changed | None = None, held: set[str] | None = None) -> Any:
+        insync = getattr(hv, "insync", None)
+        hashes = [h for h, n in blocks.values() if n]  # length 0 punches a hole: no chunk
+        if insync is not None and hashes and hv.meta is not None:
+            hv.meta.commit_blocks(ino, blocks, size, mtime_ns, dry_run=True)  # a bad commit costs no copies
+            # Before the block map names the chunks: every in-sync replica holds them, or leaves the set.
+            try:
+                await insync.ensure_chunks(hashes, held or set())
+            except Deposed:
+                hv.demote()
+                raise
         attr = await self.call(hv, lambda m: m.commit_blocks(ino, blocks, size, mtime_ns), changed)
         now = time.monotonic()
         fresh = [r for r, until in getattr(hv, "fresh_replicas", {}).items() if until > now]
@@ -403,16 +449,20 @@ class VolumeHost:
     # -- supervision: role changes, repair, health -----------------------------------------------
 
     async def _supervise(self) -> None:
-        specs = {name.removeprefix("volumes/"): VolumeInfo(**json.loads(raw))
-                 for name, raw in await self._store.range("volumes/")}
+        specs = {v.name: v for v in records.volumes(await self._store.range(records.VOLUME_PREFIX))}
         for name, spec in specs.items():
+            if name in self._volumes:
+                self._volumes[name].token = (spec.coordinator, spec.epoch)
             if spec.coordinator == self.node_id and self.node_id in spec.replicas:
                 try:
                     hv = self._activate(spec)
                 except Conflict as err:
                     log.warning("node=%s volume=%s: %s", self.node_id, name, err)
                     continue
-                await self._health(hv)
+                try:
+                    await self._health(hv)
+                except PxfsError as err:  # one volume's trouble never stops the others' supervision
+                    log.warning("node=%s volume=%s health round failed: %s", self.node_id, name, err)
             elif name in self._volumes and self._volumes[name].meta is not None:
                 log.info("node=%s no longer coordinates volume=%s (now %s)", self.node_id, name, spec.coordinator)
                 self._volumes[name].demote()
@@ -433,7 +483,11 @@ class VolumeHost:
         now = time.monotonic()
         asked = await self._store.get(f"repair/{hv.name}")
         if asked is not None:
-            ts = json.loads(asked).get("ts", 0)
+            try:
+                ts = float(records.decode_json(f"repair/{hv.name}", asked).get("ts", 0))
+            except (PxfsError, TypeError, ValueError) as err:
+                records.skip_bad(f"repair/{hv.name}", err)
+                ts = 0.0
             if ts > hv.repair_asked:
                 hv.repair_asked = ts
                 hv.repair_wanted = True
@@ -443,6 +497,7 @@ class VolumeHost:
             hv.repair_running = True
             assert self._nursery is not None
             self._nursery.start_soon(self._repair, hv)
+        await self._rejoin(hv)
         await self._scheduled_snapshots(hv)
         if time.monotonic() >= hv.space_due:
             hv.space_due = time.monotonic() + SPACE_PERIOD
@@ -456,6 +511,26 @@ class VolumeHost:
                   "space": {k: v for k, v in hv.space.items() if k != "snapshots"},
                   "snapshots": hv.space.get("snapshots", [])}
         await self._store.put(f"usage/{hv.name}", json.dumps(detail).encode())
+
+    async def _rejoin(self, hv: HostedVolume) -> None:
+        rep, insync = hv.replicator, hv.insync
+        if rep is None or insync is None:
+            return
+        for r in list(insync.replicas):
+            if r not in insync.members and r in rep.acked:
+                acked = rep.acked.get(r)
+                if (acked is not None and hv.kv.seq - acked <= REJOIN_LAG
+                        and insync.missed_at.get(r, 0.0) >= hv.converged_round_started):
+                    # Caught up on metadata: a repair round that begins now can prove it holds the
+                    # chunks too, so it need not wait for the periodic one to rejoin.
+                    hv.repair_wanted = True
+                    continue
+                try:
+                    await insync.rejoin(r, lambda r=r: rep.acked.get(r), lambda: hv.kv.seq,
+                                        lambda seq, r=r: rep.reach(r, seq), hv.converged_round_started)
+                except Deposed:
+                    hv.demote()
+                    return
 
     def _space(self, hv: HostedVolume) -> dict[str, Any]:
         """Dedup accounting: logical bytes, unique chunk bytes, what the snapshots share and hold alone."""
@@ -497,8 +572,12 @@ class VolumeHost:
         raw = await self._store.get(f"schedules/{hv.name}")
         if raw is None:
             return
-        sched = json.loads(raw)
-        every, keep = sched.get("every", 0), sched.get("keep", 0)
+        try:
+            sched = records.decode_json(f"schedules/{hv.name}", raw)
+            every, keep = int(sched.get("every", 0)), int(sched.get("keep", 0))
+        except (PxfsError, TypeError, ValueError) as err:
+            records.skip_bad(f"schedules/{hv.name}", err)
+            return
         autos = sorted((c, n) for n, c in snapshots.listing(hv.kv) if n.startswith("auto-"))
         now = time.time_ns()
         if every > 0 and (not autos or now - autos[-1][0] >= every * 1e9):
@@ -515,9 +594,14 @@ class VolumeHost:
             if hv.meta is None or hv.spec is None or hv.repair is None:
                 return
             asked = hv.repair_asked  # requests read before this round began: it covers them
+            started = time.monotonic()
             refs = dict.fromkeys(await trio.to_thread.run_sync(self.all_chunk_refs, hv), 0)
             st = await hv.repair.run(refs, list(hv.spec.replicas))
             st.asked = max(st.asked, asked)
+            if st.converged:
+                # Every chunk committed before ``started`` is on every replica: replicas out of the
+                # in-sync set that have not missed a chunk since may rejoin (see InSync.rejoin).
+                hv.converged_round_started = started
             if not st.converged:
                 # Chunks committed while this round ran were not in its list: go again until a
                 # round finds nothing to copy, and only then call the replicas complete. A replica
@@ -536,23 +620,29 @@ class VolumeHost:
         """The replication calls come only from the volume's current coordinator, at its epoch.
 
         A stale or misdirected peer (a deposed coordinator, a node that lost track) must neither
-        write into a replica nor bump its epoch: the control store says who may.
+        write into a replica nor bump its epoch: the control store says who may. Every batch is
+        checked against the fencing token this replica holds, (coordinator, epoch) as the store last
+        issued it (refreshed by every supervision round); a token it does not hold is looked up in
+        the store, never taken from the sender. A coordinator deposed since the last refresh cannot
+        get a write acknowledged through this: it would first have to take the new coordinator (an
+        in-sync replica that refuses its epoch) out of the in-sync set, and its compare-and-swap on
+        the record fails.
         """
         check_volume_name(name)
-        cached = self._spec_cache.get(name)
-        if cached and cached[0].coordinator == peer and cached[0].epoch == epoch and time.monotonic() - cached[1] < 2:
-            spec = cached[0]  # every batch would otherwise cost a control-store read
-        else:
-            spec = await self._spec(name)
-            self._spec_cache[name] = (spec, time.monotonic())
+        hv = self._volumes.get(name)
+        if hv is not None and hv.token == (peer, epoch) and peer != self.node_id:
+            return hv
+        spec = await self._spec(name)
         if self.node_id not in spec.replicas:
             raise NotFound(f'volume "{name}"', f"node {self.node_id} is not one of its replicas")
+        hv = self._hosted(name)
+        hv.token = (spec.coordinator, spec.epoch)
         if peer != spec.coordinator or epoch != spec.epoch:
             raise Conflict(f'volume "{name}"', f"replication from {peer or '?'} at epoch {epoch} refused: the "
                            f"coordinator is {spec.coordinator} at epoch {spec.epoch}")
         if spec.coordinator == self.node_id:
             raise Conflict(f'volume "{name}"', f"node {self.node_id} coordinates it and takes no batches")
-        return self._hosted(name)
+        return hv
 
     async def apply(self, name: str, epoch: int, seq: int, batch: bytes, peer: str) -> int:
         """Apply batch ``seq`` from the coordinator of ``epoch``; returns this replica's seq after it."""

@@ -337,7 +337,12 @@ class VolumeSession:
                 log.warning("volume=%s could not send %d closes: %s", self.volume, len(todo), err)
 
     async def commit(self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int) -> Attr:
-        return await self._call(lambda m: m.commit(ino, blocks, size, mtime_ns))
+        hashes = [h for h, _n in blocks.values()]
+        held = self.chunks.held_by(hashes) if self.chunks is not None else []
+        attr = await self._call(lambda m: m.commit(ino, blocks, size, mtime_ns, held))
+        if self.chunks is not None:
+            self.chunks.committed(hashes)
+        return attr
 
     async def statfs(self) -> dict[str, Any]:
         return await self._call(lambda m: m.statfs())

@@ -297,12 +297,14 @@ class Meta:
         return a, blocks
 
     def commit_blocks(
-        self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int | None = None
+        self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int | None = None,
+        dry_run: bool = False,
     ) -> Attr:
         """Record written blocks and the new size; ENOSPC (nothing changed) past the quota.
 
         A length of 0 punches a hole. A block may not reach past the resulting size: that would
-        be a block the file cannot show, counted against the quota.
+        be a block the file cannot show, counted against the quota. ``dry_run`` checks all of that
+        and writes nothing (the coordinator judges a commit before it makes replicas fetch chunks).
         """
         txn = self._txn()
         a = txn.attr(ino)
@@ -337,6 +339,8 @@ class Meta:
             txn.add_counter(keys.USED_BYTES, delta)
         a.size = new_size
         a.mtime_ns = txn.now if mtime_ns is None else mtime_ns
+        if dry_run:
+            return a
         txn.save(a)
         txn.commit()
         return a

@@ -82,10 +82,11 @@ class AdminClient(_Caller):
         return await self.call(go)
 
     async def create_volume(self, name: str, size: int, repl: int, block_size: int,
-                            labels: dict[str, str]) -> VolumeInfo:
+                            labels: dict[str, str], min_replicas: int = 1) -> VolumeInfo:
         async def go() -> VolumeInfo:
             req = self.cap.createVolume_request()
             req.name, req.size, req.repl, req.blockSize = name, size, repl, block_size
+            req.minReplicas = min_replicas
             convert.labels_to(req.init("labels", len(labels)), labels)
             return convert.volume_from((await req.send()).volume)
         return await self.call(go)
@@ -119,6 +120,11 @@ class AdminClient(_Caller):
         async def go() -> None:
             await self.cap.removeNode(node_id, force)
         await self.call(go)
+
+    async def promote_volume(self, name: str, node: str) -> VolumeInfo:
+        async def go() -> VolumeInfo:
+            return convert.volume_from((await self.cap.promoteVolume(name, node)).volume)
+        return await self.call(go)
 
     async def clone_volume(self, source: str, name: str) -> VolumeInfo:
         async def go() -> VolumeInfo:

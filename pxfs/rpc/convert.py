@@ -45,7 +45,10 @@ def volume_to(b: Any, v: VolumeInfo) -> None:
     b.name, b.size, b.used, b.repl, b.blockSize = v.name, v.size, v.used, v.repl, v.block_size
     b.state, b.coordinator, b.epoch, b.createdNs, b.mounts = v.state, v.coordinator, v.epoch, v.created_ns, v.mounts
     b.detail = json.dumps(v.detail)
-    b.source = v.source
+    b.source, b.minReplicas, b.uid, b.waiting, b.cloneDone = v.source, v.min_replicas, v.uid, v.waiting, v.clone_done
+    ins = b.init("inSync", len(v.in_sync))
+    for i, r in enumerate(v.in_sync):
+        ins[i] = r
     labels_to(b.init("labels", len(v.labels)), v.labels)
     reps = b.init("replicas", len(v.replicas))
     for i, r in enumerate(v.replicas):
@@ -56,7 +59,8 @@ def volume_from(r: Any) -> VolumeInfo:
     return VolumeInfo(name=r.name, size=r.size, used=r.used, repl=r.repl, block_size=r.blockSize,
                       labels=labels_from(r.labels), state=r.state, replicas=list(r.replicas),
                       coordinator=r.coordinator, epoch=r.epoch, created_ns=r.createdNs, mounts=r.mounts,
-                      detail=json.loads(r.detail) if r.detail else {}, source=r.source)
+                      detail=json.loads(r.detail) if r.detail else {}, source=r.source, in_sync=list(r.inSync),
+                      min_replicas=r.minReplicas or 1, uid=r.uid, waiting=r.waiting, clone_done=r.cloneDone)
 
 
 def attr_to(b: Any, a: Any) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pxfs.cluster import records
 from pxfs.errors import Invalid
 from pxfs.model import NodeInfo
 from pxfs.rpc import convert
@@ -51,9 +52,9 @@ class AdminServer(pxfs_capnp.Admin.Server):
 
     @served
     async def createVolume(self, name: str, size: int, repl: int, blockSize: int, labels: Any,  # noqa: N802,N803
-                           _context: Any, **_: Any) -> None:
+                           minReplicas: int, _context: Any, **_: Any) -> None:
         vol = await self._b.to_trio(self._a.create_volume, name, size, repl, blockSize,
-                                    convert.labels_from(labels))
+                                    convert.labels_from(labels), minReplicas)
         convert.volume_to(_context.results.init("volume"), vol)
 
     @served
@@ -83,6 +84,10 @@ class AdminServer(pxfs_capnp.Admin.Server):
     @served
     async def removeNode(self, id: str, force: bool, _context: Any, **_: Any) -> None:  # noqa: A002
         await self._b.to_trio(self._a.remove_node, id, force)
+
+    @served
+    async def promoteVolume(self, name: str, node: str, _context: Any, **_: Any) -> None:  # noqa: N802
+        convert.volume_to(_context.results.init("volume"), await self._b.to_trio(self._a.promote_volume, name, node))
 
     @served
     async def cloneVolume(self, source: str, name: str, _context: Any, **_: Any) -> None:
@@ -161,7 +166,9 @@ class ControlStoreServer(pxfs_capnp.ControlStore.Server):
 
     @served
     async def put(self, key: str, value: Any, _context: Any, **_: Any) -> None:
-        await self._b.to_trio(self._s.put, _key(key), bytes(value))
+        value = bytes(value)
+        records.validate(_key(key), value)
+        await self._b.to_trio(self._s.put, key, value)
 
     @served
     async def delete(self, key: str, _context: Any, **_: Any) -> None:
@@ -178,7 +185,9 @@ class ControlStoreServer(pxfs_capnp.ControlStore.Server):
     async def cas(self, key: str, expected: Any, expectFound: bool, value: Any,  # noqa: N803
                   _context: Any, **_: Any) -> None:
         exp = bytes(expected) if expectFound else None
-        _context.results.ok = await self._b.to_trio(self._s.cas, _key(key), exp, bytes(value))
+        value = bytes(value)
+        records.validate(_key(key), value)
+        _context.results.ok = await self._b.to_trio(self._s.cas, key, exp, value)
 
     @served
     async def heartbeat(self, node: Any, _context: Any, **_: Any) -> None:

@@ -167,10 +167,14 @@ class VolumeClient(_Caller):
     async def release_many(self, inos: list[int]) -> None:
         await self._void("releaseMany", inos)
 
-    async def commit(self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int) -> Attr:
+    async def commit(self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int,
+                     held: list[str] | None = None) -> Attr:
         async def go() -> Attr:
             req = self.cap.commit_request()
             req.ino, req.size, req.mtimeNs = ino, size, mtime_ns
+            hl = req.init("held", len(held or []))
+            for i, node in enumerate(held or []):
+                hl[i] = node
             out = req.init("blocks", len(blocks))
             for i, (idx, (h, length)) in enumerate(sorted(blocks.items())):
                 out[i].index, out[i].hash, out[i].length = idx, h, length

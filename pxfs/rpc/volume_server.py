@@ -265,11 +265,13 @@ class VolumeServer(pxfs_capnp.Volume.Server):
         await self._call(go)
 
     @served
-    async def commit(self, ino: int, blocks: Any, size: int, mtimeNs: int, _context: Any, **_: Any) -> None:  # noqa: N803
+    async def commit(self, ino: int, blocks: Any, size: int, mtimeNs: int, held: Any, _context: Any,  # noqa: N803
+                     **_: Any) -> None:
         self._rw()
         bm = {b.index: (bytes(b.hash), b.length) for b in blocks}
+        held = {str(n)[:64] for n in list(held)[:16]}
         changed = Changed()
-        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None, changed)
+        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None, changed, held)
         self._tell_others(changed)
         convert.attr_to(_context.results.init("attr"), attr)
 
