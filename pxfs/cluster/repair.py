@@ -84,8 +84,12 @@ class ChunkRepair:
             return None
         return present
 
-    async def run(self, refs: dict[bytes, int], replicas: list[str]) -> RepairStatus:
-        """One round: find what each reachable replica lacks and copy it there."""
+    async def run(self, refs: dict[bytes, int], replicas: list[str], former: list[str] = ()) -> RepairStatus:
+        """One round: find what each reachable replica lacks and copy it there.
+
+        ``former``: nodes that were replicas until lately; they may still hold a chunk that no current
+        replica has (it left before a round converged), so they serve as sources, never as targets.
+        """
         st = self.status
         st.state, st.done, st.total, st.bytes, st.rate, st.lost = "checking", 0, 0, 0, 0.0, 0
         hashes = list(refs)
@@ -96,6 +100,11 @@ class ChunkRepair:
                 holdings[node] = have
         st.missing = {n: len(hashes) - len(h) for n, h in holdings.items() if len(h) < len(hashes)}
         todo = [(h, n) for n, have in holdings.items() for h in hashes if h not in have]
+        for node in former:
+            if node not in holdings and todo:
+                have = await self._has(node, hashes)
+                if have:
+                    holdings[node] = have
         st.total = len(todo)
         st.state = "copying" if todo else "idle"
         started = time.monotonic()
@@ -126,10 +135,10 @@ class ChunkRepair:
             st.bytes += len(data)
             st.missing[target] = st.missing.get(target, 1) - 1
             st.rate = st.bytes / max(time.monotonic() - started, 1e-6)
-        st.missing = {n: c for n, c in st.missing.items() if c > 0}
+        st.missing = {n: c for n, c in st.missing.items() if c > 0 and n in replicas}
         st.state = "idle"
         st.rounds += 1
-        st.converged = not st.total and not st.missing and not st.lost and set(holdings) == set(replicas)
+        st.converged = not st.total and not st.missing and not st.lost and set(replicas) <= set(holdings)
         if st.total:
             log.info("volume=%s repair round: copied %d chunks (%d bytes) at %.1f MB/s, lost %d", self.volume,
                      st.done, st.bytes, st.rate / 1e6, st.lost)

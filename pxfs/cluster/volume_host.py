@@ -68,6 +68,7 @@ class HostedVolume:
         self.repair_not_before = 0.0
         self.space_due = 0.0
         self.known_replicas: list[str] = []
+        self.former_replicas: set[str] = set()  # repair sources until a round converges without them
         self.fresh_replicas: dict[str, float] = {}
         self.space: dict[str, Any] = {}
         self.snap_due = 0.0
@@ -241,6 +242,9 @@ class VolumeHost:
             # itself makes sure what they commit reaches it (see commit()).
             for r in set(spec.replicas) - set(hv.known_replicas):
                 hv.fresh_replicas[r] = time.monotonic() + FRESH_WINDOW
+        if hv.known_replicas:
+            hv.former_replicas |= set(hv.known_replicas) - set(spec.replicas)
+        hv.former_replicas -= set(spec.replicas)
         hv.known_replicas = list(spec.replicas)
         followers = [r for r in spec.replicas if r != self.node_id]
         if hv.insync is None or hv.insync.epoch != spec.epoch:
@@ -374,6 +378,13 @@ class VolumeHost:
 
     async def snapshot_delete(self, hv: Any, name: str) -> None:
         hv = self._volume_only(hv)
+        source = f"{hv.name}@{name}"
+        for v in records.volumes(await self._store.range(records.VOLUME_PREFIX)):
+            if v.source == source and not v.clone_done:
+                # The clone's coordinator copies the snapshot in when it first activates it; until
+                # then the snapshot is the clone's only content.
+                raise Invalid(f'snapshot "{source}"', f'clone "{v.name}" has not copied it in yet; '
+                              "retry in a moment")
         await self.call(hv, lambda m: snapshots.delete(m.kv, hv.name, name))
         hv.space_due = 0.0
 
@@ -498,6 +509,13 @@ class VolumeHost:
             assert self._nursery is not None
             self._nursery.start_soon(self._repair, hv)
         await self._rejoin(hv)
+        if hv.spec.source and not hv.spec.clone_done and hv.kv.get(keys.counter_key(CLONE_DONE)) is not None \
+                and hv.insync is not None:
+            # The record says so too: from now on the source snapshot may be deleted.
+            def done(s: VolumeInfo) -> None:
+                s.clone_done = True
+
+            hv.spec = await hv.insync.update(done)
         await self._scheduled_snapshots(hv)
         if time.monotonic() >= hv.space_due:
             hv.space_due = time.monotonic() + SPACE_PERIOD
@@ -596,9 +614,11 @@ class VolumeHost:
             asked = hv.repair_asked  # requests read before this round began: it covers them
             started = time.monotonic()
             refs = dict.fromkeys(await trio.to_thread.run_sync(self.all_chunk_refs, hv), 0)
-            st = await hv.repair.run(refs, list(hv.spec.replicas))
+            former = sorted(hv.former_replicas)
+            st = await hv.repair.run(refs, list(hv.spec.replicas), former)
             st.asked = max(st.asked, asked)
             if st.converged:
+                hv.former_replicas -= set(former)
                 # Every chunk committed before ``started`` is on every replica: replicas out of the
                 # in-sync set that have not missed a chunk since may rejoin (see InSync.rejoin).
                 hv.converged_round_started = started

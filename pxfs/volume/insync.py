@@ -70,7 +70,8 @@ class InSync:
         if self.on_change is not None:
             self.on_change(self.followers())
 
-    async def _update(self, change: Callable[[VolumeInfo], None]) -> VolumeInfo:
+    async def update(self, change: Callable[[VolumeInfo], None]) -> VolumeInfo:
+        """Change the volume's record by compare-and-swap, only while it names us at our epoch."""
         key = records.volume_key(self.volume)
         for _ in range(20):
             raw = await self._store.get(key)
@@ -103,7 +104,7 @@ class InSync:
                     raise _TooFew
 
             try:
-                spec = await self._update(change)
+                spec = await self.update(change)
             except _TooFew:
                 return False
             self._set(set(spec.in_sync))
@@ -205,7 +206,7 @@ class InSync:
                     s.in_sync.append(node)
 
             try:
-                spec = await self._update(change)
+                spec = await self.update(change)
             except PxfsError:
                 self._set(self.members - {node})
                 raise
