@@ -1,0 +1,365 @@
+"""Named cases of issue 10, "Acknowledged means durable": each reproduces one thing the issue saw and
+asserts the REQUIRED behaviour. A case that fails on today's code is marked ``xfail(strict=True)``
+with the reason it fails; the fix removes the mark.
+
+Interfaces the fix brings: `volume inspect --json` fields ``in_sync`` (node ids), ``min_replicas`` and
+``waiting`` (why no coordinator serves; empty when one does), `pxfs volume promote NAME NODE
+--accept-data-loss` and `pxfs cluster recover [--json]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from rocksdict import Options, Rdict
+
+from pxfs.cli.procs import alive
+from pxfs.cluster.config import MIN_GC_GRACE
+from pxfs.errors import Invalid
+from tests.conftest import eventually, mounted, node_connection
+from tests.system.faults import (
+    FAILOVER_TIMEOUT,
+    SEED,
+    FaultCluster,
+    fault_cluster,
+    healthy,
+    inspect,
+    node_state,
+    wait_volume,
+)
+from tests.system.manifest import Entry, _write_one, verify_on_replicas, verify_through_mount
+from tests.system.nemesis import RECOVER_HINT, status_text
+from tests.system.nemesis_workload import Workload, fsync_dir
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and FUSE")
+
+KiB = 1 << 10
+
+
+@pytest.fixture
+def cluster3(tmp_path: Path) -> Iterator[FaultCluster]:
+    yield from fault_cluster(tmp_path, 3)
+
+
+def new_volume(cluster: FaultCluster, repl: int = 3) -> str:
+    vol = f"dur-{uuid.uuid4().hex[:8]}"
+    cluster.cli("volume", "create", vol, "--size", "1G", "--repl", str(repl))
+    return vol
+
+
+def write_durably(directory: Path, name: str, size: int, seed: int = 0) -> Entry:
+    """Create ``name`` with O_EXCL, write, fsync it, close, fsync the directory: acknowledged."""
+    data = random.Random(seed).randbytes(size)
+    _write_one(directory / name, data, None)
+    fsync_dir(directory)
+    return Entry(name, size, hashlib.sha256(data).hexdigest(), 0.0, 0.0)
+
+
+def write_files(directory: Path, n: int) -> list[Entry]:
+    return [write_durably(directory, f"file{i:03d}", 1000 + i * 97 * KiB, seed=i) for i in range(n)]
+
+
+def verify_fresh(cluster: FaultCluster, vol: str, mountpoint: Path, entries: list[Entry]) -> list[str]:
+    """Every entry through a fresh mount at ``mountpoint`` and on every replica."""
+    with mounted(cluster, vol, mountpoint) as m:
+        problems = [str(p) for p in verify_through_mount(m.path, entries)]
+        problems += [str(p) for p in trio.run(verify_on_replicas, cluster, vol, m.path, entries)]
+    return problems
+
+
+def volume_off_seed(cluster: FaultCluster) -> tuple[str, str, str]:
+    """A healthy repl-2 volume whose replicas exclude the seed: (name, coordinator, follower).
+
+    Placement may put a replica on the seed; lowering 3 -> 2 drops a follower, never the coordinator
+    (which is not the seed), and the seed sorts first among followers.
+    """
+    vol = new_volume(cluster, repl=2)
+    info = wait_volume(cluster, vol, healthy(), "new volume healthy")
+    if SEED in info["replicas"]:
+        cluster.cli("volume", "ha-update", vol, "--repl", "3")
+        wait_volume(cluster, vol, healthy(lambda v: len(v["replicas"]) == 3), "three replicas")
+        cluster.cli("volume", "ha-update", vol, "--repl", "2")
+        info = wait_volume(cluster, vol, healthy(lambda v: len(v["replicas"]) == 2), "two replicas again")
+    assert SEED not in info["replicas"], f"could not place {vol} off the seed: {info}"
+    coordinator = info["coordinator"]
+    follower = next(r for r in info["replicas"] if r != coordinator)
+    return vol, coordinator, follower
+
+
+def kill_coordinator_and_wait_failover(cluster: FaultCluster, vol: str) -> tuple[str, dict[str, Any]]:
+    before = inspect(cluster, vol)
+    old = before["coordinator"]
+    assert old != SEED, f"the seed coordinates {vol}: {before}"
+    cluster.kill(old)
+    moved = wait_volume(cluster, vol, lambda v: v["coordinator"] != old, "failover", timeout=FAILOVER_TIMEOUT)
+    return old, moved
+
+
+# ------------------------------------------------------------------------------------------------
+# a. fsync'd data lost at failover
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: a follower left behind (marked lagging) before an fsync was "
+                                       "acknowledged becomes coordinator at failover, and the file is lost")
+def test_lagging_follower_never_becomes_coordinator(cluster3: FaultCluster, tmp_path: Path) -> None:
+    """SIGSTOP follower F; an fsync'd file is acknowledged by C alone; SIGKILL C, SIGCONT F: F must
+    not take over (it lacks an acknowledged write); the volume waits for C, says why, and when C is
+    back it serves the file, F catches up and both are in sync."""
+    vol, c, f = volume_off_seed(cluster3)
+    with mounted(cluster3, vol, tmp_path / "mnt") as m:
+        os.kill(cluster3.pid(f), signal.SIGSTOP)
+        try:
+            # Returns once C gave up waiting for F (marked lagging, out of the in-sync set).
+            entry = write_durably(m.path, "precious", 300 * KiB, seed=10)
+        except BaseException:
+            cluster3.resume_all()
+            raise
+    try:
+        cluster3.kill(c)
+    finally:
+        cluster3.resume_all()
+
+    def waits_for_c(v: dict[str, Any]) -> bool:
+        if v["coordinator"] == f:
+            raise AssertionError(f"{f} became coordinator without the acknowledged write: {v}")
+        return bool(v.get("waiting")) and v.get("in_sync") == [c]
+
+    waiting = wait_volume(cluster3, vol, waits_for_c, f"volume waiting for {c}, in_sync == [{c}]",
+                          timeout=FAILOVER_TIMEOUT)
+    assert isinstance(waiting["waiting"], str), waiting
+    cluster3.up()
+    served = wait_volume(cluster3, vol, lambda v: v["coordinator"] == c and v.get("waiting") == "",
+                         f"{c} serving again")
+    assert served["coordinator"] == c
+    with mounted(cluster3, vol, tmp_path / "fresh") as fresh:
+        problems = [str(p) for p in verify_through_mount(fresh.path, [entry])]
+        final = wait_volume(cluster3, vol, healthy(lambda v: sorted(v.get("in_sync", [])) == sorted([c, f])),
+                            "healthy with both replicas in sync")
+        problems += [str(p) for p in trio.run(verify_on_replicas, cluster3, vol, fresh.path, [entry])]
+    assert problems == [], f"volume {final}"
+
+
+# ------------------------------------------------------------------------------------------------
+# b. losing the control store must not delete anything
+
+
+def volume_dirs(cluster: FaultCluster) -> dict[str, list[str]]:
+    """node -> the volume directories it holds under state/volumes (each with a metadata store)."""
+    out = {}
+    for nd in sorted((cluster.dir / "nodes").iterdir()):
+        vols = nd / "state" / "volumes"
+        out[nd.name] = sorted(v.name for v in vols.iterdir() if (v / "meta" / "CURRENT").exists()) \
+            if vols.exists() else []
+    return out
+
+
+def pool_chunks(cluster: FaultCluster) -> dict[str, int]:
+    return {nd.name: sum(1 for p in (nd / "pool").rglob("*") if p.is_file())
+            for nd in sorted((cluster.dir / "nodes").iterdir())}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: a node restarted against an empty control store deletes every "
+                                       "volume directory it holds, and nothing names `pxfs cluster recover`")
+def test_lost_control_store_deletes_nothing_and_is_recovered(cluster3: FaultCluster, tmp_path: Path) -> None:
+    vol = new_volume(cluster3, repl=3)
+    with mounted(cluster3, vol, tmp_path / "mnt") as m:
+        entries = write_files(m.path, 6)
+    wait_volume(cluster3, vol, healthy(), "healthy before the loss")
+    dirs, chunks = volume_dirs(cluster3), pool_chunks(cluster3)
+    assert all(vol in d for d in dirs.values()), dirs
+    cluster3.down()
+    control = cluster3.dir / "nodes" / SEED / "state" / "control"
+    control.rename(tmp_path / "control.lost")
+    try:
+        said = cluster3.up().stdout
+    except AssertionError as err:  # `pxfs up` may refuse to go on; it must still say why and what to do
+        said = str(err)
+    eventually(lambda: all(node_state(cluster3, n) == "up" for n in ("n1", "n2", "n3")), timeout=30,
+               what="all nodes up against the empty store")
+    problems = []
+    try:
+        eventually(lambda: RECOVER_HINT in said or RECOVER_HINT in status_text(cluster3), timeout=20,
+                   what=f"`pxfs up` or `pxfs status` naming `{RECOVER_HINT}`")
+    except AssertionError as err:
+        problems.append(f"{err}; up said {said!r}; status says {status_text(cluster3)!r}")
+    if volume_dirs(cluster3) != dirs:
+        problems.append(f"volume directories before {dirs}, after {volume_dirs(cluster3)}")
+    lost = {n: (chunks[n], k) for n, k in pool_chunks(cluster3).items() if k < chunks[n]}
+    if lost:
+        problems.append(f"chunks deleted (before, after): {lost}")
+    assert problems == [], "\n".join(problems)
+    cluster3.cli("cluster", "recover")
+    listed = cluster3.json("volume", "list")
+    assert isinstance(listed, list) and vol in [v["name"] for v in listed], listed
+    wait_volume(cluster3, vol, healthy(), "healthy after recover")
+    assert verify_fresh(cluster3, vol, tmp_path / "fresh", entries) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# c. a malformed control-store record crashes nothing
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: the ControlStore RPC stores any bytes under volumes/, and every "
+                                       "reader of the map then fails on the record")
+async def test_control_store_refuses_a_malformed_volume_record(cluster3: FaultCluster) -> None:
+    async with node_connection(cluster3, 0) as conn:
+        control = await conn.control()
+        try:
+            with pytest.raises(Invalid):
+                await control.put("volumes/x", b"\xffgarbage{")
+        finally:
+            await control.delete("volumes/x")  # a put that was (wrongly) taken must not outlive the test
+            await control.drop()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: a garbage volume record in the control store crashes the nodes "
+                                       "that read the map (or `pxfs volume list`)")
+def test_garbage_record_in_the_control_store_crashes_nothing(cluster3: FaultCluster, tmp_path: Path) -> None:
+    good = new_volume(cluster3, repl=2)
+    with mounted(cluster3, good, tmp_path / "mnt") as m:
+        entries = write_files(m.path, 2)
+    cluster3.down()
+    db = Rdict(str(cluster3.dir / "nodes" / SEED / "state" / "control"), options=Options(raw_mode=True))
+    try:
+        db[b"volumes/bad"] = b"\x00\xffnot a volume record"
+    finally:
+        db.close()
+    cluster3.up()
+    eventually(lambda: all(node_state(cluster3, n) == "up" for n in ("n1", "n2", "n3")), timeout=30,
+               what="all nodes up with the garbage record")
+    listed = cluster3.cli("volume", "list", "--json", check=False)
+    assert listed.returncode == 0, f"`pxfs volume list` failed: {listed.stdout}{listed.stderr}"
+    with mounted(cluster3, good, tmp_path / "again") as m:
+        problems = [str(p) for p in verify_through_mount(m.path, entries)]
+        more = write_durably(m.path, "after", 200 * KiB, seed=7)
+        problems += [str(p) for p in verify_through_mount(m.path, [more])]
+    dead = [n for n in ("n1", "n2", "n3") if not alive(cluster3.pid(n))]
+    assert (problems, dead) == ([], []), f"problems {problems}; nodes that died: {dead}"
+
+
+# ------------------------------------------------------------------------------------------------
+# d. exclusive creates and unlinked-but-open files across a failover
+
+
+def test_unlinked_open_file_survives_failover(cluster3: FaultCluster, tmp_path: Path) -> None:
+    vol = new_volume(cluster3)
+    wait_volume(cluster3, vol, healthy(), "healthy")
+    data = random.Random(3).randbytes(200 * KiB)
+    with mounted(cluster3, vol, tmp_path / "mnt") as m:
+        fd = os.open(m.path / "doomed", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+            os.unlink(m.path / "doomed")
+            fsync_dir(m.path)
+            kill_coordinator_and_wait_failover(cluster3, vol)
+            assert os.pread(fd, len(data) + 1, 0) == data, "the open, unlinked file lost its data at failover"
+            os.pwrite(fd, b"still here", len(data))
+            os.fsync(fd)
+            assert os.pread(fd, len(data) + 100, 0) == data + b"still here"
+        finally:
+            os.close(fd)
+        assert not (m.path / "doomed").exists()
+    cluster3.up()
+
+
+def test_exclusive_create_stays_exclusive_across_failover(cluster3: FaultCluster, tmp_path: Path) -> None:
+    """Two mounts create x00000, x00001, ... with O_EXCL while the coordinator is killed: for every
+    name both tried, exactly one of them succeeded, and the file holds the winner's tag."""
+    vol = new_volume(cluster3)
+    wait_volume(cluster3, vol, healthy(), "healthy")
+    with mounted(cluster3, vol, tmp_path / "a") as a, mounted(cluster3, vol, tmp_path / "b") as b:
+        (a.path / "x").mkdir()
+        fsync_dir(a.path)
+        workers = {tag: Workload(m.path / "x", tmp_path / f"worker-{tag}", excl_tag=tag) for tag, m in
+                   (("A", a), ("B", b))}
+        try:
+            for w in workers.values():
+                w.start()
+            for w in workers.values():
+                w.wait_for(20, timeout=60)
+            kill_coordinator_and_wait_failover(cluster3, vol)
+            for w in workers.values():
+                w.wait_for(len(w.records()) + 20, timeout=90)
+            for w in workers.values():
+                w.stop()
+        finally:
+            for w in workers.values():
+                w.kill()
+        outcomes: dict[str, dict[str, dict[str, Any]]] = {}
+        for tag, w in workers.items():
+            for r in w.records():
+                outcomes.setdefault(r["name"], {})[tag] = r
+        problems = []
+        for name, by in sorted(outcomes.items()):
+            if len(by) < 2:
+                continue  # only one of them got that far
+            winners = [tag for tag, r in by.items() if r["ok"]]
+            if len(winners) != 1:
+                problems.append(f"{name}: {len(winners)} creates succeeded: {by}")
+                continue
+            content = (a.path / "x" / name).read_bytes()
+            if content != winners[0].encode():
+                problems.append(f"{name}: {winners[0]} won but the file holds {content!r}")
+        print(f"[excl] {len(outcomes)} names, {sum(len(by) == 2 for by in outcomes.values())} contested")
+    cluster3.up()
+    assert problems == [], "\n".join(problems)
+
+
+# ------------------------------------------------------------------------------------------------
+# e. clones
+
+
+def test_snapshot_deleted_right_after_clone(cluster3: FaultCluster, tmp_path: Path) -> None:
+    """Either the delete is refused while the clone is unfinished, or the clone works; either way the
+    clone holds the data and GC still runs."""
+    vol = new_volume(cluster3, repl=2)
+    with mounted(cluster3, vol, tmp_path / "mnt") as m:
+        entries = write_files(m.path, 4)
+    cluster3.cli("snapshot", "create", vol, "--name", "s")
+    clone = f"{vol}-c2"
+    cluster3.cli("volume", "clone", f"{vol}@s", clone)
+    deleted = cluster3.cli("snapshot", "delete", f"{vol}@s", check=False)
+    print(f"[clone] snapshot delete rc={deleted.returncode}: {deleted.stdout}{deleted.stderr}")
+    if deleted.returncode != 0:
+        assert len(deleted.stderr.strip().splitlines()) == 1, deleted.stderr
+    wait_volume(cluster3, clone, healthy(), "the clone healthy")
+    assert verify_fresh(cluster3, clone, tmp_path / "clone", entries) == []
+    if deleted.returncode != 0:  # refused while unfinished: allowed once the clone is done
+        cluster3.cli("snapshot", "delete", f"{vol}@s")
+    gc = cluster3.cli("gc", "--dry-run", "--json", check=False)
+    assert gc.returncode == 0, f"gc --dry-run failed: {gc.stdout}{gc.stderr}"
+
+
+# ------------------------------------------------------------------------------------------------
+# f. a grace of 0 is refused by the node, not only by the CLI
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: `pxfs gc --grace 0` runs a collection that may delete chunks "
+                                       "of writes in flight")
+def test_gc_grace_zero_refused_by_the_cli(cluster3: FaultCluster) -> None:
+    proc = cluster3.cli("gc", "--grace", "0", check=False)
+    said = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 1, f"rc={proc.returncode}: {said}"
+    assert len(said) == 1 and f"{MIN_GC_GRACE:g}" in said[0], said
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: the ChunkStore RPC `collect` accepts a grace of 0 (only "
+                                       "negative ones are refused)")
+async def test_gc_grace_zero_refused_by_the_node(cluster3: FaultCluster) -> None:
+    async with node_connection(cluster3, 1) as conn:
+        chunks = await conn.chunks()
+        try:
+            with pytest.raises(Invalid, match=f"{MIN_GC_GRACE:g}"):
+                await chunks.collect(False, 0)
+        finally:
+            await chunks.drop()
