@@ -250,6 +250,8 @@ def test_garbage_record_in_the_control_store_crashes_nothing(cluster3: FaultClus
 # d. exclusive creates and unlinked-but-open files across a failover
 
 
+@pytest.mark.xfail(strict=True, reason="issue 10: the new coordinator does not know an unlinked file is still "
+                                       "open: the open fd reads ENOENT after the failover")
 def test_unlinked_open_file_survives_failover(cluster3: FaultCluster, tmp_path: Path) -> None:
     vol = new_volume(cluster3)
     wait_volume(cluster3, vol, healthy(), "healthy")
@@ -262,9 +264,16 @@ def test_unlinked_open_file_survives_failover(cluster3: FaultCluster, tmp_path: 
             os.unlink(m.path / "doomed")
             fsync_dir(m.path)
             kill_coordinator_and_wait_failover(cluster3, vol)
-            assert os.pread(fd, len(data) + 1, 0) == data, "the open, unlinked file lost its data at failover"
-            os.pwrite(fd, b"still here", len(data))
-            os.fsync(fd)
+            try:
+                got = os.pread(fd, len(data) + 1, 0)
+            except OSError as exc:
+                raise AssertionError(f"reading the open, unlinked file after the failover: {exc}") from None
+            assert got == data, "the open, unlinked file lost its data at failover"
+            try:
+                os.pwrite(fd, b"still here", len(data))
+                os.fsync(fd)
+            except OSError as exc:
+                raise AssertionError(f"writing to the open, unlinked file after the failover: {exc}") from None
             assert os.pread(fd, len(data) + 100, 0) == data + b"still here"
         finally:
             os.close(fd)
