@@ -22,9 +22,11 @@ import pytest
 import trio
 from rocksdict import Options, Rdict
 
+from pxfs.cli.connect import cluster_admin
 from pxfs.cli.procs import alive
+from pxfs.cli.snapshot_cmds import volume_tool
 from pxfs.cluster.config import MIN_GC_GRACE
-from pxfs.errors import Invalid
+from pxfs.errors import Invalid, PxfsError
 from tests.conftest import eventually, mounted, node_connection
 from tests.system.faults import (
     FAILOVER_TIMEOUT,
@@ -328,6 +330,22 @@ def test_exclusive_create_stays_exclusive_across_failover(cluster3: FaultCluster
 # e. clones
 
 
+async def clone_then_delete_snapshot(cluster: FaultCluster, vol: str, clone: str) -> str:
+    """`pxfs volume clone VOL@s CLONE` and, with no gap at all, `pxfs snapshot delete VOL@s` (the
+    commands' own calls, over one connection): '' if the delete was taken, else why it was refused."""
+    async with cluster_admin(cluster.dir) as (admin, _conn, bridge, _cfg):
+        await admin.clone_volume(f"{vol}@s", clone)
+        try:
+            async with volume_tool(cluster.dir, bridge, vol) as tool:
+                await tool.snapshot_delete("s")
+        except PxfsError as err:
+            return str(err) or type(err).__name__
+    return ""
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: a snapshot deleted right after `volume clone` is allowed while "
+                                       "the clone still needs it: the clone cannot be opened (source snapshot "
+                                       "not on node ...)")
 def test_snapshot_deleted_right_after_clone(cluster3: FaultCluster, tmp_path: Path) -> None:
     """Either the delete is refused while the clone is unfinished, or the clone works; either way the
     clone holds the data and GC still runs."""
@@ -336,14 +354,11 @@ def test_snapshot_deleted_right_after_clone(cluster3: FaultCluster, tmp_path: Pa
         entries = write_files(m.path, 4)
     cluster3.cli("snapshot", "create", vol, "--name", "s")
     clone = f"{vol}-c2"
-    cluster3.cli("volume", "clone", f"{vol}@s", clone)
-    deleted = cluster3.cli("snapshot", "delete", f"{vol}@s", check=False)
-    print(f"[clone] snapshot delete rc={deleted.returncode}: {deleted.stdout}{deleted.stderr}")
-    if deleted.returncode != 0:
-        assert len(deleted.stderr.strip().splitlines()) == 1, deleted.stderr
+    refused = trio.run(clone_then_delete_snapshot, cluster3, vol, clone)
+    print(f"[clone] snapshot delete: {refused or 'taken'}")
     wait_volume(cluster3, clone, healthy(), "the clone healthy")
     assert verify_fresh(cluster3, clone, tmp_path / "clone", entries) == []
-    if deleted.returncode != 0:  # refused while unfinished: allowed once the clone is done
+    if refused:  # refused while unfinished: allowed once the clone is done
         cluster3.cli("snapshot", "delete", f"{vol}@s")
     gc = cluster3.cli("gc", "--dry-run", "--json", check=False)
     assert gc.returncode == 0, f"gc --dry-run failed: {gc.stdout}{gc.stderr}"
