@@ -9,13 +9,7 @@ every step has a bounded ``hold`` (how long the fault lasts). Node ops never tou
 * ``kill_coordinator``: the same for the volume's coordinator (skipped, and logged, if the seed
   coordinates: the seed cannot fail over).
 
-Seed ops are kinds of their own, because a stopped seed freezes the cluster map; a schedule includes
-them only when asked:
-
-* ``pause_seed``: SIGSTOP the seed, hold, SIGCONT;
-* ``seed_lose_control``: SIGKILL the seed, delete its control store (CLUSTER/nodes/n1/state/control),
-  `pxfs up`, wait until `pxfs status` names `pxfs cluster recover`, run it;
-* ``seed_garbage_control``: SIGKILL the seed, write garbage records into its control store, `pxfs up`.
+The seed is never faulted: it holds the embedded control store (`test_durability` covers losing it).
 
 With ``settle`` the schedule waits for the volume to be healthy after every step (one fault at a
 time); without, faults overlap their recoveries. Every step is printed before and after it runs, and a
@@ -26,27 +20,16 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rocksdict import Options, Rdict
-
 from tests.conftest import eventually
 from tests.system.faults import HEALTHY_TIMEOUT, SEED, FaultCluster, healthy, inspect, node_state, wait_volume
 
 NODE_OPS = ("pause", "kill_follower", "kill_coordinator")
-SEED_OPS = ("pause_seed", "seed_lose_control", "seed_garbage_control")
 UP_TIMEOUT = 30.0
-RECOVER_HINT = "pxfs cluster recover"
-
-
-def status_text(cluster: FaultCluster) -> str:
-    """What `pxfs status` prints, on either stream, whatever its exit code."""
-    proc = cluster.cli("status", check=False)
-    return proc.stdout + proc.stderr
 
 
 @dataclass(frozen=True)
@@ -134,8 +117,6 @@ class Nemesis:
         if step.kind == "pause":
             candidates = [n for n in self._nodes() if n != SEED]
             return self._pause(candidates[step.pick % len(candidates)], step.hold)
-        if step.kind == "pause_seed":
-            return self._pause(SEED, step.hold)
         if step.kind in ("kill_follower", "kill_coordinator"):
             info = inspect(self.cluster, self.volume)
             if step.kind == "kill_coordinator":
@@ -147,10 +128,6 @@ class Nemesis:
                 return (f"skipped: no non-seed candidate (coordinator {info['coordinator']}, "
                         f"replicas {info['replicas']})")
             return self._kill_restart(candidates[step.pick % len(candidates)], step.hold)
-        if step.kind == "seed_lose_control":
-            return self._seed_control(step.hold, lose=True)
-        if step.kind == "seed_garbage_control":
-            return self._seed_control(step.hold, lose=False)
         raise AssertionError(f"unknown op kind {step.kind!r}")
 
     def _hold(self, seconds: float) -> None:
@@ -174,27 +151,3 @@ class Nemesis:
         self.cluster.up()
         eventually(lambda: node_state(self.cluster, node) == "up", timeout=UP_TIMEOUT, what=f"{node} up again")
         return f"SIGKILL {node} (pid {pid}), {hold:.1f}s, restarted (pid {self.cluster.pid(node)})"
-
-    def _seed_control(self, hold: float, lose: bool) -> str:
-        control = self.cluster.dir / "nodes" / SEED / "state" / "control"
-        self.cluster.kill(SEED)
-        if lose:
-            shutil.rmtree(control)
-            what = "deleted its control store"
-        else:
-            db = Rdict(str(control), options=Options(raw_mode=True))
-            try:
-                db[b"volumes/nemesis-garbage"] = b"\xff{not json"
-                db[b"nodes/nemesis-garbage"] = b"\x00" * 7
-            finally:
-                db.close()
-            what = "wrote garbage records into its control store"
-        self._hold(hold)
-        self.cluster.up()
-        eventually(lambda: node_state(self.cluster, SEED) == "up", timeout=UP_TIMEOUT, what="the seed up again")
-        if lose:
-            eventually(lambda: RECOVER_HINT in status_text(self.cluster), timeout=UP_TIMEOUT,
-                       what=f"`pxfs status` naming `{RECOVER_HINT}`")
-            self.cluster.cli("cluster", "recover")
-            what += ", `pxfs cluster recover`"
-        return f"SIGKILL {SEED}, {what}, {hold:.1f}s, restarted"

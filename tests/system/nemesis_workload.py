@@ -15,13 +15,13 @@ path it may touch) and one after it: ``ack`` (with ``size`` and ``sha256`` for a
 paths of a failed operation, or of one begun but never finished (the process was killed), are
 unknown and never asserted about; the workload itself never touches them again.
 
-A second mode, ``excl``, creates the names ``x00000, x00001, ...`` in order with ``O_EXCL`` and logs
+A second mode, ``--excl TAG``, creates the names ``x00000, x00001, ...`` in order with ``O_EXCL`` and logs
 each outcome: two of them on two mounts of one volume race for every name.
 
 Run by hand::
 
-    python -m tests.system.nemesis_workload ops DIR LOG [--seed N] [--max-size BYTES]
-    python -m tests.system.nemesis_workload excl DIR LOG --tag A
+    python -m tests.system.nemesis_workload DIR LOG [--seed N] [--max-size BYTES]
+    python -m tests.system.nemesis_workload DIR LOG --excl A [--count 200]
 """
 
 from __future__ import annotations
@@ -145,13 +145,14 @@ def run_ops(root: Path, log_path: Path, seed: int, max_size: int) -> int:
     return 0
 
 
-def run_excl(root: Path, log_path: Path, tag: str) -> int:
-    """Create ``x00000, x00001, ...`` with O_EXCL (each holding ``tag``) until SIGTERM; log each outcome."""
+def run_excl(root: Path, log_path: Path, tag: str, count: int = 0) -> int:
+    """Create ``x00000, x00001, ...`` with O_EXCL (each holding ``tag``) until SIGTERM or ``count``
+    names; log each outcome."""
     stop = _Stop()
     root.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         i = 0
-        while not stop.stopping:
+        while not stop.stopping and (count == 0 or i < count):
             name = f"x{i:05d}"
             try:
                 fd = os.open(root / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -169,21 +170,19 @@ def run_excl(root: Path, log_path: Path, tag: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.system.nemesis_workload")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    o = sub.add_parser("ops", help="random create/rename/unlink/mkdir in DIR, log what was acknowledged in LOG")
-    o.add_argument("dir", type=Path)
-    o.add_argument("log", type=Path)
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE)
-    x = sub.add_parser("excl", help="create x00000, x00001, ... in DIR with O_EXCL, log every outcome in LOG")
-    x.add_argument("dir", type=Path)
-    x.add_argument("log", type=Path)
-    x.add_argument("--tag", required=True)
+    p = argparse.ArgumentParser(prog="python -m tests.system.nemesis_workload",
+                                description="random create/rename/unlink/mkdir in DIR; every acknowledged (and "
+                                            "every failed) operation logged in LOG")
+    p.add_argument("dir", type=Path)
+    p.add_argument("log", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-size", type=int, default=DEFAULT_MAX_SIZE)
+    p.add_argument("--excl", metavar="TAG", help="instead: create x00000, x00001, ... with O_EXCL, each holding TAG")
+    p.add_argument("--count", type=int, default=0, help="with --excl: stop after this many names (0: until SIGTERM)")
     args = p.parse_args(argv)
-    if args.cmd == "ops":
-        return run_ops(args.dir, args.log, args.seed, args.max_size)
-    return run_excl(args.dir, args.log, args.tag)
+    if args.excl is not None:
+        return run_excl(args.dir, args.log, args.excl, args.count)
+    return run_ops(args.dir, args.log, args.seed, args.max_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,19 +206,30 @@ class Workload(ManifestWriter):
     """
 
     def __init__(self, directory: Path, state_dir: Path, seed: int = 0, max_size: int = DEFAULT_MAX_SIZE,
-                 excl_tag: str | None = None) -> None:
+                 excl_tag: str | None = None, count: int = 0) -> None:
         super().__init__(directory, state_dir, seed=seed, max_size=max_size)
         self.log = state_dir / "ops.log"
-        self.excl_tag = excl_tag
+        self.excl_tag, self.count = excl_tag, count
 
     def start(self) -> None:
         assert self.proc is None, "workload already started"
-        mode = ["ops", str(self.directory), str(self.log), "--seed", str(self.seed), "--max-size", str(self.max_size)]
+        mode = [str(self.directory), str(self.log), "--seed", str(self.seed), "--max-size", str(self.max_size)]
         if self.excl_tag is not None:
-            mode = ["excl", str(self.directory), str(self.log), "--tag", self.excl_tag]
+            mode += ["--excl", self.excl_tag, "--count", str(self.count)]
         with open(self.stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen([sys.executable, "-m", "tests.system.nemesis_workload", *mode], cwd=REPO_ROOT,
                                          stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+
+    def wait_done(self, timeout: float = 120.0) -> None:
+        """For ``count``: wait (bounded) until the process finished its names and exited 0."""
+        assert self.proc is not None, "workload not started"
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"workload not done within {timeout}s: {len(self.records())} outcomes logged, "
+                                 f"last {self.records()[-3:]}") from None
+        if rc != 0:
+            raise AssertionError(f"workload exited rc={rc}:\n{self._stderr()}")
 
     def records(self) -> list[dict[str, Any]]:
         return read_log(self.log)

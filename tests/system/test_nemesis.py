@@ -7,7 +7,7 @@ volume must become healthy, and the checker (``tests.system.nemesis_check``) rep
 operations against a fresh mount and every replica. A failure message starts with the schedule.
 
 The default suite runs two short schedules of one non-seed fault at a time; ``-m long`` runs many
-longer ones whose faults overlap their recoveries, and schedules that include the seed.
+longer ones (20 seeds) whose faults overlap their recoveries. The seed n1 is never faulted.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import eventually, mounted
 from tests.system.faults import FaultCluster, fault_cluster, healthy, wait_volume
 from tests.system.manifest import verify_through_mount
-from tests.system.nemesis import NODE_OPS, SEED_OPS, Nemesis, Schedule, schedule
+from tests.system.nemesis import NODE_OPS, Nemesis, Schedule, schedule
 from tests.system.nemesis_check import check_tree, check_volume, replay
 from tests.system.nemesis_workload import Workload
 
@@ -88,15 +88,6 @@ def test_nemesis_overlapping_faults(cluster3: FaultCluster, tmp_path: Path, seed
                                     record_property: Callable[[str, object], None]) -> None:
     """Ten non-seed faults back to back: each starts while the last one's recovery may still run."""
     run_schedule(cluster3, tmp_path, schedule(seed, 10, NODE_OPS, max_hold=8.0, settle=False), record_property)
-
-
-@pytest.mark.long
-@pytest.mark.parametrize("seed", range(200, 205))
-def test_nemesis_with_seed_faults(cluster3: FaultCluster, tmp_path: Path, seed: int,
-                                  record_property: Callable[[str, object], None]) -> None:
-    """Node faults and seed faults (paused seed, lost or garbled control store), healed one by one."""
-    run_schedule(cluster3, tmp_path, schedule(seed, 8, NODE_OPS + SEED_OPS, max_hold=6.0, settle=True),
-                 record_property)
 
 
 def test_checker_catches_lost_changed_and_resurrected_files(tmp_path: Path) -> None:
