@@ -43,7 +43,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exist
 
 KiB = 1 << 10
 RECOVER_HINT = "pxfs cluster recover"
-PLACEMENT_TRIES = 12
+PLACEMENT_TRIES = 3
 EXCL_NAMES = 200
 
 
@@ -87,8 +87,9 @@ def verify_fresh(cluster: FaultCluster, vol: str, mountpoint: Path, entries: lis
 def volume_off_seed(cluster: FaultCluster) -> tuple[str, str, str]:
     """A healthy repl-2 volume whose replicas exclude the seed: (name, coordinator, follower).
 
-    Volumes are created until placement puts one off the seed (bounded tries; placement weighs what
-    the nodes already hold, so the misplaced ones are kept until then), and the others are deleted.
+    Volumes are created until placement puts one off the seed (bounded tries), the others deleted.
+    Placement goes by free pool bytes, so on a fresh cluster the tries tend to land alike; the last
+    one then goes 2 -> 3 -> 2 replicas, which drops a follower (never the coordinator).
     """
     tried: list[str] = []
     for _ in range(PLACEMENT_TRIES):
@@ -98,10 +99,15 @@ def volume_off_seed(cluster: FaultCluster) -> tuple[str, str, str]:
             break
         tried.append(vol)
     else:
-        placed = {v: inspect(cluster, v)["replicas"] for v in tried}
-        raise AssertionError(f"no repl-2 volume placed off {SEED} in {PLACEMENT_TRIES} tries: {placed}")
+        vol = tried.pop()
+        if info["coordinator"] != SEED:
+            cluster.cli("volume", "ha-update", vol, "--repl", "3")
+            wait_volume(cluster, vol, healthy(lambda v: len(v["replicas"]) == 3), "three replicas")
+            cluster.cli("volume", "ha-update", vol, "--repl", "2")
+            info = wait_volume(cluster, vol, healthy(lambda v: len(v["replicas"]) == 2), "two replicas again")
     for other in tried:
         cluster.cli("volume", "delete", other)
+    assert SEED not in info["replicas"], f"could not place a repl-2 volume off {SEED}: {vol} {info}"
     coordinator = info["coordinator"]
     follower = next(r for r in info["replicas"] if r != coordinator)
     return vol, coordinator, follower
@@ -296,8 +302,9 @@ def test_unlinked_open_file_survives_failover(cluster3: FaultCluster, tmp_path: 
         assert not (m.path / "doomed").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a name created with O_EXCL just before the coordinator dies is "
-                                       "created again by the other mount after the failover: both succeed")
+# Not strict: the race is hit in about 1 run of 3 today (a name in flight when the coordinator dies).
+@pytest.mark.xfail(strict=False, reason="issue 10: a name created with O_EXCL just before the coordinator dies is "
+                                        "created again by the other mount after the failover: both succeed")
 def test_exclusive_create_stays_exclusive_across_failover(cluster3: FaultCluster, tmp_path: Path) -> None:
     """Two mounts both create x00000 ... x00199 with O_EXCL while the coordinator is killed: for every
     name exactly one succeeded and the other saw EEXIST (any other error, EIO included, is a failure),
