@@ -22,6 +22,14 @@ from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import Connection
 
 PXFS = [sys.executable, "-m", "pxfs"]
+# The checkout these tests belong to. `pxfs up` and `pxfs mount` start their daemons with cwd "/", where
+# an editable install would import another checkout's pxfs: every pxfs process of a test imports this one.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pxfs_env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
 
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -68,7 +76,7 @@ class Cluster:
     pool_size: str = "2G"
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        env = dict(os.environ, PXFS_CLUSTER=str(self.dir))
+        env = pxfs_env(PXFS_CLUSTER=str(self.dir))
         proc = subprocess.run([*PXFS, *args], capture_output=True, text=True, env=env, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"pxfs {' '.join(args)} failed rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -95,7 +103,7 @@ class Cluster:
                         str(self.base_port), "--pool-size", self.pool_size)
 
     def down(self) -> None:
-        subprocess.run([*PXFS, "down", "--dir", str(self.dir)], capture_output=True, timeout=60)
+        subprocess.run([*PXFS, "down", "--dir", str(self.dir)], capture_output=True, timeout=60, env=pxfs_env())
 
 
 def eventually(predicate, timeout: float = 20.0, what: str = "condition"):  # noqa: ANN001, ANN201

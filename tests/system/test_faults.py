@@ -17,7 +17,7 @@ import signal
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,52 +25,27 @@ import pytest
 import trio
 
 from pxfs.meta.kv import RocksKV
-from tests.conftest import Cluster, Mount, eventually, free_port_block, mounted, stop_and_check
+from tests.conftest import Cluster, Mount, eventually, mounted
+from tests.system.faults import (
+    FAILOVER_TIMEOUT,
+    SEED,
+    FaultCluster,
+    fault_cluster,
+    followers,
+    healthy,
+    inspect,
+    node_state,
+    wait_volume,
+)
 from tests.system.manifest import ManifestWriter, MiB, verify_on_replicas, verify_through_mount
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and FUSE")
 
-SEED = "n1"
 # Small files keep a run short on 2 cores; still above one 1 MiB block now and then, so holes and
 # multi-block files are part of every run.
 MAX_SIZE = 3 * MiB // 2
-HEALTHY_TIMEOUT = 60.0
-FAILOVER_TIMEOUT = 30.0
 # Files the writer must acknowledge after a fault: proof the application carries on, not just survives.
 PROGRESS = 8
-
-
-# ------------------------------------------------------------------------------------------------
-# A cluster whose fault-handling settings (`pxfs up --replace-after ...`) are in place from the start
-
-
-@dataclass
-class FaultCluster(Cluster):
-    settings: tuple[str, ...] = field(default=())
-
-    def up(self) -> Any:
-        # Every `up` passes the settings: cluster.json keeps them, and a node reads them at start.
-        return self.cli("up", "--dir", str(self.dir), "--nodes", str(self.nodes), "--base-port",
-                        str(self.base_port), "--pool-size", "2G", *self.settings)
-
-    def resume_all(self) -> None:
-        """SIGCONT every node: a test that stopped one must never leave it frozen for teardown."""
-        for nd in (self.dir / "nodes").iterdir() if (self.dir / "nodes").exists() else []:
-            try:
-                os.kill(int((nd / "pid").read_text()), signal.SIGCONT)
-            except (OSError, ValueError):
-                pass
-
-
-def fault_cluster(tmp_path: Path, nodes: int, *settings: str) -> Iterator[FaultCluster]:
-    """Like ``tests.conftest.make_cluster``, with `pxfs up` settings, and frozen nodes resumed first."""
-    c = FaultCluster(dir=tmp_path / "cluster", base_port=free_port_block(nodes), nodes=nodes, settings=settings)
-    try:
-        c.up()
-        yield c
-    finally:
-        c.resume_all()
-        stop_and_check(c)
 
 
 @pytest.fixture
@@ -86,37 +61,6 @@ def cluster4(tmp_path: Path) -> Iterator[FaultCluster]:
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def inspect(cluster: Cluster, vol: str) -> dict[str, Any]:
-    info = cluster.json("volume", "inspect", vol)
-    assert isinstance(info, dict)
-    return info
-
-
-def wait_volume(cluster: Cluster, vol: str, pred: Callable[[dict[str, Any]], bool], what: str,
-                timeout: float = HEALTHY_TIMEOUT) -> dict[str, Any]:
-    last: dict[str, Any] = {}
-
-    def check() -> dict[str, Any] | None:
-        nonlocal last
-        last = inspect(cluster, vol)
-        return last if pred(last) else None
-
-    try:
-        return eventually(check, timeout=timeout, what=what)
-    except AssertionError as err:
-        raise AssertionError(f"{err}; volume now: {last}") from None
-
-
-def healthy(extra: Callable[[dict[str, Any]], bool] = lambda _v: True) -> Callable[[dict[str, Any]], bool]:
-    return lambda v: (v["state"] == "healthy" and not v["missing_replicas"] and not v["lagging"]
-                      and len(v["replicas"]) == v["repl"] and extra(v))
-
-
-def followers(info: dict[str, Any]) -> list[str]:
-    """The volume's followers that may be killed (never the seed)."""
-    return [r for r in info["replicas"] if r != info["coordinator"] and r != SEED]
 
 
 @dataclass
@@ -167,12 +111,6 @@ def finish(run: Run, record_property: Callable[[str, object], None], label: str)
     failures += [str(p) for p in trio.run(verify_on_replicas, run.cluster, run.vol, run.target, entries)]
     assert failures == [], f"replicas {info['replicas']}"
     return info
-
-
-def node_state(cluster: Cluster, node: str) -> str:
-    nodes = cluster.json("node", "list")
-    assert isinstance(nodes, list)
-    return next(n["state"] for n in nodes if n["id"] == node)
 
 
 # ------------------------------------------------------------------------------------------------
