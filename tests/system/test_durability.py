@@ -126,8 +126,6 @@ def kill_coordinator_and_wait_failover(cluster: FaultCluster, vol: str) -> tuple
 # a. fsync'd data lost at failover
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a follower left behind (marked lagging) before an fsync was "
-                                       "acknowledged becomes coordinator at failover, and the file is lost")
 def test_lagging_follower_never_becomes_coordinator(cluster3: FaultCluster, tmp_path: Path) -> None:
     """SIGSTOP follower F; an fsync'd file is acknowledged by C alone; SIGKILL C, SIGCONT F: F must
     not take over (it lacks an acknowledged write); the volume waits for C, says why, and when C is
@@ -224,8 +222,6 @@ def test_lost_control_store_deletes_nothing_and_is_recovered(cluster3: FaultClus
 # c. a malformed control-store record crashes nothing
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: the ControlStore RPC stores any bytes under volumes/, and every "
-                                       "reader of the map then fails on the record")
 async def test_control_store_refuses_a_malformed_volume_record(cluster3: FaultCluster) -> None:
     async with node_connection(cluster3, 0) as conn:
         control = await conn.control()
@@ -237,8 +233,6 @@ async def test_control_store_refuses_a_malformed_volume_record(cluster3: FaultCl
             await control.drop()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: a garbage volume record in the control store crashes the nodes "
-                                       "that read the map (or `pxfs volume list`)")
 def test_garbage_record_in_the_control_store_crashes_nothing(cluster3: FaultCluster, tmp_path: Path) -> None:
     good = new_volume(cluster3, repl=2)
     with mounted(cluster3, good, tmp_path / "mnt") as m:
