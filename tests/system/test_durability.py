@@ -351,12 +351,15 @@ def test_exclusive_create_stays_exclusive_across_failover(cluster3: FaultCluster
 # e. clones
 
 
+@pytest.mark.xfail(strict=True, reason="issue 10: `pxfs snapshot delete` right after `pxfs volume clone` is taken "
+                                       "while the clone still needs the snapshot: the clone cannot be mounted "
+                                       "(source snapshot ... is not on node ...)")
 def test_snapshot_deleted_right_after_clone(cluster3: FaultCluster, tmp_path: Path) -> None:
     """`pxfs volume clone V@s C2` then at once `pxfs snapshot delete V@s`: the delete is refused (exit
     1) or taken; either way C2 mounts and holds V's data, and `pxfs gc --dry-run` still succeeds."""
     vol = new_volume(cluster3, repl=2)
     with mounted(cluster3, vol, tmp_path / "mnt") as m:
-        entries = write_files(m.path, 4)
+        entries = write_files(m.path, 24)  # enough that the clone is still being set up at the delete
     cluster3.cli("snapshot", "create", vol, "--name", "s")
     clone = f"{vol}-c2"
     cluster3.cli("volume", "clone", f"{vol}@s", clone)
