@@ -22,9 +22,11 @@ import pytest
 import trio
 from rocksdict import Options, Rdict
 
+from pxfs.cli.connect import cluster_admin
 from pxfs.cli.procs import alive
+from pxfs.cli.snapshot_cmds import volume_tool
 from pxfs.cluster.config import MIN_GC_GRACE
-from pxfs.errors import Invalid
+from pxfs.errors import Invalid, PxfsError
 from tests.conftest import eventually, mounted, node_connection
 from tests.system.faults import (
     FAILOVER_TIMEOUT,
@@ -345,20 +347,37 @@ def test_exclusive_create_stays_exclusive_across_failover(cluster3: FaultCluster
 # e. clones
 
 
+async def clone_then_delete_snapshot(cluster: FaultCluster, vol: str, clone: str) -> str:
+    """`pxfs volume clone VOL@s CLONE` and at once `pxfs snapshot delete VOL@s`: the commands' own calls
+    over one connection, without the second command's start-up between them (which now and then let
+    the clone finish first). '' if the delete was taken, else why it was refused."""
+    async with cluster_admin(cluster.dir) as (admin, _conn, bridge, _cfg):
+        await admin.clone_volume(f"{vol}@s", clone)
+        try:
+            async with volume_tool(cluster.dir, bridge, vol) as tool:
+                await tool.snapshot_delete("s")
+        except PxfsError as err:
+            return str(err) or type(err).__name__
+    return ""
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: `pxfs snapshot delete` right after `pxfs volume clone` is taken "
+                                       "while the clone still needs the snapshot: the clone cannot be mounted "
+                                       "(source snapshot ... is not on node ...)")
 def test_snapshot_deleted_right_after_clone(cluster3: FaultCluster, tmp_path: Path) -> None:
-    """`pxfs volume clone V@s C2` then at once `pxfs snapshot delete V@s`: the delete is refused (exit
-    1) or taken; either way C2 mounts and holds V's data, and `pxfs gc --dry-run` still succeeds."""
+    """`pxfs volume clone V@s C2` then at once `pxfs snapshot delete V@s`: the delete is refused (the
+    command exits 1) or taken; either way C2 mounts and holds V's data, and `pxfs gc --dry-run` succeeds."""
     vol = new_volume(cluster3, repl=2)
     with mounted(cluster3, vol, tmp_path / "mnt") as m:
-        entries = write_files(m.path, 4)
+        entries = write_files(m.path, 24)  # enough that the clone is still being set up at the delete
     cluster3.cli("snapshot", "create", vol, "--name", "s")
     clone = f"{vol}-c2"
-    cluster3.cli("volume", "clone", f"{vol}@s", clone)
-    delete = cluster3.cli("snapshot", "delete", f"{vol}@s", check=False)
-    print(f"[clone] snapshot delete rc={delete.returncode}: {(delete.stdout + delete.stderr).strip()}")
-    assert delete.returncode in (0, 1), f"snapshot delete rc={delete.returncode}: {delete.stdout}{delete.stderr}"
+    refused = trio.run(clone_then_delete_snapshot, cluster3, vol, clone)
+    print(f"[clone] snapshot delete: {refused or 'taken'}")
     wait_volume(cluster3, clone, healthy(), "the clone healthy")
     problems = verify_fresh(cluster3, clone, tmp_path / "clone", entries)
+    if refused:  # refused while the clone needed it: allowed once the clone is done
+        cluster3.cli("snapshot", "delete", f"{vol}@s")
     gc = cluster3.cli("gc", "--dry-run", "--json", check=False)
     if gc.returncode != 0:
         problems.append(f"gc --dry-run failed rc={gc.returncode}: {gc.stdout}{gc.stderr}")

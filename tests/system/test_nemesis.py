@@ -75,9 +75,6 @@ def run_schedule(cluster: FaultCluster, tmp_path: Path, sched: Schedule,
     assert not problems, f"{sched}\n{len(problems)} problems:\n" + "\n".join(problems)
 
 
-# Not strict: on today's code the failure depends on timing (seed 2 failed 1 of 3 runs): a coordinator
-# SIGKILLed and restarted within the 3 s heartbeat window misses the chunks of writes acknowledged
-# meanwhile, and the volume still reports healthy. Remove the mark with the fix.
 @pytest.mark.parametrize("seed", DEFAULT_SEEDS)
 def test_nemesis_one_fault_at_a_time(cluster3: FaultCluster, tmp_path: Path, seed: int,
                                      record_property: Callable[[str, object], None]) -> None:
