@@ -344,7 +344,7 @@ def rebuild_volume(name: str, copies: list[LocalReplica], deleted: set[str]) -> 
     live = [c for c in copies if c.spec.name == name and c.spec.uid and c.spec.uid not in deleted]
     if not live:
         return None
-    best = max(live, key=lambda c: (c.epoch, c.seq, c.node))
+    best = min(live, key=lambda c: (-c.epoch, -c.seq, c.node))
     mine = sorted((c for c in live if c.spec.uid == best.spec.uid), key=lambda c: (-c.epoch, -c.seq, c.node))
     s = best.spec
     replicas = [c.node for c in mine]

@@ -141,7 +141,7 @@ def test_rebuild_volume_picks_newest_copy() -> None:
     v = records.rebuild_volume("db1", copies, set())
     assert v is not None
     assert v.coordinator == "n2"  # highest (epoch, seq); ties broken by node id
-    assert v.replicas == ["n2", "n3", "n4", "n1"] and v.in_sync == ["n2", "n3"]
+    assert v.replicas == ["n2", "n3", "n1", "n4"] and v.in_sync == ["n2", "n3"]
     assert v.epoch == 5 and v.uid == "abc" and v.size == _vol().size
     assert v.min_replicas == 2
     assert records.decode_volume("volumes/db1", records.encode_volume(v)) == v
