@@ -83,7 +83,7 @@ class ClusterAdmin:
         why = records.identity_problem(raw, self._config.id, 0, bool(copies))
         problem = ""
         if orphans:
-            what = "empty" if not names else "volume records missing"
+            what = "empty" if raw is None and not names else "volume records missing"
             problem = (f"control store: {what}, but nodes {','.join(holders)} hold replicas of volumes "
                        f'{", ".join(sorted(orphans))}: run "pxfs cluster recover"')
         elif why:
