@@ -15,6 +15,7 @@ from pxfs.chunks.pool import Pool
 from pxfs.cluster.admin import ClusterAdmin
 from pxfs.cluster.config import load_config, load_secret
 from pxfs.cluster.gc import Collector
+from pxfs.cluster.guard import StoreGuard
 from pxfs.cluster.manager import Manager, Settings
 from pxfs.cluster.peers import Peers, store_resolver
 from pxfs.cluster.remote_store import RemoteStore
@@ -118,10 +119,12 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
             store = embedded
         else:
             store = RemoteStore(bridge, cluster.seed, secret, node_id)
-        admin = ClusterAdmin(store, cluster)
         peers = Peers(bridge, secret, node_id, store_resolver(store))
+        admin = ClusterAdmin(store, cluster, peers=peers)
         volumes = VolumeHost(node_id, state, store, peers, repair_rate=cluster.repair_rate)
-        chunk_service.collector = Collector(node_id, store, peers, chunks)
+        guard = StoreGuard(node_id, cluster.id, state, store, is_seed, volumes.holds_data)
+        volumes.guard = guard
+        chunk_service.collector = Collector(node_id, store, peers, chunks, held=volumes.held, guard=guard)
         services = Services(admin=admin, chunks=chunk_service, control=embedded, volumes=volumes)
         server = RpcServer(bridge, services, secret, cluster.id, node_id)
         host, port = split_address(cfg.listen)
@@ -155,6 +158,7 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
                 if embedded is not None:
                     manager = Manager(store, admin, peers, Settings(failover_after=cluster.failover_after,
                                                                    replace_after=cluster.replace_after))
+                    manager.guard = guard
                     nursery.start_soon(manager.run)
                 if ready is not None:
                     ready.set()

@@ -131,6 +131,10 @@ interface Admin {
   # The explicit way out when no in-sync replica returns: node becomes coordinator and the only
   # in-sync replica under a new epoch; acknowledged writes only the others held are given up.
   promoteVolume @12 (name :Text, node :Text) -> (volume :VolumeInfo);
+  # JSON: the identity, volumes nodes hold that the store has no record of, and what to do.
+  storeCheck @13 () -> (report :Text);
+  # Rebuild missing volume records from the nodes' local replicas; new identity generation. JSON.
+  recover @14 () -> (report :Text);
 }
 
 # Content-addressed chunks of one node's pools. Called by: mounts (data path), other nodes (repair).
@@ -179,6 +183,8 @@ interface VolumeService {
   reset @3 (name :Text, epoch :UInt64) -> ();
   # Batches first, first+1, ... in one call: catching up costs one round trip per many batches.
   applyMany @4 (name :Text, epoch :UInt64, first :UInt64, batches :List(Data)) -> (seq :UInt64);
+  # JSON {generation, replicas: [{spec, seq, epoch, last_hash}]}: the copies on this node's disk.
+  localReplicas @5 () -> (replicas :Text);
 }
 
 # One volume's POSIX metadata, served by its coordinator to a mount. Names are raw bytes.

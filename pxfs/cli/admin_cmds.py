@@ -50,20 +50,42 @@ async def cmd_status(args: argparse.Namespace) -> int:
         info = await admin.cluster_info()
         nodes = await admin.list_nodes()
         vols = await admin.list_volumes()
+        store = await admin.store_check()
     up = sum(1 for n in nodes if n.state == "up")
     degraded = [v.name for v in vols if v.state != "healthy"]
     health = "healthy" if up == len(nodes) and not degraded else "degraded"
+    problem = store.get("problem", "")
+    if problem:
+        health = "needs recovery"
     if args.json:
-        emit_json({"cluster": info, "health": health, "nodes": [n.to_json() for n in nodes],
+        emit_json({"cluster": info, "health": health, "store": store, "nodes": [n.to_json() for n in nodes],
                    "volumes": [v.to_json() for v in vols]})
-        return 0
+        return 1 if problem else 0
     line(f'cluster "{info["name"]}" ({info["id"]}), store {info["store"]} at {info["seed"]}: {health}')
+    if problem:
+        line(problem)
     line(f"nodes: {up} up of {len(nodes)}; volumes: {len(vols)}" + (f", degraded: {', '.join(degraded)}"
                                                                        if degraded else ""))
     table(None, NODE_COLUMNS, _node_rows(nodes))
     if vols:
         line("")
         table(None, VOLUME_COLUMNS, _volume_rows(vols))
+    return 1 if problem else 0
+
+
+async def cmd_cluster_recover(args: argparse.Namespace) -> int:
+    async with cluster_admin(args.cluster) as (admin, *_):
+        report = await admin.recover()
+    if args.json:
+        emit_json(report)
+        return 0
+    rebuilt = report["rebuilt"]
+    line(f"asked nodes {','.join(report['nodes'])}; rebuilt {len(rebuilt)} volume record(s); "
+         f"control store generation {report['generation']}")
+    if rebuilt:
+        table(None, ["VOLUME", "UID", "COORDINATOR", "EPOCH", "SEQ", "REPLICAS", "IN SYNC"],
+              [[v["name"], v["uid"], v["coordinator"], str(v["epoch"]), str(v["seq"]), ",".join(v["replicas"]),
+                ",".join(v["in_sync"])] for v in rebuilt])
     return 0
 
 

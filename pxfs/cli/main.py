@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", default="127.0.0.1:7700", help="address of the seed node (HOST:PORT)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=local.cmd_cluster_init, sync=True)
+    p = _client(cl.add_parser("recover", help="rebuild volume records a lost control store no longer has, "
+                                            "from the replicas the nodes hold"))
+    p.set_defaults(run=admin_cmds.cmd_cluster_recover)
 
     nd = sub.add_parser("node", help="nodes").add_subparsers(dest="sub", required=True, metavar="SUB")
     p = nd.add_parser("start", help="run a node daemon in the foreground")

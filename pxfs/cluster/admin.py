@@ -44,10 +44,92 @@ class ClusterAdmin:
     """Validates and records volumes; judges health from node liveness."""
 
     def __init__(self, store: ControlStore, config: ClusterConfig,
-                 overcommit: float = placement.OVERCOMMIT) -> None:
+                 overcommit: float = placement.OVERCOMMIT, peers: Any = None) -> None:
         self._store = store
         self._config = config
         self._overcommit = overcommit
+        self._peers = peers  # pxfs.cluster.peers.Peers: asks nodes for their local replicas
+
+    async def _local_replicas(self) -> tuple[list[records.LocalReplica], list[int], list[str], dict[str, str]]:
+        """Every registered node's copies: (copies, generations the nodes accepted, nodes asked, failures)."""
+        if self._peers is None:
+            raise Unavailable("cluster recovery", "this admin service has no connections to the nodes")
+        removed = await self._removed()
+        nodes = sorted(n.id for n in await self._store.liveness() if n.id not in removed)
+        copies: list[records.LocalReplica] = []
+        gens: list[int] = []
+        failed: dict[str, str] = {}
+        for node in nodes:
+            try:
+                gen, mine = records.decode_local_replicas(node, await self._peers.local_replicas(node))
+            except PxfsError as err:
+                failed[node] = str(err)
+                continue
+            gens.append(gen)
+            copies.extend(mine)
+        return copies, gens, nodes, failed
+
+    async def store_check(self) -> dict[str, Any]:
+        """Whether the store knows every volume the nodes hold; ``problem`` says what to do when not."""
+        raw = await self._store.get(records.IDENTITY_KEY)
+        names = {v.name for v in await self._specs()}
+        deleted = records.tombstones(await self._store.range(records.TOMBSTONE_PREFIX))
+        copies, _gens, nodes, failed = await self._local_replicas()
+        orphans: dict[str, list[str]] = {}
+        for c in copies:
+            if c.spec.name not in names and c.spec.uid not in deleted.get(c.spec.name, set()):
+                orphans.setdefault(c.spec.name, []).append(c.node)
+        holders = sorted({n for ns in orphans.values() for n in ns})
+        why = records.identity_problem(raw, self._config.id, 0, bool(copies))
+        problem = ""
+        if orphans:
+            what = "empty" if raw is None and not names else "volume records missing"
+            problem = (f"control store: {what}, but nodes {','.join(holders)} hold replicas of volumes "
+                       f'{", ".join(sorted(orphans))}: run "pxfs cluster recover"')
+        elif why:
+            problem = f"control store: {why}"
+        identity = None
+        if raw is not None:
+            try:
+                cid, gen = records.decode_identity(raw)
+                identity = {"id": cid, "generation": gen}
+            except PxfsError as err:
+                identity = {"error": str(err)}
+        return {"identity": identity, "problem": problem, "orphans": {k: sorted(v) for k, v in orphans.items()},
+                "nodes": nodes, "unreachable": failed}
+
+    async def recover(self) -> dict[str, Any]:
+        """Rebuild every volume record the store lacks from the copies the nodes hold, then name the
+        store this cluster's at a new generation (so the nodes act on it again). Records already in
+        the store are left alone; a foreign store is refused."""
+        raw = await self._store.get(records.IDENTITY_KEY)
+        gen = 0
+        if raw is not None:
+            cid, gen = records.decode_identity(raw)
+            if cid != self._config.id:
+                raise Conflict("control store", f"belongs to cluster {cid}, not {self._config.id}: not recovering "
+                               "into it")
+        copies, gens, nodes, failed = await self._local_replicas()
+        if failed:
+            # A node that does not answer may hold the newest copy of a volume: a record rebuilt
+            # without it could name a stale coordinator.
+            raise Unavailable("cluster recovery", "nodes did not answer: " +
+                              "; ".join(f"{n}: {e}" for n, e in sorted(failed.items())))
+        names = {v.name for v in await self._specs()}
+        deleted = records.tombstones(await self._store.range(records.TOMBSTONE_PREFIX))
+        rebuilt: list[dict[str, Any]] = []
+        for name in sorted({c.spec.name for c in copies} - names):
+            mine = [c for c in copies if c.spec.name == name]
+            vol = records.rebuild_volume(name, mine, deleted.get(name, set()))
+            if vol is None:
+                continue
+            if await self._store.cas(_vol_key(name), None, records.encode_volume(vol)):
+                seq = max(c.seq for c in mine if c.node == vol.coordinator and c.spec.uid == vol.uid)
+                rebuilt.append({"name": name, "uid": vol.uid, "replicas": vol.replicas, "coordinator": vol.coordinator,
+                                "in_sync": vol.in_sync, "epoch": vol.epoch, "seq": seq})
+        generation = max([gen, *gens]) + 1
+        await self._store.put(records.IDENTITY_KEY, records.encode_identity(self._config.id, generation))
+        return {"rebuilt": rebuilt, "generation": generation, "nodes": nodes}
 
     async def cluster_info(self) -> dict[str, str]:
         c = self._config
@@ -210,8 +292,7 @@ class ClusterAdmin:
         spec, _raw = await self._spec(name)
         # Replicas and chunks go only on an explicit tombstone naming this volume's uid: a record
         # that is merely missing (a lost control store) must never delete anything.
-        await self._store.put(records.tombstone_key(name, spec.uid or "none"),
-                              json.dumps({"v": 1, "ts": time.time()}).encode())
+        await self._store.put(records.tombstone_key(name, spec.uid or "none"), records.encode_tombstone(time.time()))
         await self._store.delete(_vol_key(name))
         await self._store.delete(f"usage/{name}")
         await self._store.delete(f"schedules/{name}")

@@ -2,7 +2,10 @@
 
 Each node collects its own pools. The mark asks the coordinator of every volume this node replicates
 for the chunks its block maps and its snapshots name; if any coordinator cannot answer, the round is
-abandoned (a partial mark would sweep live data). The sweep deletes only chunks older than the grace
+abandoned (a partial mark would sweep live data). So is it when this node holds a copy of a volume
+the store has no record of (and no tombstone for): its chunks are named only by that copy, and a
+missing record is no proof of deletion. No round runs on a store the node's guard refuses. The sweep
+deletes only chunks older than the grace
 period: a chunk put for a write whose commit is still in flight is young, and a put that finds the
 chunk already there refreshes its age (``Pool.touch``), so dedup against a dying chunk is safe too.
 A round killed halfway leaves nothing inconsistent: deletes are independent and the next round redoes
@@ -14,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -27,8 +31,10 @@ log = logging.getLogger(__name__)
 
 
 class Collector:
-    def __init__(self, node_id: str, store: ControlStore, peers: Any, chunks: Any) -> None:
+    def __init__(self, node_id: str, store: ControlStore, peers: Any, chunks: Any,
+                 held: Callable[[], dict[str, str]] = dict, guard: Any = None) -> None:
         self.node_id, self._store, self._peers, self._chunks = node_id, store, peers, chunks
+        self._held, self._guard = held, guard  # VolumeHost.held, StoreGuard
         self._lock = trio.Lock()
         self.last: dict[str, Any] = {}
 
@@ -45,10 +51,26 @@ class Collector:
             raise Unavailable(f"gc on node {self.node_id}", f'volume "{spec.name}" could not be marked '
                               f"(coordinator {spec.coordinator}): {err}; nothing deleted") from None
 
+    def _check_held(self, specs: dict[str, VolumeInfo], deleted: dict[str, set[str]]) -> None:
+        for name, uid in self._held().items():
+            if uid and uid in deleted.get(name, set()):
+                continue  # deleted: its copy goes, and so may the chunks only it named
+            spec = specs.get(name)
+            if spec is None:
+                raise Unavailable(f"gc on node {self.node_id}", f'volume "{name}" is held here but has no record: '
+                                  'nothing deleted (run "pxfs cluster recover")')
+            if uid and spec.uid != uid:
+                raise Unavailable(f"gc on node {self.node_id}", f'volume "{name}": the copy held here is uid {uid}, '
+                                  f"the record names uid {spec.uid}: nothing deleted")
+
     async def collect(self, dry_run: bool, grace: float) -> dict[str, Any]:
         async with self._lock:
             start = time.monotonic()
+            if self._guard is not None:
+                await self._guard.require("gc")
             specs = records.volumes(await self._store.range(records.VOLUME_PREFIX))
+            self._check_held({s.name: s for s in specs},
+                             records.tombstones(await self._store.range(records.TOMBSTONE_PREFIX)))
             mine = [s for s in specs if self.node_id in s.replicas]
             keep: set[bytes] = set()
             for spec in mine:

@@ -45,6 +45,7 @@ class Manager:
         self._store, self._admin, self._peers, self.settings = store, admin, peers, settings
         self._down_since: dict[str, float] = {}
         self._started = time.monotonic()
+        self.guard: Any = None  # pxfs.cluster.guard.StoreGuard: no failover on a store it refuses
 
     async def run(self) -> None:
         while True:
@@ -52,6 +53,8 @@ class Manager:
             if time.monotonic() - self._started < self.settings.startup_grace:
                 continue
             try:
+                if self.guard is not None and await self.guard.check():
+                    continue  # the guard logged why; re-placing volumes on its say-so could lose them
                 await self.round()
             except PxfsError as err:
                 log.warning("manager round failed: %s", err)

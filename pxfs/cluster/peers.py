@@ -88,6 +88,14 @@ class Peers:
             await self.forget(node_id)
             raise Unavailable(f"node {node_id}", "did not answer") from None
 
+    async def local_replicas(self, node_id: str) -> str:
+        try:
+            with trio.fail_after(CALL_TIMEOUT):
+                return await (await self.volumes(node_id)).local_replicas()
+        except (Unavailable, trio.TooSlowError):
+            await self.forget(node_id)
+            raise Unavailable(f"node {node_id}", "did not answer") from None
+
     async def close(self) -> None:
         for node_id in list(self._conns):
             await self.forget(node_id)

@@ -3,7 +3,7 @@
 Key schema (values are JSON objects; records with a ``v`` field are versioned, older ones upgrade):
 
   cluster/identity          {"v":1, "id", "generation"}   which cluster this store belongs to; a node
-                            refuses an empty or foreign store while it holds data
+                            refuses an empty, foreign or older store while it holds data
   nodes/<id>                NodeInfo of a registered node (labels, address, pools with usage)
   volumes/<name>            VolumeRecord v2: spec (size, repl, block size, labels), replicas, coordinator,
                             epoch (the fencing token is (coordinator, epoch)), in_sync (replicas known to
@@ -15,6 +15,10 @@ Key schema (values are JSON objects; records with a ``v`` field are versioned, o
   repair/<name>             {"ts"} the newest ``pxfs volume repair`` request
   schedules/<name>          {"every", "keep"} snapshot schedule
 
+A replica keeps its own copy of its volume's record in ``STATE/volumes/<name>/spec.json``
+(``write_local_spec``): the uid of the local copy, and what ``pxfs cluster recover`` rebuilds a lost
+record from. ``STATE/store-generation`` holds the newest identity generation the node accepted.
+
 Readers never build records from raw JSON themselves: an undecodable value is skipped and logged
 for its key (``decode_all``), never a crash of the node that read it. Writers through the
 ``ControlStore`` RPC are checked with ``validate`` before anything is stored.
@@ -24,8 +28,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pxfs.errors import Corrupt, Invalid
@@ -139,6 +146,22 @@ def decode_node(key: str, raw: bytes) -> NodeInfo:
     return n
 
 
+def encode_tombstone(ts: float) -> bytes:
+    return json.dumps({"v": 1, "ts": ts}).encode()
+
+
+def tombstones(items: Iterable[tuple[str, bytes]]) -> dict[str, set[str]]:
+    """Volume name -> the uids deleted under that name, from a ``range("tombstones/")``."""
+    out: dict[str, set[str]] = {}
+    for key, _raw in items:
+        name, sep, uid = key.removeprefix(TOMBSTONE_PREFIX).partition("/")
+        if not key.startswith(TOMBSTONE_PREFIX) or not sep or not name or not uid:
+            skip_bad(key, Corrupt(f"control store record {key!r}", "not tombstones/<name>/<uid>"))
+            continue
+        out.setdefault(name, set()).add(uid)
+    return out
+
+
 def decode_json(key: str, raw: bytes) -> dict[str, Any]:
     """Any other record (usage, mounts, repair, schedules, tombstones): a JSON object or Corrupt."""
     return _obj(key, raw)
@@ -192,3 +215,142 @@ def validate(key: str, value: bytes) -> None:
             decode_json(key, value)
     except Corrupt as err:
         raise Invalid(err.obj, err.cause) from None
+
+
+# -- what a node keeps on its own disk ------------------------------------------------------------
+
+SPEC_FILE = "spec.json"
+GENERATION_FILE = "store-generation"
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content, never none."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_local_spec(volume_dir: Path, v: VolumeInfo) -> None:
+    write_durably(volume_dir / SPEC_FILE, encode_volume(v))
+
+
+def read_local_spec(volume_dir: Path) -> VolumeInfo | None:
+    """The record a replica last saw for its volume; None when it has none (or an undecodable one,
+    logged): such a copy's uid is unknown, so nothing may ever delete it on a record's say-so."""
+    path = volume_dir / SPEC_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return decode_volume(volume_key(volume_dir.name), raw)
+    except Corrupt as err:
+        skip_bad(str(path), err)
+        return None
+
+
+def read_generation(state: Path) -> int:
+    try:
+        return int((state / GENERATION_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def write_generation(state: Path, generation: int) -> None:
+    write_durably(state / GENERATION_FILE, f"{generation}\n".encode())
+
+
+def identity_problem(raw: bytes | None, cluster_id: str, recorded: int, holds_data: bool) -> str:
+    """Why a node must not act on this store ("" when it may).
+
+    A node that holds no replica has nothing a wrong store could make it delete, so only a foreign
+    store is refused then; one that holds data refuses a store without identity (empty: a lost or
+    replaced control store), another cluster's, or an older generation than it last accepted (a
+    restored backup that does not know what was created or deleted since).
+    """
+    if raw is None:
+        if not holds_data:
+            return ""
+        return 'the control store has no cluster identity (empty or replaced) while this node holds replicas: ' \
+               'run "pxfs cluster recover"'
+    try:
+        cid, gen = decode_identity(raw)
+    except Corrupt as err:
+        return f"{err.obj}: {err.cause}" if holds_data else ""
+    if cid != cluster_id:
+        return f"the control store belongs to cluster {cid}, not to this cluster {cluster_id}"
+    if holds_data and gen < recorded:
+        return (f"the control store is at generation {gen}, older than generation {recorded} this node "
+                "last accepted (a restored copy?)")
+    return ""
+
+
+# -- recovery of lost volume records ------------------------------------------------------------------
+
+
+@dataclass
+class LocalReplica:
+    """One node's copy of a volume, as ``VolumeService.localReplicas`` reports it."""
+
+    node: str
+    spec: VolumeInfo
+    seq: int
+    epoch: int
+    last_hash: str  # hex
+
+
+def encode_local_replicas(generation: int, replicas: list[LocalReplica]) -> str:
+    return json.dumps({"v": 1, "generation": generation,
+                       "replicas": [{"spec": json.loads(encode_volume(r.spec)), "seq": r.seq, "epoch": r.epoch,
+                                     "last_hash": r.last_hash} for r in replicas]}, sort_keys=True)
+
+
+def decode_local_replicas(node: str, text: str) -> tuple[int, list[LocalReplica]]:
+    """A node's answer: the generation it last accepted and its copies; bad entries skipped and logged."""
+    what = f"local replicas of node {node}"
+    d = _obj(what, text.encode())
+    gen = _int(what, "generation", d.get("generation", 0))
+    out = []
+    for item in d.get("replicas", []) if isinstance(d.get("replicas"), list) else []:
+        try:
+            if not isinstance(item, dict) or not isinstance(item.get("spec"), dict):
+                raise Corrupt(what, "entry is not an object with a spec")
+            spec_d = item["spec"]
+            spec = decode_volume(volume_key(str(spec_d.get("name", ""))), json.dumps(spec_d).encode())
+            out.append(LocalReplica(node=node, spec=spec, seq=_int(what, "seq", item.get("seq")),
+                                    epoch=_int(what, "epoch", item.get("epoch")),
+                                    last_hash=str(item.get("last_hash", ""))))
+        except Corrupt as err:
+            skip_bad(f"{what}: {str(item)[:80]}", err)
+    return gen, out
+
+
+def rebuild_volume(name: str, copies: list[LocalReplica], deleted: set[str]) -> VolumeInfo | None:
+    """A volume record rebuilt from the copies nodes hold, or None when none is usable.
+
+    Copies of a deleted uid are ignored; of the remaining uids, the one whose best copy is newest
+    wins. Replicas are the nodes that hold that uid, the coordinator the copy with the highest
+    (epoch, seq), in sync the copies at its seq with its last batch, and the epoch goes past every
+    copy's so no former coordinator's token stays valid.
+    """
+    live = [c for c in copies if c.spec.name == name and c.spec.uid and c.spec.uid not in deleted]
+    if not live:
+        return None
+    best = min(live, key=lambda c: (-c.epoch, -c.seq, c.node))
+    mine = sorted((c for c in live if c.spec.uid == best.spec.uid), key=lambda c: (-c.epoch, -c.seq, c.node))
+    s = best.spec
+    replicas = [c.node for c in mine]
+    in_sync = [c.node for c in mine if c.seq == best.seq and c.last_hash == best.last_hash]
+    return VolumeInfo(name=name, size=s.size, repl=s.repl, block_size=s.block_size, labels=dict(s.labels),
+                      replicas=replicas, coordinator=best.node,
+                      epoch=max(max(c.epoch for c in mine), s.epoch) + 1, created_ns=s.created_ns,
+                      source=s.source, in_sync=in_sync, min_replicas=min(s.min_replicas, len(in_sync)),
+                      uid=s.uid, clone_done=s.clone_done)

@@ -22,7 +22,7 @@ import blake3
 import trio
 
 from pxfs.cluster import records
-from pxfs.cluster.admin import check_volume_name
+from pxfs.cluster.admin import VOLUME_NAME, check_volume_name
 from pxfs.cluster.repair import ChunkRepair
 from pxfs.cluster.replicator import Replicator
 from pxfs.cluster.store import ControlStore
@@ -42,6 +42,7 @@ CLONE_DONE = b"cloneDone"
 REPAIR_PERIOD = 60.0
 SPACE_PERIOD = 30.0
 FRESH_WINDOW = 20.0  # longer than a mount's refresh interval
+WARN_EVERY = 60.0
 
 
 class HostedVolume:
@@ -54,6 +55,8 @@ class HostedVolume:
         self.snapshots: dict[str, HostedSnapshot] = {}
         self.kv = self._open_kv()
         self.epoch = self._read_epoch()
+        # The record this copy belongs to, as this node last saw it: its uid decides what may delete it.
+        self.local: VolumeInfo | None = records.read_local_spec(path)
         self.meta: Meta | None = None
         self.replicator: Replicator | None = None
         self.insync: InSync | None = None
@@ -178,8 +181,11 @@ class VolumeHost:
         self._store = store
         self._peers = peers  # pxfs.cluster.peers.Peers: logged-in connections to other nodes
         self._repair_rate = repair_rate
+        self._state = state_dir
         self._volumes: dict[str, HostedVolume] = {}
         self._nursery: trio.Nursery | None = None
+        self.guard: Any = None  # pxfs.cluster.guard.StoreGuard, set by the node: no round on a refused store
+        self._warned: dict[str, float] = {}
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -204,6 +210,54 @@ class VolumeHost:
             raise NotFound(f'volume "{name}"', "no such volume")
         return records.decode_volume(key, raw)
 
+    def held(self) -> dict[str, str]:
+        """Every volume with a copy on this node's disk -> the uid of that copy ("" when unknown)."""
+        out: dict[str, str] = {}
+        for d in sorted(self._dir.iterdir()) if self._dir.exists() else []:
+            if not d.is_dir() or not VOLUME_NAME.match(d.name):
+                continue
+            hv = self._volumes.get(d.name)
+            local = hv.local if hv is not None else records.read_local_spec(d)
+            out[d.name] = local.uid if local is not None else ""
+        return out
+
+    def holds_data(self) -> bool:
+        return bool(self.held())
+
+    def _warn(self, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(key, -WARN_EVERY) >= WARN_EVERY:
+            self._warned[key] = now
+            log.warning(msg, *args)
+
+    def _claim(self, spec: VolumeInfo) -> HostedVolume:
+        """This node's copy of ``spec``'s volume, keeping its spec.json current; refuses a copy of
+        another volume of the same name (another uid) that no tombstone lets go yet."""
+        hv = self._hosted(spec.name)
+        local = hv.local
+        if local is not None and local.uid != spec.uid:
+            raise Conflict(f'volume "{spec.name}"', f"node {self.node_id} holds a copy with uid {local.uid}, the "
+                           f"record names uid {spec.uid}, and no tombstone names {local.uid}: nothing deleted")
+        if local is None or records.encode_volume(local) != records.encode_volume(spec):
+            records.write_local_spec(hv.path, spec)
+            hv.local = records.decode_volume(records.volume_key(spec.name), records.encode_volume(spec))
+        return hv
+
+    async def local_replicas(self) -> str:
+        """The copies on this disk with the record each last saw (``VolumeService.localReplicas``)."""
+        out = []
+        for name, uid in self.held().items():
+            if not uid:
+                log.warning("node=%s volume=%s: copy without spec.json, its uid is unknown: not reported",
+                            self.node_id, name)
+                continue
+            hv = self._hosted(name)
+            assert hv.local is not None
+            last = hv.kv.log_entry(hv.kv.seq) if hv.kv.seq else None
+            out.append(records.LocalReplica(node=self.node_id, spec=hv.local, seq=hv.kv.seq, epoch=hv.epoch,
+                                            last_hash=blake3.blake3(last).hexdigest() if last is not None else ""))
+        return records.encode_local_replicas(records.read_generation(self._state), out)
+
     def _hosted(self, name: str) -> HostedVolume:
         hv = self._volumes.get(name)
         if hv is None:
@@ -219,7 +273,7 @@ class VolumeHost:
         name = spec.name
         if spec.coordinator != self.node_id:
             raise Conflict(f'volume "{name}"', f"coordinated by node {spec.coordinator}, not {self.node_id}")
-        hv = self._hosted(name)
+        hv = self._claim(spec)
         if hv.epoch > spec.epoch:
             raise Conflict(f'volume "{name}"', f"local epoch {hv.epoch} is newer than the cluster's {spec.epoch}")
         if hv.epoch != spec.epoch:
@@ -460,7 +514,26 @@ class VolumeHost:
     # -- supervision: role changes, repair, health -----------------------------------------------
 
     async def _supervise(self) -> None:
+        if self.guard is not None and await self.guard.check():
+            return  # a store this node refuses (the guard logged why): nothing here may act on it
         specs = {v.name: v for v in records.volumes(await self._store.range(records.VOLUME_PREFIX))}
+        deleted = records.tombstones(await self._store.range(records.TOMBSTONE_PREFIX))
+        # A copy goes only when the store says so about THIS copy (its uid): a tombstone, or its own
+        # record without this node. A record that is merely missing deletes nothing.
+        for name, uid in self.held().items():
+            spec = specs.get(name)
+            if uid and uid in deleted.get(name, set()):
+                log.info("node=%s drops its copy of volume=%s uid=%s (deleted)", self.node_id, name, uid)
+                await self.drop(name)
+            elif spec is not None and uid and spec.uid == uid and self.node_id not in spec.replicas:
+                log.info("node=%s drops its copy of volume=%s uid=%s (no longer a replica)", self.node_id, name, uid)
+                await self.drop(name)
+            elif spec is None:
+                self._warn(f"norecord/{name}", 'node=%s: volume %s (uid %s) is held here but has no record: '
+                           'kept, nothing deleted (run "pxfs cluster recover")', self.node_id, name, uid or "?")
+            elif uid and spec.uid != uid:
+                self._warn(f"uid/{name}", "node=%s: volume %s: the copy here is uid %s, the record names uid %s "
+                           "and no tombstone names %s: kept, nothing deleted", self.node_id, name, uid, spec.uid, uid)
         for name, spec in specs.items():
             if name in self._volumes:
                 self._volumes[name].token = (spec.coordinator, spec.epoch)
@@ -474,20 +547,15 @@ class VolumeHost:
                     await self._health(hv)
                 except PxfsError as err:  # one volume's trouble never stops the others' supervision
                     log.warning("node=%s volume=%s health round failed: %s", self.node_id, name, err)
-            elif name in self._volumes and self._volumes[name].meta is not None:
+                continue
+            if name in self._volumes and self._volumes[name].meta is not None:
                 log.info("node=%s no longer coordinates volume=%s (now %s)", self.node_id, name, spec.coordinator)
                 self._volumes[name].demote()
-        for name in list(self._volumes):
-            spec = specs.get(name)
-            if spec is None or self.node_id not in spec.replicas:
-                log.info("node=%s drops its copy of volume=%s (%s)", self.node_id, name,
-                         "deleted" if spec is None else "no longer a replica")
-                await self.drop(name)
-        if not self._volumes and self._dir.exists():
-            for stale in self._dir.iterdir():
-                spec = specs.get(stale.name)
-                if spec is None or self.node_id not in spec.replicas:
-                    shutil.rmtree(stale, ignore_errors=True)
+            if self.node_id in spec.replicas and (self._dir / name).is_dir():
+                try:
+                    self._claim(spec)  # a follower keeps its copy of the record current too
+                except Conflict as err:
+                    self._warn(f"claim/{name}", "node=%s volume=%s: %s", self.node_id, name, err)
 
     async def _health(self, hv: HostedVolume) -> None:
         assert hv.meta is not None and hv.spec is not None and hv.repair is not None
@@ -655,7 +723,7 @@ class VolumeHost:
         spec = await self._spec(name)
         if self.node_id not in spec.replicas:
             raise NotFound(f'volume "{name}"', f"node {self.node_id} is not one of its replicas")
-        hv = self._hosted(name)
+        hv = self._claim(spec)
         hv.token = (spec.coordinator, spec.epoch)
         if peer != spec.coordinator or epoch != spec.epoch:
             raise Conflict(f'volume "{name}"', f"replication from {peer or '?'} at epoch {epoch} refused: the "
@@ -696,7 +764,7 @@ class VolumeHost:
         spec = await self._spec(name)
         if self.node_id not in spec.replicas:
             raise NotFound(f'volume "{name}"', f"node {self.node_id} is not one of its replicas")
-        hv = self._hosted(name)
+        hv = self._claim(spec)
         last = hv.kv.log_entry(hv.kv.seq) if hv.kv.seq else None
         return hv.kv.seq, hv.epoch, blake3.blake3(last).digest() if last is not None else b""
 

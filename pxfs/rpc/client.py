@@ -141,6 +141,16 @@ class AdminClient(_Caller):
             return float((await self.cap.repairVolume(name)).requested)
         return await self.call(go)
 
+    async def store_check(self) -> dict[str, Any]:
+        async def go() -> dict[str, Any]:
+            return json.loads((await self.cap.storeCheck()).report)
+        return await self.call(go)
+
+    async def recover(self) -> dict[str, Any]:
+        async def go() -> dict[str, Any]:
+            return json.loads((await self.cap.recover()).report)
+        return await self.call(go)
+
 
 class ChunkClient(_Caller):
     """A remote node's chunk store; same async face as ``pxfs.chunks.local.LocalChunkStore``."""

@@ -98,6 +98,14 @@ class AdminServer(pxfs_capnp.Admin.Server):
         await self._b.to_trio(self._a.schedule_snapshots, name, everySeconds, keep)
 
     @served
+    async def storeCheck(self, _context: Any, **_: Any) -> None:  # noqa: N802
+        _context.results.report = json.dumps(await self._b.to_trio(self._a.store_check))
+
+    @served
+    async def recover(self, _context: Any, **_: Any) -> None:
+        _context.results.report = json.dumps(await self._b.to_trio(self._a.recover))
+
+    @served
     async def repairVolume(self, name: str, _context: Any, **_: Any) -> None:
         _context.results.requested = await self._b.to_trio(self._a.repair_volume, name)
 

@@ -59,6 +59,11 @@ class VolumeServiceClient(_Caller):
             return r.seq, r.epoch, bytes(r.lastHash)
         return await self.call(go)
 
+    async def local_replicas(self) -> str:
+        async def go() -> str:
+            return (await self.cap.localReplicas()).replicas
+        return await self.call(go)
+
     async def reset(self, name: str, epoch: int) -> None:
         async def go() -> None:
             await self.cap.reset(name, epoch)

@@ -69,6 +69,10 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
         _context.results.seq, _context.results.epoch, _context.results.lastHash = seq, epoch, last_hash
 
     @served
+    async def localReplicas(self, _context: Any, **_: Any) -> None:  # noqa: N802
+        _context.results.replicas = await self._b.to_trio(self._h.local_replicas)
+
+    @served
     async def reset(self, name: str, epoch: int, _context: Any, **_: Any) -> None:
         await self._b.to_trio(self._h.reset, name, epoch, self._peer)
 
