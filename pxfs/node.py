@@ -20,12 +20,12 @@ from pxfs.cluster.manager import Manager, Settings
 from pxfs.cluster.peers import Peers, store_resolver
 from pxfs.cluster.remote_store import RemoteStore
 from pxfs.cluster.store import ControlStore, EmbeddedStore
-from pxfs.cluster.volume_host import VolumeHost
 from pxfs.errors import PxfsError, Unavailable
 from pxfs.model import NodeInfo, PoolInfo
 from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import split_address
 from pxfs.rpc.server import RpcServer, Services
+from pxfs.volume.host import VolumeHost
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ import trio
 from pxfs.cluster import records
 from pxfs.cluster.admin import VOLUME_NAME, check_volume_name
 from pxfs.cluster.repair import ChunkRepair
-from pxfs.cluster.replicator import Replicator
 from pxfs.cluster.store import ControlStore
 from pxfs.errors import Conflict, Invalid, NotFound, PxfsError, Unavailable
 from pxfs.meta import keys, snapshots
@@ -33,6 +32,7 @@ from pxfs.meta.fsck import fsck
 from pxfs.meta.kv import Batch, RocksKV
 from pxfs.model import Changed, VolumeInfo
 from pxfs.volume.insync import MIN_REPLICAS_WAIT, REJOIN_LAG, Deposed, InSync
+from pxfs.volume.replicator import Replicator
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
