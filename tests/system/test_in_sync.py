@@ -91,7 +91,10 @@ def test_promote_gives_up_only_what_the_operator_accepts(cluster3: FaultCluster,
         cluster3.up()
         wait_volume(cluster3, vol, healthy(lambda v: sorted(v["in_sync"]) == sorted([c, f])),
                     "healthy with the old coordinator back in sync", timeout=90)
-        assert not (m.path / "only-on-c").exists()
+        # Batches C sent to the frozen F may still sit in F's socket buffers and be applied once it
+        # resumes, so F may hold the file or not; only if it does not did C's copy diverge.
+        f_had_it = (m.path / "only-on-c").exists()
     aside = cluster3.dir / "nodes" / c / "state" / "volumes" / vol / "diverged" / "meta"
-    assert (aside / "CURRENT").exists(), f"{c}'s diverged copy was not kept at {aside}"
+    if not f_had_it:
+        assert (aside / "CURRENT").exists(), f"{c}'s diverged copy was not kept at {aside}"
     assert verify_fresh(cluster3, vol, tmp_path / "fresh", [entry]) == []
