@@ -383,8 +383,6 @@ def test_snapshot_deleted_right_after_clone(cluster3: FaultCluster, tmp_path: Pa
 # f. a grace of 0 is refused by the node, not only by the CLI
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: `pxfs gc --grace 0` runs a collection that may delete chunks "
-                                       "of writes in flight")
 def test_gc_grace_zero_refused_by_the_cli(cluster3: FaultCluster) -> None:
     proc = cluster3.cli("gc", "--grace", "0", check=False)
     said = (proc.stdout + proc.stderr).strip().splitlines()
@@ -392,8 +390,6 @@ def test_gc_grace_zero_refused_by_the_cli(cluster3: FaultCluster) -> None:
     assert len(said) == 1 and f"{MIN_GC_GRACE:g}" in said[0], said
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: the ChunkStore RPC `collect` accepts a grace of 0 (only "
-                                       "negative ones are refused)")
 async def test_gc_grace_zero_refused_by_the_node(cluster3: FaultCluster) -> None:
     async with node_connection(cluster3, 1) as conn:
         chunks = await conn.chunks()
