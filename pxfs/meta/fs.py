@@ -16,13 +16,13 @@ import functools
 import logging
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import ParamSpec, TypeVar
 
 from pxfs.errors import FsError, Invalid, NoSpace
 from pxfs.meta import dirs, handles, keys, opids
 from pxfs.meta.dirs import RENAME_EXCHANGE, RENAME_NOREPLACE
-from pxfs.meta.handles import OpenHandles
+from pxfs.meta.handles import OpenHandles, PendingPurge
 from pxfs.meta.keys import HASH_LEN, ROOT_INO, Attr
 from pxfs.meta.kv import KV
 from pxfs.meta.opids import Op
@@ -78,7 +78,7 @@ class Meta:
         self.block_size = block_size
         self.clock = clock
         # Open counts are per coordinator process on purpose (see pxfs.meta.handles): after a
-        # failover the mounts re-register theirs; orphans left by the old one: purge_orphans().
+        # failover the mounts re-register theirs, and the orphans nobody reopened are freed then.
         self.handles = OpenHandles()
         # Mutations answered from their op record: a coordinator must still see such an answer
         # acknowledged by the replicas before it gives it (the batch may be only on this one yet).
@@ -473,6 +473,8 @@ class Meta:
         txn = self._txn()
         for key in opids.ring_keys(self.kv, mount):
             txn.delete(key)
+        if self.handles.pending is not None:
+            self.handles.pending.reconnected(mount)  # it holds nothing any more: settled
         handles.free_unopened(txn, self.handles, self.handles.forget(mount))
 
     def forget_stale_mounts(self, live: list[str], limit: int = 16) -> int:
@@ -487,6 +489,37 @@ class Meta:
                 txn.delete(key)
         txn.commit()
         return len(stale)
+
+    def defer_orphan_purge(self, registered: Mapping[str, float] | None, ttl: float,
+                           clock: Callable[[], float]) -> None:
+        """A new coordinator's hook, in place of ``purge_orphans()`` at once: free orphans only once
+        every mount in ``registered`` (mount id -> last renewal of its registration, on ``clock``)
+        reconnected (``reopen``) or ``ttl`` passed since that renewal; ``purge_due`` then frees
+        those nobody reopened. Until then nothing is freed: any inode may still be open somewhere.
+        ``registered`` None: not read yet, given later to ``mounts_registered``.
+        """
+        self.handles.pending = PendingPurge(registered, ttl, clock)
+
+    def mounts_registered(self, registered: Mapping[str, float]) -> None:
+        """The mounts registered for the volume, for a purge deferred before they were read."""
+        if self.handles.pending is not None:
+            self.handles.pending.learn(registered)
+
+    def purge_pending(self) -> bool | None:
+        """None: no deferred purge; False: one that still needs ``mounts_registered``; True: one waiting."""
+        pending = self.handles.pending
+        return None if pending is None else pending.known
+
+    def purge_due(self) -> int:
+        """Run a deferred purge once every mount it waits for settled; returns the orphans freed.
+
+        The coordinator calls this periodically, through its call path so that the batch replicates.
+        """
+        pending = self.handles.pending
+        if pending is None or pending.waiting() != []:
+            return 0
+        self.handles.pending = None
+        return self.purge_orphans()
 
     def purge_orphans(self) -> int:
         """Free every orphan no handle counted here holds; returns how many."""

@@ -1,20 +1,64 @@
-"""Open handles per mount, and the orphans they keep alive.
+"""Open handles per mount, and when the orphans they keep alive may be freed.
 
 Open counts live in the coordinator's memory, not in the keyspace: a handle is opened and closed
 far more often than metadata changes, and a batch per open would cost a replicated write. What is
 in the keyspace is the orphan mark (``O<ino>``) of a file unlinked while open. A new coordinator
-therefore starts with no counts at all: the mounts re-register their handles when they reconnect
-(``OpenHandles.replace``).
+therefore starts with no counts at all, and must not free an orphan while a mount that held it
+before the failover has not yet told it so: the mounts re-register their handles when they
+reconnect (``OpenHandles.replace``), and ``PendingPurge`` keeps every orphan until every mount
+registered for the volume has reconnected or let its registration expire. Until then any inode
+may be open somewhere, so an unlink orphans instead of freeing.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from pxfs.meta import keys
 from pxfs.meta.keys import OP_SLOTS
 from pxfs.meta.txn import Txn
+
+
+class PendingPurge:
+    """The mounts a new coordinator waits for before it frees orphans nobody reopened.
+
+    ``registered`` maps each mount id registered for the volume to the time (on ``clock``) its
+    registration was last renewed; it expires ``ttl`` later. A mount is settled when it reconnected
+    (its handles are counted here) or its registration expired (it is gone, or cut off for so long
+    that its handles are stale anyway). The registrations may come later than the purge is
+    deferred (``learn``): a coordinator takes the role before it has read the control store, and
+    mounts that reconnect meanwhile are remembered.
+    """
+
+    def __init__(self, registered: Mapping[str, float] | None, ttl: float, clock: Callable[[], float]) -> None:
+        self._ttl, self._clock = ttl, clock
+        self._back: set[str] = set()
+        self._expires: dict[str, float] | None = None
+        if registered is not None:
+            self.learn(registered)
+
+    @property
+    def known(self) -> bool:
+        """Whether the registered mounts have been given (``learn``)."""
+        return self._expires is not None
+
+    def learn(self, registered: Mapping[str, float]) -> None:
+        self._expires = {m: ts + self._ttl for m, ts in registered.items() if m not in self._back}
+
+    def reconnected(self, mount: str) -> None:
+        self._back.add(mount)
+        if self._expires is not None:
+            self._expires.pop(mount, None)
+
+    def waiting(self) -> list[str] | None:
+        """Mounts neither reconnected nor expired (None: not known yet); no orphan is freed until none."""
+        if self._expires is None:
+            return None
+        now = self._clock()
+        for m in [m for m, t in self._expires.items() if t <= now]:
+            del self._expires[m]
+        return sorted(self._expires)
 
 
 class OpenHandles:
@@ -26,9 +70,11 @@ class OpenHandles:
         # The op ids whose create counted a handle here, per mount: a replayed create must not
         # count its handle twice. Cleared with the mount's counts by ``replace``.
         self._created: dict[str, dict[bytes, None]] = {}
+        self.pending: PendingPurge | None = None
 
     def is_open(self, ino: int) -> bool:
-        return self._total[ino] > 0
+        """Whether ``ino`` may be open: counted here, or held by a mount that has not reconnected yet."""
+        return self._total[ino] > 0 or self.pending is not None
 
     def counted(self, ino: int) -> bool:
         return self._total[ino] > 0
@@ -99,6 +145,8 @@ def reopen(txn: Txn, handles: OpenHandles, mount: str, inos: list[int]) -> list[
     """``mount`` holds exactly ``inos`` now; returns those that no longer exist (their handles are dropped)."""
     gone = sorted({ino for ino in inos if txn.find(ino) is None})
     closed = handles.replace(mount, [ino for ino in inos if ino not in gone])
+    if handles.pending is not None:
+        handles.pending.reconnected(mount)
     free_unopened(txn, handles, closed)
     return gone
 
