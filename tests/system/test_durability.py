@@ -296,9 +296,11 @@ def test_unlinked_open_file_survives_failover(cluster3: FaultCluster, tmp_path: 
         assert not (m.path / "doomed").exists()
 
 
-# Not strict: the race is hit in about 1 run of 3 today (a name in flight when the coordinator dies).
-@pytest.mark.xfail(strict=False, reason="issue 10: a name created with O_EXCL just before the coordinator dies is "
-                                        "created again by the other mount after the failover: both succeed")
+# Not strict: exclusivity holds now (op ids), but about 1 run in 50 one name still read back empty
+# through the losing mount right after the failover, with the winner's data seen by the winner:
+# not yet explained (a stale attribute in the loser's kernel, or the winner's own cache).
+@pytest.mark.xfail(strict=False, reason="issue 10: rarely the winner's content reads back empty through the other "
+                                        "mount right after the failover")
 def test_exclusive_create_stays_exclusive_across_failover(cluster3: FaultCluster, tmp_path: Path) -> None:
     """Two mounts both create x00000 ... x00199 with O_EXCL while the coordinator is killed: for every
     name exactly one succeeded and the other saw EEXIST (any other error, EIO included, is a failure),
