@@ -288,11 +288,11 @@ class VolumeServer(pxfs_capnp.Volume.Server):
     @served
     async def commit(self, ino: int, blocks: Any, size: int, mtimeNs: int, held: Any, opId: Any,  # noqa: N803
                      _context: Any, **_: Any) -> None:
-        self._rw(opId)  # a re-run commit names the same blocks and size: the host records no op id yet
+        op = self._rw(opId)
         bm = {b.index: (bytes(b.hash), b.length) for b in blocks}
         held = {str(n)[:64] for n in list(held)[:16]}
         changed = Changed()
-        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None, changed, held)
+        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None, changed, held, op)
         self._tell_others(changed)
         convert.attr_to(_context.results.init("attr"), attr)
 

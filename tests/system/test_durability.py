@@ -263,8 +263,6 @@ def test_garbage_record_in_the_control_store_crashes_nothing(cluster3: FaultClus
 # d. exclusive creates and unlinked-but-open files across a failover
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: the new coordinator does not know an unlinked file is still "
-                                       "open: the open fd reads ENOENT after the failover")
 def test_unlinked_open_file_survives_failover(cluster3: FaultCluster, tmp_path: Path) -> None:
     """An fsync'd, unlinked file still open in a mount keeps its data across a coordinator failover,
     and after the old coordinator is back and the volume healthy again."""
