@@ -71,7 +71,12 @@ async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
             ops = Operations(vfs, attr_timeout=cfg.attr_timeout, entry_timeout=cfg.attr_timeout,
                              read_only=cfg.read_only)
             session.on_invalidate = ops.invalidate
-            session.on_reconnect = vfs.forget_caches
+
+            def reconnected() -> None:
+                vfs.forget_caches()
+                ops.forget_attributes()
+
+            session.on_reconnect = reconnected
             options = set(cfg.fuse_options) | {f"fsname={cfg.volume}", "subtype=pxfs", "default_permissions"}
             if cfg.read_only:
                 options.add("ro")

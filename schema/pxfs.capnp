@@ -175,7 +175,10 @@ interface Watcher {
 }
 
 interface VolumeService {
-  open @0 (name :Text, mountId :Text, readOnly :Bool, watcher :Watcher) -> (volume :Volume, info :VolumeInfo);
+  # handles: the mount's open handles (one entry per handle), counted anew at this coordinator;
+  # a new coordinator frees orphans only once every mount registered before it has opened here.
+  open @0 (name :Text, mountId :Text, readOnly :Bool, watcher :Watcher, handles :List(UInt64))
+      -> (volume :Volume, info :VolumeInfo);
   # A coordinator ships batches to a follower; refused when epoch is older than the follower's.
   apply @1 (name :Text, epoch :UInt64, seq :UInt64, batch :Data) -> (seq :UInt64);
   lastSeq @2 (name :Text) -> (seq :UInt64, epoch :UInt64, lastHash :Data);
@@ -188,31 +191,35 @@ interface VolumeService {
 }
 
 # One volume's POSIX metadata, served by its coordinator to a mount. Names are raw bytes.
+# opId (every mutation): 8 bytes the mount picks per session + an 8-byte big-endian counter, the
+# same on a retry. The coordinator records it with the result in the mutation's batch, and a call
+# whose opId is recorded gets the recorded result and changes nothing. Empty: not idempotent.
 interface Volume {
   getattr @0 (ino :UInt64) -> (attr :Attr);
   lookup @1 (parent :UInt64, name :Data) -> (attr :Attr);
-  mknod @2 (parent :UInt64, name :Data, mode :UInt32, rdev :UInt64, uid :UInt32, gid :UInt32) -> (attr :Attr);
-  mkdir @3 (parent :UInt64, name :Data, mode :UInt32, uid :UInt32, gid :UInt32) -> (attr :Attr);
-  symlink @4 (parent :UInt64, name :Data, target :Data, uid :UInt32, gid :UInt32) -> (attr :Attr);
+  mknod @2 (parent :UInt64, name :Data, mode :UInt32, rdev :UInt64, uid :UInt32, gid :UInt32, opId :Data)
+      -> (attr :Attr);
+  mkdir @3 (parent :UInt64, name :Data, mode :UInt32, uid :UInt32, gid :UInt32, opId :Data) -> (attr :Attr);
+  symlink @4 (parent :UInt64, name :Data, target :Data, uid :UInt32, gid :UInt32, opId :Data) -> (attr :Attr);
   readlink @5 (ino :UInt64) -> (target :Data);
-  link @6 (ino :UInt64, newParent :UInt64, newName :Data) -> (attr :Attr);
-  unlink @7 (parent :UInt64, name :Data) -> ();
-  rmdir @8 (parent :UInt64, name :Data) -> ();
-  rename @9 (parent :UInt64, name :Data, newParent :UInt64, newName :Data, flags :UInt32) -> ();
+  link @6 (ino :UInt64, newParent :UInt64, newName :Data, opId :Data) -> (attr :Attr);
+  unlink @7 (parent :UInt64, name :Data, opId :Data) -> ();
+  rmdir @8 (parent :UInt64, name :Data, opId :Data) -> ();
+  rename @9 (parent :UInt64, name :Data, newParent :UInt64, newName :Data, flags :UInt32, opId :Data) -> ();
   # Fields with their set* flag false are left unchanged.
   setattr @10 (ino :UInt64, attr :Attr, setMode :Bool, setUid :Bool, setGid :Bool, setSize :Bool,
-               setAtime :Bool, setMtime :Bool, setCtime :Bool) -> (attr :Attr);
+               setAtime :Bool, setMtime :Bool, setCtime :Bool, opId :Data) -> (attr :Attr);
   readdir @11 (ino :UInt64, after :Data, limit :UInt32) -> (entries :List(DirEntry));
-  setxattr @12 (ino :UInt64, name :Data, value :Data, flags :UInt32) -> ();
+  setxattr @12 (ino :UInt64, name :Data, value :Data, flags :UInt32, opId :Data) -> ();
   getxattr @13 (ino :UInt64, name :Data) -> (value :Data);
   listxattr @14 (ino :UInt64) -> (names :List(Data));
-  removexattr @15 (ino :UInt64, name :Data) -> ();
+  removexattr @15 (ino :UInt64, name :Data, opId :Data) -> ();
   open @16 (ino :UInt64) -> (attr :Attr, blocks :List(BlockRef));
   release @17 (ino :UInt64) -> ();
   # held: the replicas that answered "stored" for every chunk of blocks. The coordinator copies what
   # an in-sync replica lacks, or takes it out of the in-sync set, before it acknowledges.
-  commit @18 (ino :UInt64, blocks :List(BlockRef), size :UInt64, mtimeNs :Int64, held :List(Text))
-      -> (attr :Attr);
+  commit @18 (ino :UInt64, blocks :List(BlockRef), size :UInt64, mtimeNs :Int64, held :List(Text),
+              opId :Data) -> (attr :Attr);
   statfs @19 () -> (capacity :UInt64, used :UInt64, inodes :UInt64, blockSize :UInt32);
   info @20 () -> (info :VolumeInfo);
   # Every chunk the volume's block maps name (scrub), and where given chunks are used (its report).
@@ -228,7 +235,7 @@ interface Volume {
   snapshotList @27 () -> (snapshots :List(SnapshotInfo));
   restore @28 (name :Text) -> ();
   # create = mknod of a regular file + open of it, in one round trip (the common open(O_CREAT)).
-  create @29 (parent :UInt64, name :Data, mode :UInt32, uid :UInt32, gid :UInt32) -> (attr :Attr);
+  create @29 (parent :UInt64, name :Data, mode :UInt32, uid :UInt32, gid :UInt32, opId :Data) -> (attr :Attr);
   # Closes sent in the background, many at once: close(2) does not wait for the coordinator.
   releaseMany @30 (inos :List(UInt64)) -> ();
 }

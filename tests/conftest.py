@@ -106,6 +106,16 @@ class Cluster:
         subprocess.run([*PXFS, "down", "--dir", str(self.dir)], capture_output=True, timeout=60, env=pxfs_env())
 
 
+def age_chunks(cluster: Cluster, seconds: float = 3600.0) -> int:
+    """Make every chunk file in the cluster's pools ``seconds`` older, as that long a wait would:
+    GC never sweeps a chunk younger than its grace (at least ``MIN_GC_GRACE``). Returns how many."""
+    old = time.time() - seconds
+    files = [f for f in cluster.dir.glob("nodes/*/pool/chunks/*/*") if f.is_file()]
+    for f in files:
+        os.utime(f, (old, old))
+    return len(files)
+
+
 def eventually(predicate, timeout: float = 20.0, what: str = "condition"):  # noqa: ANN001, ANN201
     """Re-check an observable condition until it holds (bounded): for states judged by heartbeats."""
     deadline = time.monotonic() + timeout

@@ -8,7 +8,7 @@ from typing import Any
 from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
 from pxfs.cli.sizes import format_size
-from pxfs.cluster.config import load_config, load_secret
+from pxfs.cluster.config import MIN_GC_GRACE, check_gc_grace, load_config, load_secret
 from pxfs.errors import PxfsError
 from pxfs.rpc.client import Connection
 
@@ -16,6 +16,8 @@ from pxfs.rpc.client import Connection
 async def cmd_gc(args: argparse.Namespace) -> int:
     cfg = load_config(args.cluster)
     grace = cfg.gc_grace if args.grace is None else args.grace
+    # Refused here already, before any node is asked: one line, not a table of the same refusal.
+    check_gc_grace(grace, "gc_grace in cluster.json" if args.grace is None else f"--grace {grace:g}")
     secret = load_secret(args.cluster)
     reports: list[dict[str, Any]] = []
     failed = 0
@@ -48,5 +50,6 @@ async def cmd_gc(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction, client: Any) -> None:
     p = client(sub.add_parser("gc", help="delete chunks no volume or snapshot references (all nodes)"))
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--grace", type=float, default=None, help="seconds (default: the cluster's gc_grace, 1h)")
+    p.add_argument("--grace", type=float, default=None,
+                   help=f"seconds, at least {MIN_GC_GRACE:g} (default: the cluster's gc_grace, 1h)")
     p.set_defaults(run=cmd_gc)

@@ -16,7 +16,7 @@ import trio
 from pxfs.cli.output import line
 from pxfs.cli.procs import alive
 from pxfs.cli.sizes import parse_size
-from pxfs.cluster.config import MIN_GC_GRACE, init_cluster, load_config, load_secret, save_config
+from pxfs.cluster.config import check_gc_grace, init_cluster, load_config, load_secret, save_config
 from pxfs.errors import Invalid, PxfsError, Unavailable
 from pxfs.node import NodeConfig, PoolSpec, run_node
 from pxfs.rpc.bridge import open_bridge
@@ -173,10 +173,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     parse_size(pool_size, "pool size")
     if args.gc_interval is not None and not 0 <= args.gc_interval <= 30 * 86400:
         raise Invalid(f"--gc-interval {args.gc_interval:g}", "must be 0 (no automatic GC) to 30 days")
-    if args.gc_grace is not None and not MIN_GC_GRACE <= args.gc_grace <= 30 * 86400:
-        # A put's commit may wait out a failover; a younger chunk may still be about to be named.
-        raise Invalid(f"--gc-grace {args.gc_grace:g}", f"must be {MIN_GC_GRACE:g} s (a write's longest wait "
-                      "for its commit, doubled) to 30 days")
+    if args.gc_grace is not None:
+        check_gc_grace(args.gc_grace, f"--gc-grace {args.gc_grace:g}")
     if not (d / "cluster.json").exists():
         init_cluster(d, args.name or d.name, f"127.0.0.1:{args.base_port}")
         line(f"initialised cluster in {d}")

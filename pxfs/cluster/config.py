@@ -20,6 +20,15 @@ from pxfs.errors import Exists, Invalid, NotFound
 # A mount's commit after its chunk puts may wait out a failover (60 s) and a silent call (10 s);
 # a chunk younger than twice that may still be about to be named by a commit.
 MIN_GC_GRACE = 140.0
+MAX_GC_GRACE = 30 * 86400.0
+
+
+def check_gc_grace(grace: float, what: str) -> float:
+    """The one rule for a GC grace period (cluster.json, `pxfs up`, `pxfs gc`, the node's RPC)."""
+    if not MIN_GC_GRACE <= grace <= MAX_GC_GRACE:  # NaN fails too
+        raise Invalid(what, f"must be {MIN_GC_GRACE:g} s (a write's longest wait for its commit, doubled) "
+                      "to 30 days: a younger chunk may be about to be named by a commit")
+    return grace
 
 
 @dataclass

@@ -4,12 +4,13 @@ This is the MetaPort the mount's vfs talks to. A call that fails because the coo
 no longer holds the role is retried, after finding the current coordinator through any node, for up
 to ``FAILOVER_TIMEOUT`` seconds; the application sees a stall, not an error. Open files are
 registered again with the new coordinator so its open counts (unlinked-but-open files) stay right.
-A retried operation that the old coordinator had already applied may report EEXIST or ENOENT.
+Every mutation carries an op id, the same on each retry: a coordinator that already holds the
+mutation (the old one applied and replicated it, then died before answering) answers with the
+recorded result instead of running it again (``pxfs.meta.opids``).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,8 @@ from pxfs.chunks.local_read import LocalPools, is_local_address
 from pxfs.chunks.replicas import ReplicaChunks
 from pxfs.cluster.config import load_config
 from pxfs.cluster.peers import Peers
-from pxfs.errors import Conflict, FsError, NotFound, PxfsError, Unauthorized, Unavailable
+from pxfs.errors import Conflict, NotFound, PxfsError, Unauthorized, Unavailable
+from pxfs.meta.opids import OpIds
 from pxfs.model import Attr, NodeInfo, VolumeInfo
 from pxfs.rpc.bridge import Bridge
 from pxfs.rpc.client import Connection
@@ -65,6 +67,7 @@ class VolumeSession:
         self.on_reconnect: Callable[[], None] | None = None  # callbacks may have been lost meanwhile
         self._release_kick = trio.Event()
         self._lock = trio.Lock()
+        self._ops = OpIds()  # a random prefix per session: ids never repeat across remounts
 
     async def _resolve(self, node_id: str) -> str:
         if node_id not in self._addresses:
@@ -102,7 +105,8 @@ class VolumeSession:
         """First open: errors (unknown volume, wrong secret) go straight to the caller."""
         info = await self._lookup()
         volumes = await self.peers.volumes(info.coordinator)
-        self.meta, self.info = await volumes.open(self.volume, self.mount_id, self.read_only, self._invalidated)
+        self.meta, self.info = await volumes.open(self.volume, self.mount_id, self.read_only, self._invalidated,
+                                                  handles=[])
         self.chunks = ReplicaChunks(self.volume, self.info.replicas, self.peers, self.local)
 
     async def _reconnect(self, failed: VolumeClient | None, cause: PxfsError, deadline: float) -> None:
@@ -114,16 +118,15 @@ class VolumeSession:
                 try:
                     info = await self._lookup()
                     await self.peers.forget(info.coordinator)
+                    # The new coordinator counts what is open now, given with the open itself (and
+                    # frees no orphan a mount registered before it has not reopened); closes queued
+                    # for the old one would take away handles it never counted.
+                    handles = [ino for ino, count in self._open.items() for _ in range(count)]
                     with trio.fail_after(CALL_TIMEOUT):
                         volumes = await self.peers.volumes(info.coordinator)
                         meta, info = await volumes.open(self.volume, self.mount_id, self.read_only,
-                                                        self._invalidated)
-                    # The new coordinator counts only what is open now; closes queued for the old one
-                    # would take away handles it never counted.
+                                                        self._invalidated, handles=handles)
                     self._releases.clear()
-                    for ino, count in self._open.items():
-                        for _ in range(count):
-                            await meta.open(ino)
                     old, self.meta, self.info = self.meta, meta, info
                     if self.on_reconnect is not None:
                         self.on_reconnect()
@@ -141,16 +144,13 @@ class VolumeSession:
                     await trio.sleep(delay)
                     delay = min(delay * 2, 1.0)
 
-    async def _call(self, fn: Callable[[VolumeClient], Awaitable[T]],
-                    after_retry: Callable[[FsError], Awaitable[T]] | None = None) -> T:
+    async def _call(self, fn: Callable[[VolumeClient], Awaitable[T]]) -> T:
         """One metadata call, retried at the current coordinator when the old one is gone or stuck.
 
-        A retried mutation may already have been applied by the coordinator that died before it
-        answered; ``after_retry`` turns the error that repetition produces (EEXIST for a create,
-        ENOENT for an unlink) back into the success the application is owed.
+        A mutation passes the same op id on every try (``fn`` closes over it), so a retry of one
+        the old coordinator already applied gets its recorded result, not EEXIST or ENOENT.
         """
         deadline = time.monotonic() + FAILOVER_TIMEOUT
-        retried = False
         while True:
             meta = self.meta
             if meta is None:
@@ -158,10 +158,6 @@ class VolumeSession:
             try:
                 with trio.fail_after(CALL_TIMEOUT):
                     return await fn(meta)
-            except FsError as err:
-                if retried and after_retry is not None:
-                    return await after_retry(err)
-                raise
             except trio.TooSlowError:
                 err2: PxfsError = Unavailable(f'volume "{self.volume}"', f"coordinator silent for {CALL_TIMEOUT:g}s")
             except (Unavailable, Conflict) as err:
@@ -169,7 +165,6 @@ class VolumeSession:
             if time.monotonic() > deadline:
                 raise err2
             await self._reconnect(meta, err2, deadline)
-            retried = True
 
     async def _invalidated(self, inodes: list[int], entries: list[tuple[int, bytes]]) -> None:
         if self.on_invalidate is not None:
@@ -218,60 +213,47 @@ class VolumeSession:
     async def lookup(self, parent: int, name: bytes) -> Attr:
         return await self._call(lambda m: m.lookup(parent, name))
 
-    def _exists_after_retry(self, parent: int, name: bytes) -> Callable[[FsError], Awaitable[Attr]]:
-        async def recover(err: FsError) -> Attr:
-            if err.errno != errno.EEXIST:
-                raise err
-            return await self.lookup(parent, name)  # our own create, applied before the failover
-        return recover
-
-    def _gone_after_retry(self, err: FsError) -> Awaitable[None]:
-        async def recover() -> None:
-            if err.errno != errno.ENOENT:
-                raise err
-        return recover()
-
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
-        return await self._call(lambda m: m.mknod(parent, name, mode, rdev, uid, gid),
-                                self._exists_after_retry(parent, name))
+        op = self._ops.next()
+        return await self._call(lambda m: m.mknod(parent, name, mode, rdev, uid, gid, op))
 
     async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
-        return await self._call(lambda m: m.mkdir(parent, name, mode, uid, gid),
-                                self._exists_after_retry(parent, name))
+        op = self._ops.next()
+        return await self._call(lambda m: m.mkdir(parent, name, mode, uid, gid, op))
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
-        return await self._call(lambda m: m.symlink(parent, name, target, uid, gid),
-                                self._exists_after_retry(parent, name))
+        op = self._ops.next()
+        return await self._call(lambda m: m.symlink(parent, name, target, uid, gid, op))
 
     async def readlink(self, ino: int) -> bytes:
         return await self._call(lambda m: m.readlink(ino))
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
-        return await self._call(lambda m: m.link(ino, new_parent, new_name),
-                                self._exists_after_retry(new_parent, new_name))
+        op = self._ops.next()
+        return await self._call(lambda m: m.link(ino, new_parent, new_name, op))
 
     async def unlink(self, parent: int, name: bytes) -> None:
-        await self._call(lambda m: m.unlink(parent, name), self._gone_after_retry)
+        op = self._ops.next()
+        await self._call(lambda m: m.unlink(parent, name, op))
 
     async def rmdir(self, parent: int, name: bytes) -> None:
-        await self._call(lambda m: m.rmdir(parent, name), self._gone_after_retry)
+        op = self._ops.next()
+        await self._call(lambda m: m.rmdir(parent, name, op))
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
-        async def recover(err: FsError) -> None:
-            if err.errno != errno.ENOENT:
-                raise err
-            await self.lookup(new_parent, new_name)  # the source is gone and the target is there: done
-
-        await self._call(lambda m: m.rename(parent, name, new_parent, new_name, flags), recover)
+        op = self._ops.next()
+        await self._call(lambda m: m.rename(parent, name, new_parent, new_name, flags, op))
 
     async def setattr(self, ino: int, **changes: Any) -> Attr:
-        return await self._call(lambda m: m.setattr(ino, **changes))
+        op = self._ops.next()
+        return await self._call(lambda m: m.setattr(ino, op_id=op, **changes))
 
     async def readdir(self, ino: int, after: bytes, limit: int) -> list[tuple[bytes, Attr]]:
         return await self._call(lambda m: m.readdir(ino, after, limit))
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
-        await self._call(lambda m: m.setxattr(ino, name, value, flags))
+        op = self._ops.next()
+        await self._call(lambda m: m.setxattr(ino, name, value, flags, op))
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         return await self._call(lambda m: m.getxattr(ino, name))
@@ -280,7 +262,8 @@ class VolumeSession:
         return await self._call(lambda m: m.listxattr(ino))
 
     async def removexattr(self, ino: int, name: bytes) -> None:
-        await self._call(lambda m: m.removexattr(ino, name))
+        op = self._ops.next()
+        await self._call(lambda m: m.removexattr(ino, name, op))
 
     async def open(self, ino: int) -> tuple[Attr, dict[int, tuple[bytes, int]]]:
         result = await self._call(lambda m: m.open(ino))
@@ -288,15 +271,10 @@ class VolumeSession:
         return result
 
     async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
-        async def retry_open(err: FsError) -> Attr:
-            if err.errno != errno.EEXIST:
-                raise err
-            # Our own create, applied before the failover: count its handle at the new coordinator.
-            attr = await self.lookup(parent, name)
-            await self._call(lambda m: m.open(attr.ino))
-            return attr
-
-        attr = await self._call(lambda m: m.create(parent, name, mode, uid, gid), retry_open)
+        # O_EXCL stays exclusive across a failover: a retry gets our own create's answer (and its
+        # handle counted at the new coordinator), never another mount's file of the same name.
+        op = self._ops.next()
+        attr = await self._call(lambda m: m.create(parent, name, mode, uid, gid, op))
         self._open[attr.ino] = self._open.get(attr.ino, 0) + 1
         return attr
 
@@ -339,7 +317,8 @@ class VolumeSession:
     async def commit(self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int) -> Attr:
         hashes = [h for h, _n in blocks.values()]
         held = self.chunks.held_by(hashes) if self.chunks is not None else []
-        attr = await self._call(lambda m: m.commit(ino, blocks, size, mtime_ns, held))
+        op = self._ops.next()
+        attr = await self._call(lambda m: m.commit(ino, blocks, size, mtime_ns, held, op))
         if self.chunks is not None:
             self.chunks.committed(hashes)
         return attr

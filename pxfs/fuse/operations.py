@@ -105,6 +105,15 @@ class Operations(pyfuse3.Operations):
                 except OSError as err:
                     log.debug("invalidate inode=%d: %s", ino, err)
 
+    def forget_attributes(self) -> None:
+        """After a reconnect: what other mounts changed meanwhile may never have been called back
+        (the new coordinator did not know this mount yet), so the kernel asks again for every inode."""
+        for ino in [pyfuse3.ROOT_INODE, *self.lookups]:
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=True)  # attributes only, as in invalidate()
+            except OSError as err:
+                log.debug("invalidate inode=%d: %s", ino, err)
+
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Nothing to free here: open data is released by release(), orphans by the metadata.
         for ino, n in inode_list:

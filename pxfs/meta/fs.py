@@ -12,21 +12,27 @@ modes and ownership before any request reaches us.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import ParamSpec, TypeVar
 
 from pxfs.errors import FsError, Invalid, NoSpace
-from pxfs.meta import dirs, keys
+from pxfs.meta import dirs, handles, keys, opids
 from pxfs.meta.dirs import RENAME_EXCHANGE, RENAME_NOREPLACE
+from pxfs.meta.handles import OpenHandles, PendingPurge
 from pxfs.meta.keys import HASH_LEN, ROOT_INO, Attr
 from pxfs.meta.kv import KV
+from pxfs.meta.opids import Op
 from pxfs.meta.txn import Txn, check_name
 
-__all__ = ["RENAME_EXCHANGE", "RENAME_NOREPLACE", "XATTR_CREATE", "XATTR_REPLACE", "Attr", "Meta"]
+__all__ = ["RENAME_EXCHANGE", "RENAME_NOREPLACE", "XATTR_CREATE", "XATTR_REPLACE", "Attr", "Meta", "Op"]
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
@@ -38,8 +44,29 @@ MAX_FILE_SIZE = 2**63 - 1  # off_t
 _NODE_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)
 
 
+def _once(method: Callable[P, T]) -> Callable[P, T]:
+    """A mutation whose op id, when recorded, is answered from its record and changes nothing."""
+
+    @functools.wraps(method)
+    def run(*args: P.args, **kw: P.kwargs) -> T:
+        self, op = args[0], kw.get("op")
+        assert isinstance(self, Meta)
+        found, attr = opids.find(self.kv, op if isinstance(op, Op) else None)
+        if found:
+            self.replays += 1
+            log.info("mount=%s op answered from its record: a retry", op.mount if isinstance(op, Op) else "")
+            return attr  # type: ignore[return-value]  # the recorded result of this very method
+        return method(*args, **kw)
+
+    return run
+
+
 class Meta:
-    """A volume's metadata: inodes, directory entries, block maps, xattrs, quota, open counts."""
+    """A volume's metadata: inodes, directory entries, block maps, xattrs, quota, open counts.
+
+    Every mutation takes ``op`` (who asks, and the op id of this call): with an op id, the answer
+    is recorded in the mutation's batch and a repeat of the id gets it back, changing nothing.
+    """
 
     def __init__(
         self, kv: KV, capacity: int, block_size: int, clock: Callable[[], int] = time.time_ns
@@ -50,15 +77,24 @@ class Meta:
         self.capacity = capacity  # writable: a volume resize changes the quota in place
         self.block_size = block_size
         self.clock = clock
-        # Open counts are per coordinator process on purpose: after a failover the mounts reopen,
-        # and orphans left by the old coordinator are dropped with purge_orphans().
-        self._open: dict[int, int] = {}
+        # Open counts are per coordinator process on purpose (see pxfs.meta.handles): after a
+        # failover the mounts re-register theirs, and the orphans nobody reopened are freed then.
+        self.handles = OpenHandles()
+        # Mutations answered from their op record: a coordinator must still see such an answer
+        # acknowledged by the replicas before it gives it (the batch may be only on this one yet).
+        self.replays = 0
 
     def _txn(self) -> Txn:
         return Txn(self.kv, self.clock())
 
     def _is_open(self, ino: int) -> bool:
-        return self._open.get(ino, 0) > 0
+        return self.handles.is_open(ino)
+
+    @staticmethod
+    def _commit(txn: Txn, op: Op | None, attr: Attr | None = None) -> None:
+        """Commit a mutation together with its op record (its answer for a retry)."""
+        opids.record(txn, op, attr)
+        txn.commit()
 
     # -- inodes ---------------------------------------------------------------------------------
     def init_root(self, uid: int = 0, gid: int = 0, mode: int = 0o755) -> Attr:
@@ -111,7 +147,9 @@ class Meta:
         txn.touch_dir(p)
         return txn, a
 
-    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+    @_once
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
+              *, op: Op | None = None) -> Attr:
         """Regular files, FIFOs, sockets and devices (a type of 0 means a regular file, as mknod(2))."""
         ftype = stat.S_IFMT(mode) or stat.S_IFREG
         if ftype not in _NODE_TYPES:
@@ -119,15 +157,17 @@ class Meta:
         if ftype not in (stat.S_IFCHR, stat.S_IFBLK):
             rdev = 0
         txn, a = self._create(parent, name, ftype | (mode & 0o7777), uid, gid, rdev)
-        txn.commit()
+        self._commit(txn, op, a)
         return a
 
-    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+    @_once
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *, op: Op | None = None) -> Attr:
         txn, a = self._create(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
-        txn.commit()
+        self._commit(txn, op, a)
         return a
 
-    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+    @_once
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int, *, op: Op | None = None) -> Attr:
         if not target:
             raise FsError(errno.ENOENT, repr(name), "empty symlink target")
         if b"\0" in target:
@@ -137,7 +177,7 @@ class Meta:
         txn, a = self._create(parent, name, stat.S_IFLNK | 0o777, uid, gid)
         a.size = len(target)
         txn.put(keys.symlink_key(a.ino), target)
-        txn.commit()
+        self._commit(txn, op, a)
         return a
 
     def readlink(self, ino: int) -> bytes:
@@ -151,27 +191,32 @@ class Meta:
         return target
 
     # -- names ----------------------------------------------------------------------------------
-    def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+    @_once
+    def link(self, ino: int, new_parent: int, new_name: bytes, *, op: Op | None = None) -> Attr:
         txn = self._txn()
         a = dirs.link(txn, ino, new_parent, new_name)
-        txn.commit()
+        self._commit(txn, op, a)
         return a
 
-    def unlink(self, parent: int, name: bytes) -> None:
+    @_once
+    def unlink(self, parent: int, name: bytes, *, op: Op | None = None) -> None:
         txn = self._txn()
         dirs.unlink(txn, parent, name, self._is_open)
-        txn.commit()
+        self._commit(txn, op)
 
-    def rmdir(self, parent: int, name: bytes) -> None:
+    @_once
+    def rmdir(self, parent: int, name: bytes, *, op: Op | None = None) -> None:
         txn = self._txn()
         dirs.rmdir(txn, parent, name)
-        txn.commit()
+        self._commit(txn, op)
 
-    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0) -> None:
+    @_once
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0,
+               *, op: Op | None = None) -> None:
         """Atomic rename (see ``dirs.rename``); flags are RENAME_NOREPLACE and RENAME_EXCHANGE."""
         txn = self._txn()
         dirs.rename(txn, parent, name, new_parent, new_name, flags, self._is_open)
-        txn.commit()
+        self._commit(txn, op)
 
     def readdir(self, ino: int, after: bytes = b"", limit: int = 1000) -> list[tuple[bytes, Attr]]:
         """Entries in byte order strictly after ``after``: a stable cursor across calls and renames."""
@@ -185,6 +230,7 @@ class Meta:
         return out
 
     # -- attributes -----------------------------------------------------------------------------
+    @_once
     def setattr(
         self,
         ino: int,
@@ -196,6 +242,7 @@ class Meta:
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
         ctime_ns: int | None = None,
+        op: Op | None = None,
     ) -> Attr:
         """Change attributes; a size change truncates or sparsely extends the block map."""
         txn = self._txn()
@@ -226,7 +273,7 @@ class Meta:
         txn.save(a)
         if ctime_ns is not None:
             a.ctime_ns = ctime_ns
-        txn.commit()
+        self._commit(txn, op, a)
         return a
 
     def _cut_blocks(self, txn: Txn, ino: int, size: int) -> None:
@@ -247,7 +294,8 @@ class Meta:
             txn.add_counter(keys.USED_BYTES, -freed)
 
     # -- xattrs ---------------------------------------------------------------------------------
-    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+    @_once
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, *, op: Op | None = None) -> None:
         if not name or len(name) > XATTR_NAME_MAX:
             raise FsError(errno.ERANGE if name else errno.EINVAL, f"inode {ino}", "bad xattr name")
         if b"\0" in name or flags & ~(XATTR_CREATE | XATTR_REPLACE):
@@ -264,7 +312,7 @@ class Meta:
             raise FsError(errno.ENODATA, f"inode {ino}", f"no xattr {name!r}")
         txn.put(key, value)
         txn.save(a)
-        txn.commit()
+        self._commit(txn, op)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         txn = self._txn()
@@ -279,7 +327,8 @@ class Meta:
         prefix = keys.xattr_prefix(ino)
         return [k[len(prefix) :] for k, _ in self.kv.scan(prefix)]
 
-    def removexattr(self, ino: int, name: bytes) -> None:
+    @_once
+    def removexattr(self, ino: int, name: bytes, *, op: Op | None = None) -> None:
         txn = self._txn()
         a = txn.attr(ino)
         key = keys.xattr_key(ino, name)
@@ -287,7 +336,7 @@ class Meta:
             raise FsError(errno.ENODATA, f"inode {ino}", f"no xattr {name!r}")
         txn.delete(key)
         txn.save(a)
-        txn.commit()
+        self._commit(txn, op)
 
     # -- data -----------------------------------------------------------------------------------
     def get_blocks(self, ino: int) -> tuple[Attr, dict[int, tuple[bytes, int]]]:
@@ -296,9 +345,10 @@ class Meta:
         blocks = {keys.block_idx(k): keys.decode_block(v) for k, v in self.kv.scan(keys.block_prefix(ino))}
         return a, blocks
 
+    @_once
     def commit_blocks(
         self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int | None = None,
-        dry_run: bool = False,
+        dry_run: bool = False, *, op: Op | None = None,
     ) -> Attr:
         """Record written blocks and the new size; ENOSPC (nothing changed) past the quota.
 
@@ -342,7 +392,7 @@ class Meta:
         if dry_run:
             return a
         txn.save(a)
-        txn.commit()
+        self._commit(txn, op, a)
         return a
 
     def chunk_refs(self) -> dict[bytes, int]:
@@ -389,53 +439,88 @@ class Meta:
             "block_size": self.block_size,
         }
 
-    # -- open files -----------------------------------------------------------------------------
-    def open(self, ino: int) -> Attr:
+    # -- open files (counts in memory, see pxfs.meta.handles) -----------------------------------
+    def open(self, ino: int, mount: str = "") -> Attr:
         """Count an open handle: an unlinked file lives on (as an orphan) until its last release."""
         a = self.getattr(ino)
-        self._hold(ino)
+        self.handles.hold(mount, ino)
         return a
 
-    def _hold(self, ino: int) -> None:
-        self._open[ino] = self._open.get(ino, 0) + 1
-
-    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *, op: Op | None = None) -> Attr:
         """open(O_CREAT) of a new regular file: mknod and one open handle, in one call."""
         if not stat.S_ISREG(mode):
             raise FsError(errno.EINVAL, f"name {name[:80]!r}", "create makes regular files only")
-        a = self.mknod(parent, name, mode, 0, uid, gid)
-        self._hold(a.ino)
+        a = self.mknod(parent, name, mode, 0, uid, gid, op=op)
+        # A replayed create still owes the caller its handle, unless this coordinator counted it.
+        self.handles.hold(op.mount if op else "", a.ino, op.id if op else b"")
         return a
 
-    def release(self, ino: int) -> None:
-        count = self._open.get(ino, 0)
-        if count == 0:
-            # Handles opened at a previous coordinator: harmless, purge_orphans() covers them.
-            log.debug("release of inode=%d that is not open here", ino)
-            return
-        if count > 1:
-            self._open[ino] = count - 1
-            return
-        del self._open[ino]
+    def release(self, ino: int, mount: str = "") -> None:
+        if self.handles.drop(mount, ino):
+            handles.free_unopened(self._txn(), self.handles, [ino])
+
+    def reopen(self, mount: str, inos: list[int]) -> list[int]:
+        """``mount`` (re)connected holding exactly ``inos`` (one per handle); returns the inodes gone.
+
+        This is how a new coordinator learns the handles a failover took from it, and what settles
+        the mount for a deferred orphan purge. A handle of an inode that no longer exists is
+        dropped: its file was freed, the mount's handle is stale.
+        """
+        return handles.reopen(self._txn(), self.handles, mount, inos)
+
+    def forget_mount(self, mount: str) -> None:
+        """``mount`` is gone (detached, or its registration expired): its handles and op records go."""
         txn = self._txn()
-        a = txn.find(ino)
-        if a is not None and a.nlink == 0:
-            txn.purge(a)
-            txn.commit()
+        for key in opids.ring_keys(self.kv, mount):
+            txn.delete(key)
+        if self.handles.pending is not None:
+            self.handles.pending.reconnected(mount)  # it holds nothing any more: settled
+        handles.free_unopened(txn, self.handles, self.handles.forget(mount))
+
+    def forget_stale_mounts(self, live: list[str], limit: int = 16) -> int:
+        """Drop the op records of up to ``limit`` mounts not in ``live`` (one batch); returns how many.
+
+        For mounts that went without detaching. ``live`` must name every mount that may still retry.
+        """
+        txn = self._txn()
+        stale = opids.stale_mounts(self.kv, live, limit)
+        for prefix in stale:
+            for key, _ in self.kv.scan(prefix):
+                txn.delete(key)
+        txn.commit()
+        return len(stale)
+
+    def defer_orphan_purge(self, registered: Mapping[str, float] | None, ttl: float,
+                           clock: Callable[[], float]) -> None:
+        """A new coordinator's hook, in place of ``purge_orphans()`` at once: free orphans only once
+        every mount in ``registered`` (mount id -> last renewal of its registration, on ``clock``)
+        reconnected (``reopen``) or ``ttl`` passed since that renewal; ``purge_due`` then frees
+        those nobody reopened. Until then nothing is freed: any inode may still be open somewhere.
+        ``registered`` None: not read yet, given later to ``mounts_registered``.
+        """
+        self.handles.pending = PendingPurge(registered, ttl, clock)
+
+    def mounts_registered(self, registered: Mapping[str, float]) -> None:
+        """The mounts registered for the volume, for a purge deferred before they were read."""
+        if self.handles.pending is not None:
+            self.handles.pending.learn(registered)
+
+    def purge_pending(self) -> bool | None:
+        """None: no deferred purge; False: one that still needs ``mounts_registered``; True: one waiting."""
+        pending = self.handles.pending
+        return None if pending is None else pending.known
+
+    def purge_due(self) -> int:
+        """Run a deferred purge once every mount it waits for settled; returns the orphans freed.
+
+        The coordinator calls this periodically, through its call path so that the batch replicates.
+        """
+        pending = self.handles.pending
+        if pending is None or pending.waiting() != []:
+            return 0
+        self.handles.pending = None
+        return self.purge_orphans()
 
     def purge_orphans(self) -> int:
-        """Free every orphan not open here (after a coordinator restart); returns how many."""
-        txn = self._txn()
-        count = 0
-        for key, _ in self.kv.scan(keys.ORPHAN_PREFIX):
-            ino = keys.orphan_ino(key)
-            if self._is_open(ino):
-                continue
-            a = txn.find(ino)
-            if a is None:
-                txn.delete(key)
-            else:
-                txn.purge(a)
-            count += 1
-        txn.commit()
-        return count
+        """Free every orphan no handle counted here holds; returns how many."""
+        return handles.purge_orphans(self._txn(), self.handles)

@@ -172,10 +172,20 @@ class _Fsck:
                 self.counters[key[1:]] = _U64.unpack(value)[0] if len(value) == 8 else None
             elif head == keys.ORPHAN_PREFIX and len(key) == 9:
                 self.orphans.add(keys.orphan_ino(key))  # a mark alone claims no inode number
+            elif head == keys.OP_PREFIX and len(key) == keys.OP_KEY_LEN:
+                self._scan_op_record(key, value)
             else:
                 self.problem("bad-key", 0, f"key {key[:40]!r} is not in the schema", fixable=False)
         self.report.inodes = len(self.attrs) + len(self.bad_attrs)
         self.scanned_max = self.max_ino
+
+    def _scan_op_record(self, key: bytes, value: bytes) -> None:
+        """An op record answers retries only: a bad one is dropped (a retry then simply runs again)."""
+        try:
+            keys.decode_op_record(value)
+        except Corrupt as e:
+            if self.problem("bad-op-record", 0, f"key {key!r}: {e.cause}"):
+                self.ops[key] = None
 
     def _scan_inode_key(self, key: bytes, value: bytes) -> None:
         ino = _U64.unpack(key[1:9])[0]

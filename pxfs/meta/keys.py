@@ -14,11 +14,17 @@ inode starts with ``A<ino>``, so purging an inode is one prefix scan.
     O<ino>             orphan:  empty; nlink is 0 but the file is still open
     N<name>            snapshot: JSON {"created_ns"}; every replica takes a checkpoint of the
                                 keyspace when it commits the batch that creates this key
+    P<mount:8><slot:2> op record: op id:16 + kind:1 (0: no result, 1: an Attr) [+ ino:8 + attr]
+                                written in the batch of the mutation it answers, so that a retry
+                                of that op id gets the same answer (pxfs.meta.opids); <mount> is
+                                blake2b-64 of the mount id, <slot> the op counter mod OP_SLOTS:
+                                a ring, at most OP_SLOTS records per mount
     0xff...            reserved by pxfs.meta.kv: sequence number and replication log
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 
@@ -103,6 +109,49 @@ SNAPSHOT_PREFIX = b"N"
 
 def snapshot_key(name: str) -> bytes:
     return SNAPSHOT_PREFIX + name.encode()
+
+
+OP_PREFIX = b"P"
+OP_SLOTS = 4096
+OP_ID_LEN = 16  # what a mount sends: a random session prefix:8 + counter:8
+_SLOT = struct.Struct(">H")
+OP_KEY_LEN = 1 + 8 + _SLOT.size
+_OP_NONE, _OP_ATTR = 0, 1
+
+
+def mount_hash(mount: str) -> bytes:
+    """8 bytes naming a mount in op-record keys (mount ids are up to 128 characters)."""
+    return hashlib.blake2b(mount.encode(), digest_size=8).digest()
+
+
+def op_prefix(mount: str) -> bytes:
+    return OP_PREFIX + mount_hash(mount)
+
+
+def op_key(mount: str, op_id: bytes) -> bytes:
+    counter = _U64.unpack(op_id[8:16])[0]
+    return op_prefix(mount) + _SLOT.pack(counter % OP_SLOTS)
+
+
+def encode_op_record(op_id: bytes, attr: Attr | None) -> bytes:
+    if attr is None:
+        return op_id + bytes([_OP_NONE])
+    return op_id + bytes([_OP_ATTR]) + _U64.pack(attr.ino) + encode_attr(attr)
+
+
+def decode_op_record(value: bytes) -> tuple[bytes, Attr | None]:
+    """(op id, the recorded result); Corrupt for a record this schema cannot have written."""
+    op_id, kind, rest = value[:OP_ID_LEN], value[OP_ID_LEN : OP_ID_LEN + 1], value[OP_ID_LEN + 1 :]
+    if len(op_id) != OP_ID_LEN or kind not in (bytes([_OP_NONE]), bytes([_OP_ATTR])):
+        raise Corrupt("op record", f"bad record ({len(value)} bytes)")
+    if kind[0] == _OP_NONE:
+        if rest:
+            raise Corrupt("op record", f"{len(rest)} stray bytes after a record without result")
+        return op_id, None
+    if len(rest) != 8 + _ATTR.size:
+        raise Corrupt("op record", f"bad attr result ({len(rest)} bytes)")
+    ino = _U64.unpack(rest[:8])[0]
+    return op_id, decode_attr(ino, rest[8:])
 
 
 def orphan_key(ino: int) -> bytes:

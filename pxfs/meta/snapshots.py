@@ -56,9 +56,10 @@ def changed_names(batch: Batch) -> Iterator[tuple[str, bool]]:
 
 
 def _data_keys(kv: KV) -> Iterator[tuple[bytes, bytes]]:
-    """Everything but the snapshot records (those belong to the volume, not to a point in time)."""
+    """Everything but the snapshot and op records (they belong to the volume and its mounts now,
+    not to a point in time: a clone has other mounts, a restore keeps answering today's retries)."""
     for key, value in kv.scan(b""):
-        if not key.startswith(keys.SNAPSHOT_PREFIX):
+        if not key.startswith((keys.SNAPSHOT_PREFIX, keys.OP_PREFIX)):
             yield key, value
 
 

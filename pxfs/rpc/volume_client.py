@@ -31,14 +31,21 @@ class VolumeServiceClient(_Caller):
         super().__init__(bridge, peer)
         self.cap = cap
 
-    async def open(self, name: str, mount_id: str, read_only: bool,
-                   on_invalidate: Invalidate | None = None) -> tuple[VolumeClient, VolumeInfo]:
-        """Open the volume at its coordinator; ``on_invalidate`` hears what other mounts change."""
+    async def open(self, name: str, mount_id: str, read_only: bool, on_invalidate: Invalidate | None = None,
+                   handles: list[int] | None = None) -> tuple[VolumeClient, VolumeInfo]:
+        """Open the volume at its coordinator; ``on_invalidate`` hears what other mounts change.
+
+        ``handles``: the inodes the mount holds open (one entry per handle), counted there anew.
+        """
         async def go() -> tuple[Any, VolumeInfo]:
-            if on_invalidate is None:
-                r = await self.cap.open(name, mount_id, read_only)
-            else:
-                r = await self.cap.open(name, mount_id, read_only, WatcherServer(self.bridge, on_invalidate))
+            req = self.cap.open_request()
+            req.name, req.mountId, req.readOnly = name, mount_id, read_only
+            if on_invalidate is not None:
+                req.watcher = WatcherServer(self.bridge, on_invalidate)
+            held = req.init("handles", len(handles or []))
+            for i, ino in enumerate(handles or []):
+                held[i] = ino
+            r = await req.send()
             return r.volume.cast_as(pxfs_capnp.Volume), convert.volume_from(r.info)
         cap, info = await self.call(go)
         return VolumeClient(self.bridge, self.peer, cap), info
@@ -93,38 +100,42 @@ class VolumeClient(_Caller):
     async def lookup(self, parent: int, name: bytes) -> Attr:
         return await self._attr("lookup", parent, name)
 
-    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
-        return await self._attr("mknod", parent, name, mode, rdev, uid, gid)
+    # Mutations take ``op_id`` (see ``pxfs.meta.opids``): the same id on a retry gets the first answer.
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
+                    op_id: bytes = b"") -> Attr:
+        return await self._attr("mknod", parent, name, mode, rdev, uid, gid, op_id)
 
-    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
-        return await self._attr("mkdir", parent, name, mode, uid, gid)
+    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, op_id: bytes = b"") -> Attr:
+        return await self._attr("mkdir", parent, name, mode, uid, gid, op_id)
 
-    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
-        return await self._attr("symlink", parent, name, target, uid, gid)
+    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int,
+                      op_id: bytes = b"") -> Attr:
+        return await self._attr("symlink", parent, name, target, uid, gid, op_id)
 
     async def readlink(self, ino: int) -> bytes:
         async def go() -> bytes:
             return bytes((await self.cap.readlink(ino)).target)
         return await self.call(go)
 
-    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
-        return await self._attr("link", ino, new_parent, new_name)
+    async def link(self, ino: int, new_parent: int, new_name: bytes, op_id: bytes = b"") -> Attr:
+        return await self._attr("link", ino, new_parent, new_name, op_id)
 
-    async def unlink(self, parent: int, name: bytes) -> None:
-        await self._void("unlink", parent, name)
+    async def unlink(self, parent: int, name: bytes, op_id: bytes = b"") -> None:
+        await self._void("unlink", parent, name, op_id)
 
-    async def rmdir(self, parent: int, name: bytes) -> None:
-        await self._void("rmdir", parent, name)
+    async def rmdir(self, parent: int, name: bytes, op_id: bytes = b"") -> None:
+        await self._void("rmdir", parent, name, op_id)
 
-    async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
-        await self._void("rename", parent, name, new_parent, new_name, flags)
+    async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int,
+                     op_id: bytes = b"") -> None:
+        await self._void("rename", parent, name, new_parent, new_name, flags, op_id)
 
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
                       size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
-                      ctime_ns: int | None = None) -> Attr:
+                      ctime_ns: int | None = None, op_id: bytes = b"") -> Attr:
         async def go() -> Attr:
             req = self.cap.setattr_request()
-            req.ino = ino
+            req.ino, req.opId = ino, op_id
             a = req.init("attr")
             for field, flag, value in (("mode", "setMode", mode), ("uid", "setUid", uid), ("gid", "setGid", gid),
                                        ("size", "setSize", size), ("atimeNs", "setAtime", atime_ns),
@@ -141,8 +152,8 @@ class VolumeClient(_Caller):
             return [(bytes(e.name), convert.attr_from(e.attr)) for e in r.entries]
         return await self.call(go)
 
-    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
-        await self._void("setxattr", ino, name, value, flags)
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int, op_id: bytes = b"") -> None:
+        await self._void("setxattr", ino, name, value, flags, op_id)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         async def go() -> bytes:
@@ -154,8 +165,8 @@ class VolumeClient(_Caller):
             return [bytes(n) for n in (await self.cap.listxattr(ino)).names]
         return await self.call(go)
 
-    async def removexattr(self, ino: int, name: bytes) -> None:
-        await self._void("removexattr", ino, name)
+    async def removexattr(self, ino: int, name: bytes, op_id: bytes = b"") -> None:
+        await self._void("removexattr", ino, name, op_id)
 
     async def open(self, ino: int) -> tuple[Attr, dict[int, tuple[bytes, int]]]:
         async def go() -> tuple[Attr, dict[int, tuple[bytes, int]]]:
@@ -166,17 +177,17 @@ class VolumeClient(_Caller):
     async def release(self, ino: int) -> None:
         await self._void("release", ino)
 
-    async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
-        return await self._attr("create", parent, name, mode, uid, gid)
+    async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, op_id: bytes = b"") -> Attr:
+        return await self._attr("create", parent, name, mode, uid, gid, op_id)
 
     async def release_many(self, inos: list[int]) -> None:
         await self._void("releaseMany", inos)
 
     async def commit(self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int,
-                     held: list[str] | None = None) -> Attr:
+                     held: list[str] | None = None, op_id: bytes = b"") -> Attr:
         async def go() -> Attr:
             req = self.cap.commit_request()
-            req.ino, req.size, req.mtimeNs = ino, size, mtime_ns
+            req.ino, req.size, req.mtimeNs, req.opId = ino, size, mtime_ns, op_id
             hl = req.init("held", len(held or []))
             for i, node in enumerate(held or []):
                 hl[i] = node

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from pxfs.errors import FsError, Invalid
+from pxfs.meta.opids import Op
 from pxfs.model import Changed
 from pxfs.rpc import convert
 from pxfs.rpc.bridge import Bridge, within
@@ -20,6 +21,7 @@ MAX_RELEASES = 65536
 MAX_BATCHES = 4096
 WATCHER_TIMEOUT = 5.0
 MAX_DATA = 1 << 20  # xattr values, symlink targets and names are far smaller; refuse absurd payloads
+MAX_HANDLES = 1 << 20  # open handles a mount re-registers at once: more than a process may hold
 
 
 def _data(value: Any, what: str, limit: int = MAX_DATA) -> bytes:
@@ -34,15 +36,22 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
         self._b, self._h, self._peer = bridge, host, peer
 
     @served
-    async def open(self, name: str, mountId: str, readOnly: bool, watcher: Any, _context: Any,  # noqa: N803
-                   **_: Any) -> None:
+    async def open(self, name: str, mountId: str, readOnly: bool, watcher: Any, handles: Any,  # noqa: N803
+                   _context: Any, **_: Any) -> None:
         if not mountId or len(mountId) > 128 or "/" in mountId:
             raise Invalid("mount id", "must be 1-128 characters without '/'")
         if not name or len(name) > 200 or "\0" in name or "/" in name:
             raise Invalid(f"volume {name[:80]!r}", "not a volume name")
+        if len(handles) > MAX_HANDLES:
+            raise Invalid("open", f"{len(handles)} open handles at once is more than {MAX_HANDLES}")
+        held = [int(i) for i in handles]
         hv, info = await self._b.to_trio(self._h.open, name, mountId)
+        if "@" not in name:
+            # Counted anew here (the mount's handles at its previous coordinator are gone with it);
+            # this also tells a deferred orphan purge that the mount has come back.
+            await self._b.to_trio(self._h.call, hv, lambda m: m.reopen(mountId, held))
         # A snapshot is read-only whatever the mount asked for.
-        server = VolumeServer(self._b, self._h, hv, mountId, readOnly or "@" in name)
+        server = VolumeServer(self._b, self._h, hv, mountId, readOnly or "@" in name, "@" in name)
         if _context.params._has("watcher") and "@" not in name:  # scrub, fsck and tools pass none
             server.watch(watcher)
         _context.results.volume = server
@@ -80,8 +89,10 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
 class VolumeServer(pxfs_capnp.Volume.Server):
     """One mount's view of one volume; every call is one Meta operation at the coordinator."""
 
-    def __init__(self, bridge: Bridge, host: Any, hv: Any, mount_id: str, read_only: bool) -> None:
+    def __init__(self, bridge: Bridge, host: Any, hv: Any, mount_id: str, read_only: bool,
+                 snapshot: bool = False) -> None:
         self._b, self._h, self._hv, self._mount, self._ro = bridge, host, hv, mount_id, read_only
+        self._snapshot = snapshot  # a snapshot's keyspace is never written, not even to forget a mount
         self._watcher: Any = None
 
     # -- telling the other mounts ---------------------------------------------------------------
@@ -123,9 +134,11 @@ class VolumeServer(pxfs_capnp.Volume.Server):
         self._tell_others(changed)
         return result
 
-    def _rw(self) -> None:
+    def _rw(self, op_id: Any = b"") -> Op:
+        """A mutation may go ahead: who asks and its op id (see ``pxfs.meta.opids``)."""
         if self._ro:
             raise FsError(errno.EROFS, f'volume "{self._hv.name}"', "mounted read-only")
+        return Op(self._mount, bytes(op_id))
 
     async def _attr(self, ctx: Any, fn: Any) -> None:
         convert.attr_to(ctx.results.init("attr"), await self._call(fn))
@@ -140,66 +153,68 @@ class VolumeServer(pxfs_capnp.Volume.Server):
         await self._attr(_context, lambda m: m.lookup(parent, n))
 
     @served
-    async def mknod(self, parent: int, name: Any, mode: int, rdev: int, uid: int, gid: int, _context: Any,
-                    **_: Any) -> None:
-        self._rw()
+    async def mknod(self, parent: int, name: Any, mode: int, rdev: int, uid: int, gid: int, opId: Any,  # noqa: N803
+                    _context: Any, **_: Any) -> None:
+        op = self._rw(opId)
         n = _data(name, "name")
-        await self._attr(_context, lambda m: m.mknod(parent, n, mode, rdev, uid, gid))
+        await self._attr(_context, lambda m: m.mknod(parent, n, mode, rdev, uid, gid, op=op))
 
     @served
-    async def mkdir(self, parent: int, name: Any, mode: int, uid: int, gid: int, _context: Any, **_: Any) -> None:
-        self._rw()
+    async def mkdir(self, parent: int, name: Any, mode: int, uid: int, gid: int, opId: Any,  # noqa: N803
+                    _context: Any, **_: Any) -> None:
+        op = self._rw(opId)
         n = _data(name, "name")
-        await self._attr(_context, lambda m: m.mkdir(parent, n, mode, uid, gid))
+        await self._attr(_context, lambda m: m.mkdir(parent, n, mode, uid, gid, op=op))
 
     @served
-    async def symlink(self, parent: int, name: Any, target: Any, uid: int, gid: int, _context: Any,
-                      **_: Any) -> None:
-        self._rw()
+    async def symlink(self, parent: int, name: Any, target: Any, uid: int, gid: int, opId: Any,  # noqa: N803
+                      _context: Any, **_: Any) -> None:
+        op = self._rw(opId)
         n, t = _data(name, "name"), _data(target, "symlink target")
-        await self._attr(_context, lambda m: m.symlink(parent, n, t, uid, gid))
+        await self._attr(_context, lambda m: m.symlink(parent, n, t, uid, gid, op=op))
 
     @served
     async def readlink(self, ino: int, _context: Any, **_: Any) -> None:
         _context.results.target = await self._call(lambda m: m.readlink(ino))
 
     @served
-    async def link(self, ino: int, newParent: int, newName: Any, _context: Any, **_: Any) -> None:  # noqa: N803
-        self._rw()
+    async def link(self, ino: int, newParent: int, newName: Any, opId: Any, _context: Any,  # noqa: N803
+                   **_: Any) -> None:
+        op = self._rw(opId)
         n = _data(newName, "name")
-        await self._attr(_context, lambda m: m.link(ino, newParent, n))
+        await self._attr(_context, lambda m: m.link(ino, newParent, n, op=op))
 
     @served
-    async def unlink(self, parent: int, name: Any, _context: Any, **_: Any) -> None:
-        self._rw()
+    async def unlink(self, parent: int, name: Any, opId: Any, _context: Any, **_: Any) -> None:  # noqa: N803
+        op = self._rw(opId)
         n = _data(name, "name")
-        await self._call(lambda m: m.unlink(parent, n))
+        await self._call(lambda m: m.unlink(parent, n, op=op))
 
     @served
-    async def rmdir(self, parent: int, name: Any, _context: Any, **_: Any) -> None:
-        self._rw()
+    async def rmdir(self, parent: int, name: Any, opId: Any, _context: Any, **_: Any) -> None:  # noqa: N803
+        op = self._rw(opId)
         n = _data(name, "name")
-        await self._call(lambda m: m.rmdir(parent, n))
+        await self._call(lambda m: m.rmdir(parent, n, op=op))
 
     @served
     async def rename(self, parent: int, name: Any, newParent: int, newName: Any, flags: int,  # noqa: N803
-                     _context: Any, **_: Any) -> None:
-        self._rw()
+                     opId: Any, _context: Any, **_: Any) -> None:  # noqa: N803
+        op = self._rw(opId)
         n, nn = _data(name, "name"), _data(newName, "name")
-        await self._call(lambda m: m.rename(parent, n, newParent, nn, flags))
+        await self._call(lambda m: m.rename(parent, n, newParent, nn, flags, op=op))
 
     @served
     async def setattr(self, ino: int, attr: Any, setMode: bool, setUid: bool, setGid: bool,  # noqa: N803
-                      setSize: bool, setAtime: bool, setMtime: bool, setCtime: bool, _context: Any,
-                      **_: Any) -> None:
-        self._rw()
+                      setSize: bool, setAtime: bool, setMtime: bool, setCtime: bool, opId: Any,
+                      _context: Any, **_: Any) -> None:
+        op = self._rw(opId)
         kw = {}
         for flag, key, value in ((setMode, "mode", attr.mode), (setUid, "uid", attr.uid), (setGid, "gid", attr.gid),
                                  (setSize, "size", attr.size), (setAtime, "atime_ns", attr.atimeNs),
                                  (setMtime, "mtime_ns", attr.mtimeNs), (setCtime, "ctime_ns", attr.ctimeNs)):
             if flag:
                 kw[key] = value
-        await self._attr(_context, lambda m: m.setattr(ino, **kw))
+        await self._attr(_context, lambda m: m.setattr(ino, op=op, **kw))
 
     @served
     async def readdir(self, ino: int, after: Any, limit: int, _context: Any, **_: Any) -> None:
@@ -211,10 +226,11 @@ class VolumeServer(pxfs_capnp.Volume.Server):
             convert.attr_to(out[i].init("attr"), attr)
 
     @served
-    async def setxattr(self, ino: int, name: Any, value: Any, flags: int, _context: Any, **_: Any) -> None:
-        self._rw()
+    async def setxattr(self, ino: int, name: Any, value: Any, flags: int, opId: Any, _context: Any,  # noqa: N803
+                       **_: Any) -> None:
+        op = self._rw(opId)
         n, v = _data(name, "xattr name"), _data(value, "xattr value")
-        await self._call(lambda m: m.setxattr(ino, n, v, flags))
+        await self._call(lambda m: m.setxattr(ino, n, v, flags, op=op))
 
     @served
     async def getxattr(self, ino: int, name: Any, _context: Any, **_: Any) -> None:
@@ -229,15 +245,15 @@ class VolumeServer(pxfs_capnp.Volume.Server):
             out[i] = n
 
     @served
-    async def removexattr(self, ino: int, name: Any, _context: Any, **_: Any) -> None:
-        self._rw()
+    async def removexattr(self, ino: int, name: Any, opId: Any, _context: Any, **_: Any) -> None:  # noqa: N803
+        op = self._rw(opId)
         n = _data(name, "xattr name")
-        await self._call(lambda m: m.removexattr(ino, n))
+        await self._call(lambda m: m.removexattr(ino, n, op=op))
 
     @served
     async def open(self, ino: int, _context: Any, **_: Any) -> None:
         def go(m: Any) -> Any:
-            m.open(ino)
+            m.open(ino, self._mount)
             return m.get_blocks(ino)
 
         attr, blocks = await self._call(go)
@@ -248,13 +264,14 @@ class VolumeServer(pxfs_capnp.Volume.Server):
 
     @served
     async def release(self, ino: int, _context: Any, **_: Any) -> None:
-        await self._call(lambda m: m.release(ino))
+        await self._call(lambda m: m.release(ino, self._mount))
 
     @served
-    async def create(self, parent: int, name: Any, mode: int, uid: int, gid: int, _context: Any, **_: Any) -> None:
-        self._rw()
+    async def create(self, parent: int, name: Any, mode: int, uid: int, gid: int, opId: Any,  # noqa: N803
+                     _context: Any, **_: Any) -> None:
+        op = self._rw(opId)
         n = _data(name, "name")
-        await self._attr(_context, lambda m: m.create(parent, n, mode, uid, gid))
+        await self._attr(_context, lambda m: m.create(parent, n, mode, uid, gid, op=op))
 
     @served
     async def releaseMany(self, inos: Any, _context: Any, **_: Any) -> None:  # noqa: N802
@@ -264,18 +281,18 @@ class VolumeServer(pxfs_capnp.Volume.Server):
 
         def go(m: Any) -> None:
             for ino in todo:
-                m.release(ino)
+                m.release(ino, self._mount)
 
         await self._call(go)
 
     @served
-    async def commit(self, ino: int, blocks: Any, size: int, mtimeNs: int, held: Any, _context: Any,  # noqa: N803
-                     **_: Any) -> None:
-        self._rw()
+    async def commit(self, ino: int, blocks: Any, size: int, mtimeNs: int, held: Any, opId: Any,  # noqa: N803
+                     _context: Any, **_: Any) -> None:
+        op = self._rw(opId)
         bm = {b.index: (bytes(b.hash), b.length) for b in blocks}
         held = {str(n)[:64] for n in list(held)[:16]}
         changed = Changed()
-        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None, changed, held)
+        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None, changed, held, op)
         self._tell_others(changed)
         convert.attr_to(_context.results.init("attr"), attr)
 
@@ -317,6 +334,8 @@ class VolumeServer(pxfs_capnp.Volume.Server):
     @served
     async def detach(self, _context: Any, **_: Any) -> None:
         self._unwatch()
+        if not self._snapshot:
+            await self._call(lambda m: m.forget_mount(self._mount))  # its handles and op records
         await self._b.to_trio(self._h.detach, self._hv, self._mount)
 
     @served

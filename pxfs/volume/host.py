@@ -27,10 +27,11 @@ from pxfs.cluster.repair import ChunkRepair
 from pxfs.cluster.store import ControlStore
 from pxfs.errors import Conflict, Invalid, NotFound, PxfsError, Unavailable
 from pxfs.meta import keys, snapshots
-from pxfs.meta.fs import Meta
+from pxfs.meta.fs import Meta, Op
 from pxfs.meta.fsck import fsck
 from pxfs.meta.kv import Batch, RocksKV
 from pxfs.model import Changed, VolumeInfo
+from pxfs.volume import mounts
 from pxfs.volume.insync import MIN_REPLICAS_WAIT, REJOIN_LAG, Deposed, InSync
 from pxfs.volume.replicator import Replicator
 
@@ -284,9 +285,9 @@ class VolumeHost:
             self._clone(hv, spec)
         if hv.meta is None:
             hv.meta = Meta(hv.kv, spec.size, spec.block_size)
-            purged = hv.meta.purge_orphans()
-            if purged:
-                log.info("volume=%s purged %d orphan inode(s) left by a previous coordinator", name, purged)
+            # Orphans may still be open in mounts that have not reconnected yet: freed once they have
+            # (or their registrations expired), by mounts.tend() in the supervision rounds.
+            mounts.defer_purge(hv.meta)
             hv.meta.init_root()
             hv.repair_wanted = True
             log.info("node=%s coordinates volume=%s epoch=%d seq=%d", self.node_id, name, spec.epoch, hv.kv.seq)
@@ -367,17 +368,20 @@ class VolumeHost:
         """
         if hv.meta is None:
             raise Unavailable(f'volume "{hv.name}"', f"no longer coordinated by node {self.node_id}; reopen")
-        before = hv.kv.seq
+        before, meta = hv.kv.seq, hv.meta
+        replays = meta.replays
         hv.changed_keys = [] if changed is not None else None
         try:
-            result = fn(hv.meta)  # synchronous: no other operation's batch can land in changed_keys
+            result = fn(meta)  # synchronous: no other operation's batch can land in changed_keys
         finally:
             written, hv.changed_keys = hv.changed_keys, None
         if changed is not None and written:
             inodes, entries = keys.touched(written)
             changed.inodes |= inodes
             changed.entries |= entries
-        if hv.kv.seq != before:
+        # An answer from an op record (a retry) is owed the same guarantee as the first run: the
+        # batch that holds it may so far be on this replica only, so wait for the in-sync set too.
+        if hv.kv.seq != before or meta.replays != replays:
             await self._acknowledge(hv, hv.kv.seq)
         return result
 
@@ -457,18 +461,19 @@ class VolumeHost:
         await self._store.delete(f"mounts/{hv.name}/{mount_id}")
 
     async def commit(self, hv: Any, ino: int, blocks: dict[int, tuple[bytes, int]], size: int,
-                     mtime_ns: int | None, changed: Changed | None = None, held: set[str] | None = None) -> Any:
+                     mtime_ns: int | None, changed: Changed | None = None, held: set[str] | None = None,
+                     op: Op | None = None) -> Any:
         insync = getattr(hv, "insync", None)
         hashes = [h for h, n in blocks.values() if n]  # length 0 punches a hole: no chunk
         if insync is not None and hashes and hv.meta is not None:
-            hv.meta.commit_blocks(ino, blocks, size, mtime_ns, dry_run=True)  # a bad commit costs no copies
+            hv.meta.commit_blocks(ino, blocks, size, mtime_ns, dry_run=True, op=op)  # a bad commit costs no copies
             # Before the block map names the chunks: every in-sync replica holds them, or leaves the set.
             try:
                 await insync.ensure_chunks(hashes, held or set())
             except Deposed:
                 hv.demote()
                 raise
-        attr = await self.call(hv, lambda m: m.commit_blocks(ino, blocks, size, mtime_ns), changed)
+        attr = await self.call(hv, lambda m: m.commit_blocks(ino, blocks, size, mtime_ns, op=op), changed)
         now = time.monotonic()
         fresh = [r for r, until in getattr(hv, "fresh_replicas", {}).items() if until > now]
         if fresh and blocks:
@@ -585,9 +590,16 @@ class VolumeHost:
 
             hv.spec = await hv.insync.update(done)
         await self._scheduled_snapshots(hv)
+        meta = hv.meta
+
+        async def call(fn: Callable[[Meta], T]) -> T:
+            return await self.call(hv, fn)
+
+        await mounts.tend(meta, call, self._store, hv.name)
         if time.monotonic() >= hv.space_due:
             hv.space_due = time.monotonic() + SPACE_PERIOD
             hv.space = await trio.to_thread.run_sync(self._space, hv)
+            await mounts.forget_silent(meta, call, self._store, hv.name)
         st = hv.meta.statfs()
         rep = hv.replicator
         detail = {"used": st["used"], "inodes": st["inodes"], "seq": hv.kv.seq, "epoch": hv.epoch,

@@ -615,7 +615,10 @@ ADMIN_VOLUMES = ["hx-fz-a", "hx-fz-b"]
 ADMIN_NAME = st.one_of(st.sampled_from(ADMIN_VOLUMES), JUNK)
 SIZE = st.one_of(st.sampled_from([0, MiB - 1, MiB, 64 * MiB, 2**60, 2**60 + 1, 2**64 - 1]), U64)
 SETATTR = st.fixed_dictionaries({}, optional={"mode": U32, "uid": U32, "gid": U32, "size": U64,
-                                              "atime_ns": I64, "mtime_ns": I64, "ctime_ns": I64})
+                                              "atime_ns": I64, "mtime_ns": I64, "ctime_ns": I64,
+                                              "op_id": st.binary(max_size=20)})
+# Op ids: none, well-formed (a few fixed ones, so that some calls repeat one), or the wrong length.
+OPID = st.one_of(st.just(b""), st.sampled_from([b"\1" * 16, b"\2" * 16]), st.binary(max_size=20))
 CHUNK_DATA = b"fuzz chunk"
 CHUNK_HASH = blake3.blake3(CHUNK_DATA).digest()
 
@@ -628,18 +631,19 @@ def _calls(target: str, table: dict[str, tuple[Any, ...]]) -> st.SearchStrategy[
 
 CALL = st.one_of(
     _calls("vol", {
-        "getattr": (INO,), "lookup": (INO, NAME), "mknod": (INO, NAME, U32, U64, U32, U32),
-        "mkdir": (INO, NAME, U32, U32, U32), "symlink": (INO, NAME, DATA, U32, U32), "readlink": (INO,),
-        "link": (INO, INO, NAME), "unlink": (INO, NAME), "rmdir": (INO, NAME),
-        "rename": (INO, NAME, INO, NAME, st.one_of(st.integers(0, 3), U32)), "readdir": (INO, NAME, U32),
-        "setxattr": (INO, NAME, DATA, st.one_of(st.integers(0, 3), U32)), "getxattr": (INO, NAME),
-        "listxattr": (INO,), "removexattr": (INO, NAME), "open": (INO,), "release": (INO,),
-        "commit": (INO, BLOCKS, U64, I64), "statfs": (), "info": (),
+        "getattr": (INO,), "lookup": (INO, NAME), "mknod": (INO, NAME, U32, U64, U32, U32, OPID),
+        "mkdir": (INO, NAME, U32, U32, U32, OPID), "symlink": (INO, NAME, DATA, U32, U32, OPID),
+        "readlink": (INO,), "link": (INO, INO, NAME, OPID), "unlink": (INO, NAME, OPID), "rmdir": (INO, NAME, OPID),
+        "rename": (INO, NAME, INO, NAME, st.one_of(st.integers(0, 3), U32), OPID), "readdir": (INO, NAME, U32),
+        "setxattr": (INO, NAME, DATA, st.one_of(st.integers(0, 3), U32), OPID), "getxattr": (INO, NAME),
+        "listxattr": (INO,), "removexattr": (INO, NAME, OPID), "open": (INO,), "release": (INO,),
+        "create": (INO, NAME, U32, U32, U32, OPID), "commit": (INO, BLOCKS, U64, I64, OPID), "statfs": (),
+        "info": (),
     }),
     st.tuples(st.just("vol"), st.just("setattr"), st.tuples(INO, SETATTR)),
     _calls("vs", {
         "open": (st.one_of(st.just("hx-fuzz"), JUNK), st.one_of(st.just("fz"), st.text(max_size=140)),
-                 st.booleans()),
+                 st.booleans(), st.none(), st.lists(INO, max_size=5)),
         "last_seq": (st.one_of(st.just("hx-fuzz"), JUNK),),
         # Never the real volume here: forged apply/reset on a live volume are the xfail cases above.
         "apply": (JUNK, U64, U64, DATA), "reset": (JUNK, U64),

@@ -23,7 +23,7 @@ import capnp
 import pytest
 import trio
 
-from pxfs.cluster.config import load_config, load_secret
+from pxfs.cluster.config import MIN_GC_GRACE, load_config, load_secret
 from pxfs.errors import Invalid, NoSpace, NotFound, PxfsError, Unauthorized, Unavailable
 from pxfs.rpc import auth
 from pxfs.rpc.bridge import Bridge, open_bridge
@@ -125,6 +125,32 @@ async def test_chunks_round_trip_dedup_and_has(cluster: Cluster) -> None:
     # A chunk lives on the node it was put to; the others do not have it.
     async with node_connection(cluster, 0) as conn:
         assert await (await conn.chunks()).has_many([h]) == [False]
+    await assert_serving(cluster, known, 1)
+
+
+async def test_gc_grace_below_the_minimum_is_refused_by_the_node(cluster: Cluster) -> None:
+    """A grace shorter than a commit's longest wait could sweep a chunk about to be named."""
+    h, data = make_chunk(64 << 10)  # put just now, named by no volume
+    async with node_connection(cluster, 1) as conn:
+        chunks = await conn.chunks()
+        await chunks.put(h, data)
+        for grace in (0.0, MIN_GC_GRACE - 1, -5.0, float("nan"), 1e12):
+            with pytest.raises(Invalid) as err:
+                await chunks.collect(False, grace)
+            assert f"must be {MIN_GC_GRACE:g} s" in str(err.value), err.value
+        report = await chunks.collect(False, MIN_GC_GRACE)
+        assert report["grace"] == MIN_GC_GRACE and report["deleted"] == 0
+        assert await chunks.has_many([h]) == [True]
+    # The CLI refuses it before asking any node: one line, exit 1.
+    for bad in ("0", "139"):
+        proc = await trio.to_thread.run_sync(lambda bad=bad: cluster.cli("gc", "--grace", bad, check=False))
+        assert proc.returncode == 1 and proc.stdout == "", proc
+        assert proc.stderr.strip().splitlines() == [f"pxfs: --grace {bad}: must be {MIN_GC_GRACE:g} s (a write's "
+                                                   "longest wait for its commit, doubled) to 30 days: a younger "
+                                                   "chunk may be about to be named by a commit"], proc.stderr
+    ok = await trio.to_thread.run_sync(lambda: cluster.json("gc", "--dry-run", "--grace", f"{MIN_GC_GRACE:g}"))
+    assert all("error" not in n for n in ok["nodes"]), ok
+    known = await put_known(cluster, 1)
     await assert_serving(cluster, known, 1)
 
 

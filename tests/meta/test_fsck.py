@@ -245,7 +245,7 @@ def test_lost_found_that_is_a_file_blocks_adoption(tree: Tree) -> None:
 
 def test_unlinked_orphan_not_open_is_purged(tree: Tree) -> None:
     used, inodes = counter(tree.kv, keys.USED_BYTES), counter(tree.kv, keys.INODES)
-    del tree.meta._open[tree.orphan]  # a restart forgot the open handle: only fsck can free it
+    tree.meta.handles.forget("")  # a restart forgot the open handle: only fsck can free it
     assert H3 not in run(tree).chunk_refs
     check(tree, "orphan-inode")
     assert list(tree.kv.scan(keys.inode_prefix(tree.orphan))) == []

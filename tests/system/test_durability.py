@@ -263,8 +263,6 @@ def test_garbage_record_in_the_control_store_crashes_nothing(cluster3: FaultClus
 # d. exclusive creates and unlinked-but-open files across a failover
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: the new coordinator does not know an unlinked file is still "
-                                       "open: the open fd reads ENOENT after the failover")
 def test_unlinked_open_file_survives_failover(cluster3: FaultCluster, tmp_path: Path) -> None:
     """An fsync'd, unlinked file still open in a mount keeps its data across a coordinator failover,
     and after the old coordinator is back and the volume healthy again."""
@@ -296,9 +294,11 @@ def test_unlinked_open_file_survives_failover(cluster3: FaultCluster, tmp_path: 
         assert not (m.path / "doomed").exists()
 
 
-# Not strict: the race is hit in about 1 run of 3 today (a name in flight when the coordinator dies).
-@pytest.mark.xfail(strict=False, reason="issue 10: a name created with O_EXCL just before the coordinator dies is "
-                                        "created again by the other mount after the failover: both succeed")
+# Not strict: exclusivity holds now (op ids), but about 1 run in 50 one name still read back empty
+# through the losing mount right after the failover, with the winner's data seen by the winner:
+# not yet explained (a stale attribute in the loser's kernel, or the winner's own cache).
+@pytest.mark.xfail(strict=False, reason="issue 10: rarely the winner's content reads back empty through the other "
+                                        "mount right after the failover")
 def test_exclusive_create_stays_exclusive_across_failover(cluster3: FaultCluster, tmp_path: Path) -> None:
     """Two mounts both create x00000 ... x00199 with O_EXCL while the coordinator is killed: for every
     name exactly one succeeded and the other saw EEXIST (any other error, EIO included, is a failure),
@@ -383,8 +383,6 @@ def test_snapshot_deleted_right_after_clone(cluster3: FaultCluster, tmp_path: Pa
 # f. a grace of 0 is refused by the node, not only by the CLI
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: `pxfs gc --grace 0` runs a collection that may delete chunks "
-                                       "of writes in flight")
 def test_gc_grace_zero_refused_by_the_cli(cluster3: FaultCluster) -> None:
     proc = cluster3.cli("gc", "--grace", "0", check=False)
     said = (proc.stdout + proc.stderr).strip().splitlines()
@@ -392,8 +390,6 @@ def test_gc_grace_zero_refused_by_the_cli(cluster3: FaultCluster) -> None:
     assert len(said) == 1 and f"{MIN_GC_GRACE:g}" in said[0], said
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: the ChunkStore RPC `collect` accepts a grace of 0 (only "
-                                       "negative ones are refused)")
 async def test_gc_grace_zero_refused_by_the_node(cluster3: FaultCluster) -> None:
     async with node_connection(cluster3, 1) as conn:
         chunks = await conn.chunks()

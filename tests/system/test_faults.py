@@ -12,7 +12,9 @@ Never kill ``n1``: the seed holds the embedded control store and cannot fail ove
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,7 +27,7 @@ import pytest
 import trio
 
 from pxfs.meta.kv import RocksKV
-from tests.conftest import Cluster, Mount, eventually, mounted
+from tests.conftest import Cluster, Mount, eventually, mount, mounted
 from tests.system.faults import (
     FAILOVER_TIMEOUT,
     SEED,
@@ -38,6 +40,7 @@ from tests.system.faults import (
     wait_volume,
 )
 from tests.system.manifest import ManifestWriter, MiB, verify_on_replicas, verify_through_mount
+from tests.system.test_mount_crash import mount_pid
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and FUSE")
 
@@ -302,3 +305,57 @@ def test_mount_moves_on_while_old_coordinator_is_frozen(
         finally:
             cluster3.resume_all()
         finish(run, record_property, "frozen coordinator")
+
+
+def test_unlinked_open_files_survive_a_failover(cluster3: FaultCluster, tmp_path: Path) -> None:
+    """A file unlinked while open lives on at the new coordinator, which its mount tells that it holds
+    it; an orphan whose only holder (a killed mount) never comes back is freed once that mount's
+    registration has expired, and the survivor when its last handle closes."""
+    c = cluster3
+    c.cli("volume", "create", "orphans", "--size", "1G", "--repl", "3")
+    old = inspect(c, "orphans")["coordinator"]
+    assert old != SEED
+    kept, lost = os.urandom(2 * MiB), os.urandom(3 * MiB)
+    fd = -1
+    with mounted(c, "orphans", tmp_path / "a", "-o", "attr_timeout=0") as a:
+        b = mount(c, "orphans", tmp_path / "b")
+        try:
+            for path, data in ((a.path / "kept", kept), (b.path / "lost", lost)):
+                with open(path, "wb") as fh:
+                    fh.write(data)
+                    os.fsync(fh.fileno())
+            fd = os.open(a.path / "kept", os.O_RDWR)
+            held_by_b = os.open(b.path / "lost", os.O_RDONLY)
+            os.unlink(a.path / "kept")
+            os.unlink(b.path / "lost")
+            wait_volume(c, "orphans", lambda v: v["used"] == len(kept) + len(lost), "both files orphans, in use")
+            pid = mount_pid(b.path)
+            pidfd = os.pidfd_open(pid)
+            os.kill(pid, signal.SIGKILL)  # b never reconnects: only its registration's expiry frees "lost"
+            assert select.select([pidfd], [], [], 30)[0], "mount b still running"
+            os.close(pidfd)
+            with contextlib.suppress(OSError):
+                os.close(held_by_b)  # ENOTCONN from the dead mount; the descriptor is gone anyway
+            c.kill(old)
+            wait_volume(c, "orphans", lambda v: v["coordinator"] not in (old, ""), "failover",
+                        timeout=FAILOVER_TIMEOUT)
+            # The next call finds the new coordinator; the open handle goes along with the reconnect.
+            st = os.fstat(fd)  # attr_timeout=0: asked of the coordinator
+            assert (st.st_nlink, st.st_size) == (0, len(kept))
+            wait_volume(c, "orphans", lambda v: v["used"] == len(kept),
+                        "the killed mount's orphan freed, the reopened one kept", timeout=60)
+            assert os.pread(fd, len(kept), 0) == kept
+            os.pwrite(fd, b"more", len(kept))
+            os.fsync(fd)  # its metadata is still there to commit to
+            assert os.fstat(fd).st_size == len(kept) + 4
+            os.close(fd)
+            fd = -1
+            wait_volume(c, "orphans", lambda v: v["used"] == 0, "the last close frees it")
+            with pytest.raises(FileNotFoundError):
+                os.stat(a.path / "kept")
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            # b's dead mountpoint ("Transport endpoint is not connected") is cleared by mounting it again.
+            with mounted(c, "orphans", tmp_path / "b") as again:
+                assert os.listdir(again.path) == []

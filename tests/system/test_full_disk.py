@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster, eventually, make_cluster, mounted
+from pxfs.cluster.config import MIN_GC_GRACE
+from tests.conftest import Cluster, age_chunks, eventually, make_cluster, mounted
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root and FUSE")
 
@@ -60,7 +61,8 @@ def test_pool_at_reserve_gives_enospc_and_damages_nothing(small: Cluster, tmp_pa
         for name in list(written)[:20]:
             (m.path / name).unlink()
         (m.path / "more").unlink(missing_ok=True)
-    report = small.json("gc", "--grace", "0")
+    age_chunks(small)  # as an hour of waiting would: no write is in flight
+    report = small.json("gc", "--grace", f"{MIN_GC_GRACE:g}")
     assert sum(n["deleted"] for n in report["nodes"]) >= 2 * 20, report
     with mounted(small, "fill", tmp_path / "mnt3") as m:
         data = os.urandom(4 << 20)

@@ -12,7 +12,8 @@ import blake3
 import pytest
 import trio
 
-from tests.conftest import Cluster, eventually, mounted, node_connection
+from pxfs.cluster.config import MIN_GC_GRACE
+from tests.conftest import Cluster, age_chunks, eventually, mounted, node_connection
 from tests.system.manifest import ManifestWriter, verify_through_mount
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root and FUSE")
@@ -159,9 +160,8 @@ def test_gc_returns_space_and_spares_live_data(shared_cluster: Cluster, tmp_path
                 h = blake3.blake3(doomed[i:i + MiB]).hexdigest()
                 for f in c.dir.glob(f"nodes/*/pool/chunks/{h[:2]}/{h}"):
                     os.utime(f, (old, old))
-            # Grace 0 is only safe with no write in flight; the writer is running, so use a few
-            # seconds: its chunks put but not yet committed are younger than that.
-            report = c.json("gc", "--grace", "5")
+            # The writer is running: its chunks put but not yet committed are younger than the grace.
+            report = c.json("gc", "--grace", f"{MIN_GC_GRACE:g}")
             writer.wait_for(len(writer.entries()) + 3, timeout=120)
         finally:
             writer.stop()
@@ -169,7 +169,7 @@ def test_gc_returns_space_and_spares_live_data(shared_cluster: Cluster, tmp_path
         assert verify_through_mount(m.path / "live", writer.entries()) == []
     freed = sum(n.get("bytes_freed", 0) for n in report["nodes"])
     assert freed >= 2 * 6 * MiB - 4096, report  # both replicas gave the deleted file's space back
-    dry = c.json("gc", "--dry-run", "--grace", "0")
+    dry = c.json("gc", "--dry-run", "--grace", f"{MIN_GC_GRACE:g}")
     assert all(n.get("deleted", 0) == 0 for n in dry["nodes"]), dry  # nothing left to collect
 
 
@@ -187,14 +187,15 @@ def test_gc_killed_midway_then_rerun(shared_cluster: Cluster, tmp_path: Path) ->
         write(m.path / "keep", keep)
         for i in range(40):
             (m.path / f"f{i}").unlink()
+    age_chunks(c)  # as an hour of waiting would: no write is in flight
     env = dict(os.environ, PXFS_CLUSTER=str(c.dir))
-    proc = subprocess.Popen([sys.executable, "-m", "pxfs", "gc", "--grace", "0"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pxfs", "gc", "--grace", f"{MIN_GC_GRACE:g}"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.send_signal(signal.SIGKILL)  # the CLI dies; nodes finish or abandon their rounds safely
     proc.wait()
-    report = c.json("gc", "--grace", "0")
+    report = c.json("gc", "--grace", f"{MIN_GC_GRACE:g}")
     assert all("error" not in n for n in report["nodes"]), report
-    again = c.json("gc", "--grace", "0")
+    again = c.json("gc", "--grace", f"{MIN_GC_GRACE:g}")
     assert sum(n["deleted"] for n in again["nodes"]) == 0
     with mounted(c, "gck", tmp_path / "m2") as m:
         assert (m.path / "keep").read_bytes() == keep

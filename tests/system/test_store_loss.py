@@ -15,8 +15,8 @@ import pytest
 import trio
 
 from pxfs.cluster import records
-from pxfs.cluster.config import load_config
-from tests.conftest import Cluster, eventually, mounted, node_connection
+from pxfs.cluster.config import MIN_GC_GRACE, load_config
+from tests.conftest import Cluster, age_chunks, eventually, mounted, node_connection
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and FUSE")
 
@@ -92,8 +92,10 @@ def store_put(c: Cluster, key: str, value: bytes | None) -> None:
 
 
 def gc_errors(c: Cluster) -> dict[str, str]:
-    """Run ``pxfs gc --grace 0`` (every unreferenced chunk would go); node -> its error ("" when it ran)."""
-    proc = c.cli("gc", "--grace", "0", "--json", check=False)
+    """Run ``pxfs gc`` with every chunk aged past the grace (every unreferenced chunk would go); node ->
+    its error ("" when it ran). No write is in flight when the tests call it."""
+    age_chunks(c)
+    proc = c.cli("gc", "--grace", f"{MIN_GC_GRACE:g}", "--json", check=False)
     reports = json.loads(proc.stdout)["nodes"]
     errors = {r["node"]: r.get("error", "") for r in reports}
     assert (proc.returncode == 1) == any(errors.values()), proc.stdout

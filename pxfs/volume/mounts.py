@@ -1,0 +1,88 @@
+"""A coordinator's view of a volume's mounts: who is registered, who may still hold orphans or retry.
+
+Mounts register as ``mounts/<volume>/<mount id>`` in the control store (renewed by their keepalive
+at the coordinator, deleted when they detach). A new coordinator reads those registrations to know
+whom a deferred orphan purge waits for (``pxfs.meta.handles.PendingPurge``); later rounds forget
+the handles and op records of mounts that have been silent far longer than any retry can take.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+from pxfs.cluster import records
+from pxfs.cluster.admin import MOUNT_TTL
+from pxfs.cluster.store import ControlStore
+from pxfs.errors import Corrupt
+from pxfs.meta.fs import Meta
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# A mount retries a call for 60 s (pxfs.cluster.volume_session.FAILOVER_TIMEOUT) after its
+# coordinator went silent; one whose registration is ten times older has given up every retry.
+FORGET_AFTER = 600.0
+
+
+
+class Call(Protocol):
+    """The coordinator's call path for one volume: run a Meta operation, acknowledged like any other."""
+
+    def __call__(self, fn: Callable[[Meta], T], /) -> Awaitable[T]: ...
+
+
+def mount_prefix(volume: str) -> str:
+    return f"mounts/{volume}/"
+
+
+async def registered(store: ControlStore, volume: str) -> dict[str, float]:
+    """mount id -> time (``time.time``) its registration was last renewed; bad records are skipped."""
+    prefix = mount_prefix(volume)
+    out: dict[str, float] = {}
+    for key, raw in await store.range(prefix):
+        try:
+            ts = records.decode_json(key, raw).get("ts", 0)
+        except Corrupt as err:
+            records.skip_bad(key, err)
+            continue
+        if isinstance(ts, int | float):
+            out[key.removeprefix(prefix)] = float(ts)
+    return out
+
+
+def defer_purge(meta: Meta) -> None:
+    """At activation: orphans wait for the mounts (read by ``tend``), instead of being freed at once."""
+    meta.defer_orphan_purge(None, MOUNT_TTL, time.time)
+
+
+async def tend(meta: Meta, call: Call, store: ControlStore, volume: str) -> int:
+    """One supervision round: feed a deferred purge the registrations, and run it once due.
+    Returns the orphans freed.
+
+    ``call`` runs a Meta operation through the coordinator's call path, so that what it writes is
+    acknowledged by the in-sync replicas like any other batch.
+    """
+    pending = meta.purge_pending()
+    if pending is None:
+        return 0
+    if pending is False:
+        meta.mounts_registered(await registered(store, volume))
+    freed = await call(lambda m: m.purge_due())
+    if freed:
+        log.info("volume=%s freed %d orphan inode(s) no mount reopened after the coordinator changed", volume, freed)
+    return freed
+
+
+async def forget_silent(meta: Meta, call: Call, store: ControlStore, volume: str, now: float | None = None) -> int:
+    """Forget mounts whose registration is gone or older than FORGET_AFTER: their open handles (an
+    orphan they held is freed) and op records. Returns how many mounts were forgotten."""
+    now = time.time() if now is None else now
+    live = [m for m, ts in (await registered(store, volume)).items() if now - ts < FORGET_AFTER]
+    silent = [m for m in meta.handles.mounts() if m not in live]
+    for mount in silent:
+        log.info("volume=%s forgets the handles of mount=%s, silent for over %gs", volume, mount, FORGET_AFTER)
+        await call(lambda m, mount=mount: m.forget_mount(mount))
+    return len(silent) + await call(lambda m: m.forget_stale_mounts(live))
