@@ -25,7 +25,6 @@ from pxfs.cluster import records
 from pxfs.cluster.admin import VOLUME_NAME, check_volume_name
 from pxfs.cluster.repair import ChunkRepair
 from pxfs.cluster.store import ControlStore
-from pxfs.durable import replace_file
 from pxfs.errors import Conflict, Invalid, NotFound, PxfsError, Unavailable
 from pxfs.meta import keys, snapshots
 from pxfs.meta.fs import Meta, Op
@@ -123,8 +122,9 @@ class HostedVolume:
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            # The fencing token a replica refuses older coordinators by: it must survive a crash.
-            replace_file(self.path / "epoch", str(epoch).encode())
+            tmp = self.path / "epoch.tmp"
+            tmp.write_text(str(epoch))
+            tmp.replace(self.path / "epoch")
             self.epoch = epoch
 
     def demote(self) -> None:
