@@ -151,7 +151,7 @@ class InSync:
             raise Invalid(f'volume "{self.volume}"', f"commit names chunk {lost[0].hex()[:16]} that no replica stores")
         failed: set[str] = set()
         for node, todo in lacking.items():
-            if todo and not await self._copy(node, todo, holders):
+            if todo and not await self.copy_to(node, todo, holders):
                 failed.add(node)
         if self.node_id in failed:
             raise Unavailable(f'volume "{self.volume}"', f"coordinator {self.node_id} could not store the chunks "
@@ -161,7 +161,7 @@ class InSync:
                               f"commit and only {len(self.members) - len(failed)} in-sync replica(s) would remain "
                               f"(min-replicas {self.min_replicas})")
 
-    async def _copy(self, node: str, todo: list[bytes], holders: dict[bytes, list[str]]) -> bool:
+    async def copy_to(self, node: str, todo: list[bytes], holders: dict[bytes, list[str]]) -> bool:
         with trio.move_on_after(CHUNK_CHECK_TIMEOUT):
             try:
                 dest = await self._peers.chunks(node)

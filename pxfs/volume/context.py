@@ -1,0 +1,114 @@
+"""What every role of a node's ``VolumeHost`` shares: the copies on disk and the records they follow."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import blake3
+import trio
+
+from pxfs.cluster import records
+from pxfs.cluster.admin import VOLUME_NAME, check_volume_name
+from pxfs.cluster.store import ControlStore
+from pxfs.errors import Conflict, NotFound
+from pxfs.model import VolumeInfo
+from pxfs.volume.replica import HostedVolume
+
+log = logging.getLogger(__name__)
+
+WARN_EVERY = 60.0
+
+
+class HostContext:
+    """The node's hosted volumes by name, the control store and the peers; the roles build on it."""
+
+    def __init__(self, node_id: str, state_dir: Path, store: ControlStore, peers: Any,
+                 repair_rate: float = 200e6) -> None:
+        self.node_id = node_id
+        self._dir = state_dir / "volumes"
+        self._store = store
+        self._peers = peers  # pxfs.cluster.peers.Peers: logged-in connections to other nodes
+        self._repair_rate = repair_rate
+        self._state = state_dir
+        self._volumes: dict[str, HostedVolume] = {}
+        self._nursery: trio.Nursery | None = None
+        self.guard: Any = None  # pxfs.cluster.guard.StoreGuard, set by the node: no round on a refused store
+        self._warned: dict[str, float] = {}
+
+    def close(self) -> None:
+        for hv in self._volumes.values():
+            hv.close()
+        self._volumes.clear()
+
+    async def _spec(self, name: str) -> VolumeInfo:
+        key = records.volume_key(name)
+        raw = await self._store.get(key)
+        if raw is None:
+            raise NotFound(f'volume "{name}"', "no such volume")
+        return records.decode_volume(key, raw)
+
+    def held(self) -> dict[str, str]:
+        """Every volume with a copy on this node's disk -> the uid of that copy ("" when unknown)."""
+        out: dict[str, str] = {}
+        for d in sorted(self._dir.iterdir()) if self._dir.exists() else []:
+            if not d.is_dir() or not VOLUME_NAME.match(d.name):
+                continue
+            hv = self._volumes.get(d.name)
+            local = hv.local if hv is not None else records.read_local_spec(d)
+            out[d.name] = local.uid if local is not None else ""
+        return out
+
+    def holds_data(self) -> bool:
+        return bool(self.held())
+
+    def _warn(self, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(key, -WARN_EVERY) >= WARN_EVERY:
+            self._warned[key] = now
+            log.warning(msg, *args)
+
+    def _claim(self, spec: VolumeInfo) -> HostedVolume:
+        """This node's copy of ``spec``'s volume, keeping its spec.json current; refuses a copy of
+        another volume of the same name (another uid) that no tombstone lets go yet."""
+        hv = self._hosted(spec.name)
+        local = hv.local
+        if local is not None and local.uid != spec.uid:
+            raise Conflict(f'volume "{spec.name}"', f"node {self.node_id} holds a copy with uid {local.uid}, the "
+                           f"record names uid {spec.uid}, and no tombstone names {local.uid}: nothing deleted")
+        if local is None or records.encode_volume(local) != records.encode_volume(spec):
+            records.write_local_spec(hv.path, spec)
+            hv.local = records.decode_volume(records.volume_key(spec.name), records.encode_volume(spec))
+        return hv
+
+    async def local_replicas(self) -> str:
+        """The copies on this disk with the record each last saw (``VolumeService.localReplicas``)."""
+        out = []
+        for name, uid in self.held().items():
+            if not uid:
+                log.warning("node=%s volume=%s: copy without spec.json, its uid is unknown: not reported",
+                            self.node_id, name)
+                continue
+            hv = self._hosted(name)
+            assert hv.local is not None
+            last = hv.kv.log_entry(hv.kv.seq) if hv.kv.seq else None
+            out.append(records.LocalReplica(node=self.node_id, spec=hv.local, seq=hv.kv.seq, epoch=hv.epoch,
+                                            last_hash=blake3.blake3(last).hexdigest() if last is not None else ""))
+        return records.encode_local_replicas(records.read_generation(self._state), out)
+
+    def _hosted(self, name: str) -> HostedVolume:
+        hv = self._volumes.get(name)
+        if hv is None:
+            check_volume_name(name)  # it becomes a directory name: never a path
+            hv = HostedVolume(name, self._dir / name)
+            self._volumes[name] = hv
+        return hv
+
+    async def drop(self, name: str) -> None:
+        hv = self._volumes.pop(name, None)
+        if hv is not None:
+            hv.close()
+        shutil.rmtree(self._dir / name, ignore_errors=True)

@@ -1,0 +1,278 @@
+"""The coordinator role: Meta over the volume's keyspace for every mount, acknowledged by the in-sync set.
+
+A mutation returns to the mount only once every in-sync replica holds its batch (``_acknowledge``)
+and, for a commit, every chunk it names (``InSync.ensure_chunks``): acknowledged means durable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from pxfs.cluster import records
+from pxfs.cluster.repair import ChunkRepair
+from pxfs.errors import Conflict, Invalid, NotFound, PxfsError, Unavailable
+from pxfs.meta import keys, snapshots
+from pxfs.meta.fs import Meta, Op
+from pxfs.meta.fsck import fsck
+from pxfs.meta.kv import Batch
+from pxfs.model import Changed, VolumeInfo
+from pxfs.volume import mounts
+from pxfs.volume.context import HostContext
+from pxfs.volume.insync import MIN_REPLICAS_WAIT, Deposed, InSync
+from pxfs.volume.replica import HostedVolume
+from pxfs.volume.replicator import Replicator
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CLONE_DONE = b"cloneDone"
+FRESH_WINDOW = 20.0  # longer than a mount's refresh interval
+
+
+class Coordinator(HostContext):
+    """The volumes this node coordinates (the record names it, with an epoch)."""
+
+    def _activate(self, spec: VolumeInfo) -> HostedVolume:
+        """Become (or stay) the coordinator of ``spec``: Meta open, replicator on the right followers."""
+        name = spec.name
+        if spec.coordinator != self.node_id:
+            raise Conflict(f'volume "{name}"', f"coordinated by node {spec.coordinator}, not {self.node_id}")
+        hv = self._claim(spec)
+        if hv.epoch > spec.epoch:
+            raise Conflict(f'volume "{name}"', f"local epoch {hv.epoch} is newer than the cluster's {spec.epoch}")
+        if hv.epoch != spec.epoch:
+            hv.demote()
+            hv.set_epoch(spec.epoch)
+        hv.spec = spec
+        if hv.meta is None and spec.source and hv.kv.get(keys.counter_key(CLONE_DONE)) is None:
+            self._clone(hv, spec)
+        if hv.meta is None:
+            hv.meta = Meta(hv.kv, spec.size, spec.block_size)
+            # Orphans may still be open in mounts that have not reconnected yet: freed once they have
+            # (or their registrations expired), by mounts.tend() in the supervision rounds.
+            mounts.defer_purge(hv.meta)
+            hv.meta.init_root()
+            hv.repair_wanted = True
+            log.info("node=%s coordinates volume=%s epoch=%d seq=%d", self.node_id, name, spec.epoch, hv.kv.seq)
+        hv.meta.capacity = spec.size
+        if hv.known_replicas and set(spec.replicas) - set(hv.known_replicas):
+            # Mounts learn of a new replica only at their next refresh: until then the coordinator
+            # itself makes sure what they commit reaches it (see commit()).
+            for r in set(spec.replicas) - set(hv.known_replicas):
+                hv.fresh_replicas[r] = time.monotonic() + FRESH_WINDOW
+        if hv.known_replicas:
+            hv.former_replicas |= set(hv.known_replicas) - set(spec.replicas)
+        hv.former_replicas -= set(spec.replicas)
+        hv.known_replicas = list(spec.replicas)
+        followers = [r for r in spec.replicas if r != self.node_id]
+        if hv.insync is None or hv.insync.epoch != spec.epoch:
+            hv.insync = InSync(name, self.node_id, spec, self._store, self._peers)
+        else:
+            hv.insync.refresh(spec)
+        rep = hv.replicator
+        if rep is None or rep.followers != followers or rep.epoch != spec.epoch or rep.deposed:
+            if rep is not None:
+                rep.stop()
+                hv.repair_wanted = True
+            if hv.repair is not None:
+                # A new replica set is complete only once a repair round has checked it.
+                hv.repair.status.converged = False
+            hv.converged_round_started = -1.0
+            assert self._nursery is not None
+            hv.replicator = Replicator(name, hv.kv, spec.epoch, followers, self._peers,
+                                       on_caught_up=lambda _f, hv=hv: setattr(hv, "repair_wanted", True))
+            self._nursery.start_soon(hv.replicator.run)
+        hv.replicator.set_in_sync(hv.insync.followers())
+        hv.insync.on_change = hv.replicator.set_in_sync
+        if hv.repair is None:
+            hv.repair = ChunkRepair(name, self._peers, self._repair_rate)
+        return hv
+
+    def _clone(self, hv: HostedVolume, spec: VolumeInfo) -> None:
+        """Fill a new clone from the source snapshot held on this node (clones share their source's
+        replicas, so every replica has it), then mark it done; a half-made clone starts over."""
+        src_volume, _, snap = spec.source.partition("@")
+        if hv.kv.seq:
+            hv.wipe()
+        source = self._volumes.get(src_volume) or self._hosted(src_volume)
+        try:
+            src_kv = source.snapshot_kv(snap)
+        except NotFound:
+            raise Unavailable(f'volume "{spec.name}"', f"source snapshot {spec.source} is not on node "
+                              f"{self.node_id}") from None
+        n = snapshots.copy_into(hv.kv, src_kv)
+        done = Batch()
+        done.put(keys.counter_key(CLONE_DONE), keys.encode_u64(1))
+        hv.kv.write(done)
+        log.info("volume=%s cloned from %s: %d keys", spec.name, spec.source, n)
+
+    async def open(self, name: str, mount_id: str) -> tuple[Any, VolumeInfo]:
+        """Called when a mount opens a volume (or ``VOLUME@SNAPSHOT``) here: this node must coordinate it."""
+        volume, _, snap = name.partition("@")
+        spec = await self._spec(volume)
+        if snap:
+            hv = self._activate(spec)
+            hv.snapshot_kv(snap)
+            hs = hv.snapshots[snap]
+            if hs.meta is None:
+                hs.meta = Meta(hs.kv, spec.size, spec.block_size)
+            return hs, spec
+        name = volume
+        if self.node_id not in spec.replicas:
+            raise Conflict(f'volume "{name}"', f"node {self.node_id} is not one of its replicas")
+        hv = self._activate(spec)
+        await self.keepalive(hv, mount_id, force=True)
+        return hv, spec
+
+    async def call(self, hv: HostedVolume, fn: Callable[[Meta], T], changed: Changed | None = None) -> T:
+        """Run one Meta operation; if it wrote a batch, return only once the live followers hold it.
+
+        ``changed`` receives the inodes and entries the operation wrote, for the other mounts' caches.
+        """
+        if hv.meta is None:
+            raise Unavailable(f'volume "{hv.name}"', f"no longer coordinated by node {self.node_id}; reopen")
+        before, meta = hv.kv.seq, hv.meta
+        replays = meta.replays
+        hv.changed_keys = [] if changed is not None else None
+        try:
+            result = fn(meta)  # synchronous: no other operation's batch can land in changed_keys
+        finally:
+            written, hv.changed_keys = hv.changed_keys, None
+        if changed is not None and written:
+            inodes, entries = keys.touched(written)
+            changed.inodes |= inodes
+            changed.entries |= entries
+        # An answer from an op record (a retry) is owed the same guarantee as the first run: the
+        # batch that holds it may so far be on this replica only, so wait for the in-sync set too.
+        if hv.kv.seq != before or meta.replays != replays:
+            await self._acknowledge(hv, hv.kv.seq)
+        return result
+
+    async def _acknowledge(self, hv: Any, seq: int) -> None:
+        """Return once every in-sync replica holds batch ``seq``, taking the slow ones out of the set
+        first; fail (EIO) after MIN_REPLICAS_WAIT when that would leave fewer than min_replicas."""
+        rep, insync = hv.replicator, getattr(hv, "insync", None)
+        if rep is None or insync is None:
+            return  # a snapshot view writes nothing
+        deadline = trio.current_time() + MIN_REPLICAS_WAIT
+        while True:
+            slow = await rep.wait_acked(seq)
+            if rep.deposed:
+                hv.demote()
+                raise Unavailable(f'volume "{hv.name}"', "this coordinator was deposed by a newer epoch; reopen")
+            if not slow:
+                return
+            try:
+                if await insync.shrink(slow, f"did not acknowledge batch {seq}"):
+                    return
+            except Deposed:
+                hv.demote()
+                raise
+            if trio.current_time() > deadline:
+                raise Unavailable(f'volume "{hv.name}"', f"batch {seq} not acknowledged: replica(s) "
+                                  f"{','.join(sorted(slow))} do not answer and fewer than min-replicas "
+                                  f"{insync.min_replicas} would stay in sync (waited {MIN_REPLICAS_WAIT:g}s)")
+
+    async def fsck(self, hv: HostedVolume, repair: bool) -> str:
+        """Run fsck on the coordinator's keyspace; a repair batch ships to followers like any other.
+
+        It runs on the trio thread on purpose: no metadata operation may interleave with the scan
+        that the repair batch is computed from.
+        """
+        def run(meta: Meta) -> str:
+            report = fsck(hv.kv, block_size=meta.block_size, repair=repair, is_open=meta._is_open)
+            return json.dumps(report.to_json())
+
+        return await self.call(hv, run)
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def _volume_only(self, hv: Any) -> HostedVolume:
+        if not isinstance(hv, HostedVolume):
+            raise Invalid(f'snapshot "{hv.name}"', "is read-only; name the volume itself")
+        return hv
+
+    async def snapshot_create(self, hv: Any, name: str) -> None:
+        hv = self._volume_only(hv)
+        await self.call(hv, lambda m: snapshots.create(m.kv, hv.name, name, time.time_ns()))
+        hv.space_due = 0.0
+
+    async def snapshot_delete(self, hv: Any, name: str) -> None:
+        hv = self._volume_only(hv)
+        source = f"{hv.name}@{name}"
+        for v in records.volumes(await self._store.range(records.VOLUME_PREFIX)):
+            if v.source == source and not v.clone_done:
+                # The clone's coordinator copies the snapshot in when it first activates it; until
+                # then the snapshot is the clone's only content.
+                raise Invalid(f'snapshot "{source}"', f'clone "{v.name}" has not copied it in yet; '
+                              "retry in a moment")
+        await self.call(hv, lambda m: snapshots.delete(m.kv, hv.name, name))
+        hv.space_due = 0.0
+
+    async def snapshot_list(self, hv: Any) -> list[tuple[str, int]]:
+        return snapshots.listing(self._volume_only(hv).kv)
+
+    async def restore(self, hv: Any, name: str) -> None:
+        hv = self._volume_only(hv)
+        snap_kv = hv.snapshot_kv(name)
+        ops = await self.call(hv, lambda m: snapshots.restore(m.kv, snap_kv))
+        log.warning("volume=%s restored to snapshot %s (%d keys changed)", hv.name, name, ops)
+        hv.space_due = 0.0
+
+    async def detach(self, hv: HostedVolume, mount_id: str) -> None:
+        hv.mounts.pop(mount_id, None)
+        await self._store.delete(f"mounts/{hv.name}/{mount_id}")
+
+    async def commit(self, hv: Any, ino: int, blocks: dict[int, tuple[bytes, int]], size: int,
+                     mtime_ns: int | None, changed: Changed | None = None, held: set[str] | None = None,
+                     op: Op | None = None) -> Any:
+        insync = getattr(hv, "insync", None)
+        hashes = [h for h, n in blocks.values() if n]  # length 0 punches a hole: no chunk
+        if insync is not None and hashes and hv.meta is not None:
+            hv.meta.commit_blocks(ino, blocks, size, mtime_ns, dry_run=True, op=op)  # a bad commit costs no copies
+            # Before the block map names the chunks: every in-sync replica holds them, or leaves the set.
+            try:
+                await insync.ensure_chunks(hashes, held or set())
+            except Deposed:
+                hv.demote()
+                raise
+        attr = await self.call(hv, lambda m: m.commit_blocks(ino, blocks, size, mtime_ns, op=op), changed)
+        now = time.monotonic()
+        fresh = [r for r, until in getattr(hv, "fresh_replicas", {}).items() if until > now]
+        if fresh and blocks:
+            await self._complete_on(hv, fresh, [h for h, _n in blocks.values()])
+        return attr
+
+    async def _complete_on(self, hv: HostedVolume, nodes: list[str], hashes: list[bytes]) -> None:
+        """Copy any of ``hashes`` that ``nodes`` lack from another replica (best effort: repair follows)."""
+        assert hv.spec is not None and hv.insync is not None
+        for node in nodes:
+            try:
+                have = await (await self._peers.chunks(node)).has_many(hashes)
+            except PxfsError as err:
+                log.info("volume=%s new replica %s not completed inline: %s", hv.name, node, err)
+                continue
+            todo = [h for h, ok in zip(hashes, have, strict=True) if not ok]
+            sources = [r for r in hv.spec.replicas if r != node]
+            if todo:
+                await hv.insync.copy_to(node, todo, dict.fromkeys(todo, sources))
+
+    async def keepalive(self, hv: HostedVolume, mount_id: str, force: bool = False) -> None:
+        if mount_id.startswith("tool:"):
+            return  # scrub, fsck and test verifiers are sessions, not mounts
+        now = time.time()
+        if force or now - hv.mounts.get(mount_id, 0) > 3:
+            hv.mounts[mount_id] = now
+            await self._store.put(f"mounts/{hv.name}/{mount_id}", json.dumps({"ts": now,
+                                                                              "node": self.node_id}).encode())
+
+    async def request_repair(self, name: str) -> None:
+        spec = await self._spec(name)
+        hv = self._activate(spec)
+        hv.repair_wanted = True

@@ -1,0 +1,91 @@
+"""The follower role: apply the coordinator's batches in order, fenced by the token the store issued."""
+
+from __future__ import annotations
+
+import logging
+
+import blake3
+
+from pxfs.cluster.admin import check_volume_name
+from pxfs.errors import Conflict, NotFound
+from pxfs.volume.context import HostContext
+from pxfs.volume.replica import HostedVolume
+
+log = logging.getLogger(__name__)
+
+
+class Follower(HostContext):
+    """The volumes this node replicates for another node's coordinator."""
+
+    async def _follower(self, name: str, epoch: int, peer: str) -> HostedVolume:
+        """The replication calls come only from the volume's current coordinator, at its epoch.
+
+        A stale or misdirected peer (a deposed coordinator, a node that lost track) must neither
+        write into a replica nor bump its epoch: the control store says who may. Every batch is
+        checked against the fencing token this replica holds, (coordinator, epoch) as the store last
+        issued it (refreshed by every supervision round); a token it does not hold is looked up in
+        the store, never taken from the sender. A coordinator deposed since the last refresh cannot
+        get a write acknowledged through this: it would first have to take the new coordinator (an
+        in-sync replica that refuses its epoch) out of the in-sync set, and its compare-and-swap on
+        the record fails.
+        """
+        check_volume_name(name)
+        hv = self._volumes.get(name)
+        if hv is not None and hv.token == (peer, epoch) and peer != self.node_id:
+            return hv
+        spec = await self._spec(name)
+        if self.node_id not in spec.replicas:
+            raise NotFound(f'volume "{name}"', f"node {self.node_id} is not one of its replicas")
+        hv = self._claim(spec)
+        hv.token = (spec.coordinator, spec.epoch)
+        if peer != spec.coordinator or epoch != spec.epoch:
+            raise Conflict(f'volume "{name}"', f"replication from {peer or '?'} at epoch {epoch} refused: the "
+                           f"coordinator is {spec.coordinator} at epoch {spec.epoch}")
+        if spec.coordinator == self.node_id:
+            raise Conflict(f'volume "{name}"', f"node {self.node_id} coordinates it and takes no batches")
+        return hv
+
+    async def apply(self, name: str, epoch: int, seq: int, batch: bytes, peer: str) -> int:
+        """Apply batch ``seq`` from the coordinator of ``epoch``; returns this replica's seq after it."""
+        return await self.apply_many(name, epoch, seq, [batch], peer)
+
+    async def apply_many(self, name: str, epoch: int, first: int, batches: list[bytes], peer: str) -> int:
+        """Apply batches ``first``, ``first + 1``, ... in order (a catching-up follower gets many at once)."""
+        hv = await self._follower(name, epoch, peer)
+        async with hv.lock:
+            if epoch < hv.epoch:
+                raise Conflict(f'volume "{name}"', f"batch from epoch {epoch} refused: this replica is at "
+                               f"epoch {hv.epoch}")
+            if epoch > hv.epoch:
+                if hv.meta is not None:
+                    log.info("node=%s deposed as coordinator of volume=%s by epoch %d", self.node_id, name, epoch)
+                hv.demote()
+                hv.set_epoch(epoch)
+            for seq, batch in enumerate(batches, first):
+                if seq == hv.kv.seq + 1:
+                    hv.kv.apply(seq, batch)
+                elif seq <= hv.kv.seq:
+                    ours = hv.kv.log_entry(seq)
+                    if ours is not None and ours != batch:
+                        raise Conflict(f'volume "{name}"', f"batch {seq} differs from the one this replica holds")
+                else:
+                    break  # a gap: the coordinator resends from our seq
+            return hv.kv.seq
+
+    async def last_seq(self, name: str) -> tuple[int, int, bytes]:
+        check_volume_name(name)
+        spec = await self._spec(name)
+        if self.node_id not in spec.replicas:
+            raise NotFound(f'volume "{name}"', f"node {self.node_id} is not one of its replicas")
+        hv = self._claim(spec)
+        last = hv.kv.log_entry(hv.kv.seq) if hv.kv.seq else None
+        return hv.kv.seq, hv.epoch, blake3.blake3(last).digest() if last is not None else b""
+
+    async def reset(self, name: str, epoch: int, peer: str) -> None:
+        hv = await self._follower(name, epoch, peer)
+        async with hv.lock:
+            if epoch < hv.epoch:
+                raise Conflict(f'volume "{name}"', f"reset from epoch {epoch} refused (at {hv.epoch})")
+            log.warning("node=%s volume=%s: copy diverged from the coordinator's, starting over", self.node_id, name)
+            hv.wipe()
+            hv.set_epoch(epoch)

@@ -1,0 +1,153 @@
+"""One volume's copy on this node: its RocksDB keyspace, epoch, snapshots, and the role state.
+
+``HostedVolume`` is what every role of ``VolumeHost`` works on: the coordinator's Meta, replicator
+and in-sync set, the follower's fencing token, and the repair and space bookkeeping of the
+supervision rounds. ``HostedSnapshot`` is a read-only view of one snapshot, served to mounts.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from pxfs.cluster import records
+from pxfs.cluster.repair import ChunkRepair
+from pxfs.errors import NotFound
+from pxfs.meta import keys, snapshots
+from pxfs.meta.fs import Meta
+from pxfs.meta.kv import Batch, RocksKV
+from pxfs.model import VolumeInfo
+from pxfs.volume.insync import InSync
+from pxfs.volume.replicator import Replicator
+
+log = logging.getLogger(__name__)
+
+
+class HostedVolume:
+    """One volume's keyspace on this node, and, when this node coordinates it, its Meta."""
+
+    def __init__(self, name: str, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.path = path
+        self.snapshots: dict[str, HostedSnapshot] = {}
+        self.kv = self._open_kv()
+        self.epoch = self._read_epoch()
+        # The record this copy belongs to, as this node last saw it: its uid decides what may delete it.
+        self.local: VolumeInfo | None = records.read_local_spec(path)
+        self.meta: Meta | None = None
+        self.replicator: Replicator | None = None
+        self.insync: InSync | None = None
+        # The fencing token this replica follows: (coordinator, epoch) as the store last said.
+        self.token: tuple[str, int] | None = None
+        self.converged_round_started = -1.0  # when the last repair round that found all complete began
+        self.repair: ChunkRepair | None = None
+        self.repair_wanted = True
+        self.repair_running = False
+        self.last_repair = 0.0
+        self.repair_asked = 0.0
+        self.repair_not_before = 0.0
+        self.space_due = 0.0
+        self.known_replicas: list[str] = []
+        self.former_replicas: set[str] = set()  # repair sources until a round converges without them
+        self.fresh_replicas: dict[str, float] = {}
+        self.space: dict[str, Any] = {}
+        self.snap_due = 0.0
+        self.spec: VolumeInfo | None = None
+        self.mounts: dict[str, float] = {}
+        self.lock = trio.Lock()  # serialises apply() of batches arriving from the coordinator
+        self.changed_keys: list[bytes] | None = None  # keys written by the operation VolumeHost.call runs
+        # mount id -> its Volume server, which holds the mount's Watcher (capnp thread only)
+        self.watchers: dict[str, Any] = {}
+
+    def _open_kv(self) -> RocksKV:
+        kv = RocksKV(str(self.path / "meta"))
+        kv.after_commit = self._after_commit
+        return kv
+
+    def _after_commit(self, seq: int, batch: Batch) -> None:
+        if self.changed_keys is not None:
+            self.changed_keys.extend(k for k, _ in batch.ops)
+        for name, created in snapshots.changed_names(batch):
+            where = self.path / "snapshots" / name
+            self.close_snapshot(name)
+            shutil.rmtree(where, ignore_errors=True)
+            if created:
+                where.parent.mkdir(exist_ok=True)
+                self.kv.checkpoint(str(where))
+                log.info("volume=%s snapshot=%s taken at seq %d", self.name, name, seq)
+
+    def snapshot_kv(self, name: str) -> RocksKV:
+        hs = self.snapshots.get(name)
+        if hs is None:
+            where = self.path / "snapshots" / name
+            if self.kv.get(keys.snapshot_key(name)) is None or not where.exists():
+                raise NotFound(f'snapshot "{self.name}@{name}"', "no such snapshot")
+            hs = self.snapshots[name] = HostedSnapshot(f"{self.name}@{name}", RocksKV(str(where)))
+        return hs.kv
+
+    def close_snapshot(self, name: str) -> None:
+        hs = self.snapshots.pop(name, None)
+        if hs is not None:
+            hs.kv.close()
+
+    def _read_epoch(self) -> int:
+        try:
+            return int((self.path / "epoch").read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            tmp = self.path / "epoch.tmp"
+            tmp.write_text(str(epoch))
+            tmp.replace(self.path / "epoch")
+            self.epoch = epoch
+
+    def demote(self) -> None:
+        self.meta = None
+        self.insync = None
+        if self.replicator is not None:
+            self.replicator.stop()
+            self.replicator = None
+
+    def wipe(self) -> None:
+        """Start this replica's copy over (it diverged); the coordinator resends the whole log.
+
+        The old copy is moved aside, never deleted: it holds only batches no in-sync replica
+        acknowledged, but an operator who promoted a replica with --accept-data-loss may want them.
+        """
+        self.demote()
+        self.kv.close()
+        for name in list(self.snapshots):
+            self.close_snapshot(name)
+        aside = self.path / "diverged"
+        shutil.rmtree(aside, ignore_errors=True)  # only the newest diverged copy is kept
+        aside.mkdir()
+        for part in ("meta", "snapshots"):
+            if (self.path / part).exists():
+                (self.path / part).rename(aside / part)
+        self.kv = self._open_kv()
+
+    def close(self) -> None:
+        self.demote()
+        for name in list(self.snapshots):
+            self.close_snapshot(name)
+        self.kv.close()
+
+
+class HostedSnapshot:
+    """A read-only view of one snapshot, served to mounts of ``VOLUME@NAME`` by the coordinator."""
+
+    def __init__(self, name: str, kv: RocksKV) -> None:
+        self.name = name
+        self.kv = kv
+        self.meta: Meta | None = None
+        self.replicator: Replicator | None = None
+        self.mounts: dict[str, float] = {}
+        self.changed_keys: list[bytes] | None = None
+        self.watchers: dict[str, Any] = {}  # a snapshot never changes: nobody is told anything
