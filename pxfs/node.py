@@ -20,6 +20,7 @@ from pxfs.cluster.manager import Manager, Settings
 from pxfs.cluster.peers import Peers, store_resolver
 from pxfs.cluster.remote_store import RemoteStore
 from pxfs.cluster.store import ControlStore, EmbeddedStore
+from pxfs.durable import replace_file
 from pxfs.errors import PxfsError, Unavailable
 from pxfs.model import NodeInfo, PoolInfo
 from pxfs.rpc.bridge import open_bridge
@@ -94,7 +95,7 @@ def _node_id(state: Path, wanted: str) -> str:
     import secrets
 
     node_id = wanted or f"n-{secrets.token_hex(3)}"
-    path.write_text(node_id + "\n")
+    replace_file(path, (node_id + "\n").encode())  # the node's identity: a crash must not lose it
     return node_id
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import blake3
 
+from pxfs.durable import fsync_dir
 from pxfs.errors import Corrupt, Invalid, NoSpace, NotFound
 
 log = logging.getLogger(__name__)
@@ -72,15 +73,6 @@ def check_chunk(h: bytes, data: bytes | memoryview) -> None:
         raise Invalid(f"chunk {bytes(h).hex()[:16]}", f"hash is {len(h)} bytes, not {HASH_LEN}")
     if blake3.blake3(data).digest() != h:
         raise Invalid(chunk_name(h), "hash mismatch: bytes do not match their BLAKE3 name")
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename or unlink is durable only once the directory holding it is.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Pool:
@@ -167,8 +159,8 @@ class Pool:
         self._corrupt.mkdir(exist_ok=True)
         for i in range(256):
             (self._chunks / f"{i:02x}").mkdir(exist_ok=True)
-        _fsync_dir(self._chunks)
-        _fsync_dir(self._path)
+        fsync_dir(self._chunks)
+        fsync_dir(self._path)
         used = count = leftovers = 0
         for i in range(256):
             fan = self._chunks / f"{i:02x}"
@@ -181,7 +173,7 @@ class Pool:
                         used += entry.stat(follow_symlinks=False).st_size
                         count += 1
             if leftovers:
-                _fsync_dir(fan)
+                fsync_dir(fan)
         with self._cond:
             self._used = used
             self._count = count
@@ -280,7 +272,7 @@ class Pool:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace(f"pool {self._path}", f"disk full writing chunk {final.name[:16]}: {e}") from e
             raise
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def get(self, h: bytes) -> bytes:
         """The chunk's bytes, verified; ``NotFound`` if absent, ``Corrupt`` if they do not hash to ``h``."""
@@ -369,7 +361,7 @@ class Pool:
             with self._cond:
                 self._used -= size
                 self._count -= 1
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def quarantine(self, h: bytes) -> Path | None:
@@ -389,8 +381,8 @@ class Pool:
             with self._cond:
                 self._used -= size
                 self._count -= 1
-        _fsync_dir(self._corrupt)
-        _fsync_dir(path.parent)
+        fsync_dir(self._corrupt)
+        fsync_dir(path.parent)
         log.warning("pool=%s quarantined %s to %s", self._path, chunk_name(h), dest)
         return dest
 

@@ -248,15 +248,15 @@ class ClusterAdmin:
             raise Exists(f'volume "{name}"', "a volume with this name exists")
         removed = await self._removed()
         nodes = [n for n in await self._store.liveness() if n.id not in removed]
-        replicas = placement.place(name, nodes, repl, size, await self._committed(), self._overcommit)
-        # Spread coordinator duty, and keep it off the seed when possible: losing the seed already
-        # freezes the cluster map, it should not also stall the volume's metadata.
+        # Keep the seed out of the replicas and coordinator duty when others can serve: losing it
+        # already freezes the cluster map, it should not also stall the volume. Then spread the duty.
+        seeds = frozenset(n.id for n in nodes if n.seed)
+        replicas = placement.place(name, nodes, repl, size, await self._committed(), self._overcommit, avoid=seeds)
         duty = {r: 0 for r in replicas}
         for v in await self._specs():
             if v.coordinator in duty:
                 duty[v.coordinator] += 1
-        seeds = {n.id for n in nodes if n.seed}
-        coordinator = min(replicas, key=lambda r: (duty[r], r in seeds, replicas.index(r)))
+        coordinator = min(replicas, key=lambda r: (r in seeds, duty[r], replicas.index(r)))
         replicas.remove(coordinator)
         replicas.insert(0, coordinator)
         vol = VolumeInfo(name=name, size=size, repl=repl, block_size=block_size, labels=labels,

@@ -15,6 +15,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pxfs.durable import replace_file
 from pxfs.errors import Exists, Invalid, NotFound
 
 # A mount's commit after its chunk puts may wait out a failover (60 s) and a silent call (10 s);
@@ -67,9 +68,7 @@ def init_cluster(directory: Path, name: str, seed: str) -> ClusterConfig:
 
 
 def save_config(directory: Path, cfg: ClusterConfig) -> None:
-    tmp = directory / "cluster.json.tmp"
-    tmp.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    os.replace(tmp, directory / "cluster.json")
+    replace_file(directory / "cluster.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
 
 
 def load_config(directory: Path) -> ClusterConfig:

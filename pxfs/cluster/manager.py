@@ -132,7 +132,8 @@ class Manager:
             candidates = [n for n in nodes if n.id not in removed]
             try:
                 added = placement.place(spec.name, candidates, need, spec.size, committed,
-                                        exclude=frozenset(spec.replicas), zones_taken=self._zones(nodes, keep))
+                                        exclude=frozenset(spec.replicas), zones_taken=self._zones(nodes, keep),
+                                        avoid=frozenset(n.id for n in nodes if n.seed))
             except PxfsError as err:
                 log.warning("volume=%s cannot place %d new replica(s): %s", spec.name, need, err)
                 if not stale and len(keep) == len(spec.replicas):

@@ -18,14 +18,23 @@ log = logging.getLogger(__name__)
 
 
 def store_resolver(store: ControlStore) -> Callable[[str], Awaitable[str]]:
-    """Node id -> address, from the control store's node records."""
+    """Node id -> address, from the control store's node records; the last address seen when the
+    store cannot be reached, so replication and chunk copies go on while only the map is frozen."""
+    known: dict[str, str] = {}
 
     async def resolve(node_id: str) -> str:
         key = f"nodes/{node_id}"
-        raw = await store.get(key)
+        try:
+            raw = await store.get(key)
+        except Unavailable:
+            if node_id in known:
+                return known[node_id]
+            raise
         if raw is None:
+            known.pop(node_id, None)
             raise NotFound(f"node {node_id}", "not registered in the cluster map")
-        return records.decode_node(key, raw).address
+        known[node_id] = records.decode_node(key, raw).address
+        return known[node_id]
 
     return resolve
 

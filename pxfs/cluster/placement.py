@@ -22,10 +22,12 @@ def node_free(n: NodeInfo) -> int:
 
 def place(volume: str, nodes: list[NodeInfo], repl: int, size: int, committed: dict[str, int],
           overcommit: float = OVERCOMMIT, exclude: frozenset[str] = frozenset(),
-          zones_taken: set[str] | None = None) -> list[str]:
+          zones_taken: set[str] | None = None, avoid: frozenset[str] = frozenset()) -> list[str]:
     """Pick ``repl`` node ids for a volume of ``size`` bytes; raise with the reason when impossible.
 
-    ``committed`` maps node id -> bytes of volume sizes already placed there.
+    ``committed`` maps node id -> bytes of volume sizes already placed there. Nodes in ``avoid`` are
+    taken only when distinct zones or the count need them (the embedded store's seed: a volume
+    without it keeps its whole in-sync set changeable while the seed is down).
     """
     up = [n for n in nodes if n.state == "up" and n.pools and n.id not in exclude]
     if len(up) < repl:
@@ -37,7 +39,7 @@ def place(volume: str, nodes: list[NodeInfo], repl: int, size: int, committed: d
                       f"size {size} exceeds the thin-provisioning limit ({overcommit:g}x pool capacity) on "
                       f"{len(up) - len(fits)} of {len(up)} nodes; need {repl} nodes, the roomiest has "
                       f"{max(0, int(best))} bytes left")
-    fits.sort(key=lambda n: (-node_free(n), n.id))
+    fits.sort(key=lambda n: (n.id in avoid, -node_free(n), n.id))
     chosen: list[NodeInfo] = []
     zones: set[str] = set(zones_taken or ())
     for n in fits:  # first pass: one node per zone

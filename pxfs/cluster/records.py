@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pxfs.durable import replace_file
 from pxfs.errors import Corrupt, Invalid
 from pxfs.model import NodeInfo, PoolInfo, VolumeInfo
 
@@ -223,23 +223,8 @@ SPEC_FILE = "spec.json"
 GENERATION_FILE = "store-generation"
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content, never none."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_local_spec(volume_dir: Path, v: VolumeInfo) -> None:
-    write_durably(volume_dir / SPEC_FILE, encode_volume(v))
+    replace_file(volume_dir / SPEC_FILE, encode_volume(v))
 
 
 def read_local_spec(volume_dir: Path) -> VolumeInfo | None:
@@ -265,7 +250,7 @@ def read_generation(state: Path) -> int:
 
 
 def write_generation(state: Path, generation: int) -> None:
-    write_durably(state / GENERATION_FILE, f"{generation}\n".encode())
+    replace_file(state / GENERATION_FILE, f"{generation}\n".encode())
 
 
 def identity_problem(raw: bytes | None, cluster_id: str, recorded: int, holds_data: bool) -> str:

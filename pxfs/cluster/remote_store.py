@@ -16,6 +16,8 @@ from pxfs.rpc.client import Connection, ControlClient
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+CALL_TIMEOUT = 5.0
+
 
 class RemoteStore:
     def __init__(self, bridge: Bridge, seed: str, secret: bytes, peer: str) -> None:
@@ -32,9 +34,13 @@ class RemoteStore:
             return self._client
 
     async def _call(self, fn: Callable[[ControlClient], Awaitable[T]]) -> T:
-        client = await self._control()
+        # Bounded: a frozen or partitioned seed must fail a call, never hang the node's rounds.
         try:
-            return await fn(client)
+            with trio.fail_after(CALL_TIMEOUT):
+                return await fn(await self._control())
+        except trio.TooSlowError:
+            await self.close()
+            raise Unavailable(f"control store at seed {self._seed}", f"no answer in {CALL_TIMEOUT:g}s") from None
         except Unavailable:
             await self.close()
             raise

@@ -99,6 +99,12 @@ class VolumeSession:
                 errors.append(str(err))
             finally:
                 await conn.close()
+        if self.info is not None:
+            # No node can read the cluster map (the embedded store's seed is down): the coordinator
+            # this mount knows serves from the record it holds, so try it again rather than fail.
+            log.warning("volume=%s: cluster map unreadable (%s); retrying coordinator %s", self.volume,
+                        "; ".join(errors), self.info.coordinator)
+            return self.info
         raise Unavailable(f'volume "{self.volume}"', "no node answers (" + "; ".join(errors) + ")")
 
     async def connect(self) -> None:

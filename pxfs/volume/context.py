@@ -14,7 +14,7 @@ import trio
 from pxfs.cluster import records
 from pxfs.cluster.admin import VOLUME_NAME, check_volume_name
 from pxfs.cluster.store import ControlStore
-from pxfs.errors import Conflict, NotFound
+from pxfs.errors import Conflict, NotFound, Unavailable
 from pxfs.model import VolumeInfo
 from pxfs.volume.replica import HostedVolume
 
@@ -50,6 +50,21 @@ class HostContext:
         if raw is None:
             raise NotFound(f'volume "{name}"', "no such volume")
         return records.decode_volume(key, raw)
+
+    async def _serving_spec(self, name: str) -> VolumeInfo:
+        """The record of a volume a mount asks this node to serve. While the control store cannot be
+        reached, the one this node coordinates by is used: only map changes need the store, and a
+        coordinator deposed meanwhile still gets nothing acknowledged (its followers fence on the
+        newer token, and taking them out of the in-sync set needs the store)."""
+        try:
+            return await self._spec(name)
+        except Unavailable as err:
+            hv = self._volumes.get(name)
+            if hv is None or hv.meta is None or hv.spec is None or hv.spec.coordinator != self.node_id:
+                raise
+            self._warn(f"nostore/{name}", "node=%s volume=%s: control store unreachable (%s); serving from the "
+                       "record held at epoch %d", self.node_id, name, err, hv.spec.epoch)
+            return hv.spec
 
     def held(self) -> dict[str, str]:
         """Every volume with a copy on this node's disk -> the uid of that copy ("" when unknown)."""

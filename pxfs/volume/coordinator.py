@@ -115,7 +115,7 @@ class Coordinator(HostContext):
     async def open(self, name: str, mount_id: str) -> tuple[Any, VolumeInfo]:
         """Called when a mount opens a volume (or ``VOLUME@SNAPSHOT``) here: this node must coordinate it."""
         volume, _, snap = name.partition("@")
-        spec = await self._spec(volume)
+        spec = await self._serving_spec(volume)
         if snap:
             hv = self._activate(spec)
             hv.snapshot_kv(snap)
@@ -227,6 +227,7 @@ class Coordinator(HostContext):
 
     async def detach(self, hv: HostedVolume, mount_id: str) -> None:
         hv.mounts.pop(mount_id, None)
+        hv.heard.pop(mount_id, None)
         await self._store.delete(f"mounts/{hv.name}/{mount_id}")
 
     async def commit(self, hv: Any, ino: int, blocks: dict[int, tuple[bytes, int]], size: int,
@@ -264,13 +265,22 @@ class Coordinator(HostContext):
                 await hv.insync.copy_to(node, todo, dict.fromkeys(todo, sources))
 
     async def keepalive(self, hv: HostedVolume, mount_id: str, force: bool = False) -> None:
+        """Renew the mount's registration (what orphan purges and forgetting wait for), at most every
+        3 s. The coordinator remembers when it heard each mount, so a store that was unreachable
+        for a while cannot make its mounts look silent (see ``mounts.forget_silent``)."""
         if mount_id.startswith("tool:"):
             return  # scrub, fsck and test verifiers are sessions, not mounts
         now = time.time()
+        hv.heard[mount_id] = now
         if force or now - hv.mounts.get(mount_id, 0) > 3:
+            try:
+                await self._store.put(f"mounts/{hv.name}/{mount_id}",
+                                      json.dumps({"ts": now, "node": self.node_id}).encode())
+            except Unavailable as err:
+                self._warn(f"keepalive/{hv.name}", "node=%s volume=%s: mount registrations not renewed: %s",
+                           self.node_id, hv.name, err)
+                return
             hv.mounts[mount_id] = now
-            await self._store.put(f"mounts/{hv.name}/{mount_id}", json.dumps({"ts": now,
-                                                                              "node": self.node_id}).encode())
 
     async def request_repair(self, name: str) -> None:
         spec = await self._spec(name)

@@ -67,7 +67,7 @@ class Health(Coordinator):
         if time.monotonic() >= hv.space_due:
             hv.space_due = time.monotonic() + SPACE_PERIOD
             hv.space = await trio.to_thread.run_sync(self._space, hv)
-            await mounts.forget_silent(meta, call, self._store, hv.name)
+            await mounts.forget_silent(meta, call, self._store, hv.name, heard=hv.heard)
         st = hv.meta.statfs()
         rep = hv.replicator
         detail = {"used": st["used"], "inodes": st["inodes"], "seq": hv.kv.seq, "epoch": hv.epoch,

@@ -76,11 +76,19 @@ async def tend(meta: Meta, call: Call, store: ControlStore, volume: str) -> int:
     return freed
 
 
-async def forget_silent(meta: Meta, call: Call, store: ControlStore, volume: str, now: float | None = None) -> int:
-    """Forget mounts whose registration is gone or older than FORGET_AFTER: their open handles (an
-    orphan they held is freed) and op records. Returns how many mounts were forgotten."""
+async def forget_silent(meta: Meta, call: Call, store: ControlStore, volume: str, now: float | None = None,
+                        heard: dict[str, float] | None = None) -> int:
+    """Forget mounts whose registration is gone or older than FORGET_AFTER, and that this coordinator
+    has not ``heard`` from in that time either: their open handles (an orphan they held is freed)
+    and op records. Returns how many mounts were forgotten."""
     now = time.time() if now is None else now
-    live = [m for m, ts in (await registered(store, volume)).items() if now - ts < FORGET_AFTER]
+    seen = dict(heard or {})
+    for m, ts in (await registered(store, volume)).items():
+        seen[m] = max(ts, seen.get(m, 0.0))
+    live = [m for m, ts in seen.items() if now - ts < FORGET_AFTER]
+    if heard is not None:
+        for m in [m for m, ts in heard.items() if now - ts >= FORGET_AFTER]:
+            del heard[m]
     silent = [m for m in meta.handles.mounts() if m not in live]
     for mount in silent:
         log.info("volume=%s forgets the handles of mount=%s, silent for over %gs", volume, mount, FORGET_AFTER)

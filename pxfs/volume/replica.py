@@ -16,6 +16,7 @@ import trio
 
 from pxfs.cluster import records
 from pxfs.cluster.repair import ChunkRepair
+from pxfs.durable import replace_file
 from pxfs.errors import NotFound
 from pxfs.meta import keys, snapshots
 from pxfs.meta.fs import Meta
@@ -58,7 +59,8 @@ class HostedVolume:
         self.space: dict[str, Any] = {}
         self.snap_due = 0.0
         self.spec: VolumeInfo | None = None
-        self.mounts: dict[str, float] = {}
+        self.mounts: dict[str, float] = {}  # mount id -> when its registration was last written
+        self.heard: dict[str, float] = {}  # mount id -> when it last called (time.time)
         self.lock = trio.Lock()  # serialises apply() of batches arriving from the coordinator
         self.changed_keys: list[bytes] | None = None  # keys written by the operation VolumeHost.call runs
         # mount id -> its Volume server, which holds the mount's Watcher (capnp thread only)
@@ -103,9 +105,8 @@ class HostedVolume:
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            tmp = self.path / "epoch.tmp"
-            tmp.write_text(str(epoch))
-            tmp.replace(self.path / "epoch")
+            # The fencing token a replica refuses older coordinators by: it must survive a crash.
+            replace_file(self.path / "epoch", str(epoch).encode())
             self.epoch = epoch
 
     def demote(self) -> None:
@@ -149,5 +150,6 @@ class HostedSnapshot:
         self.meta: Meta | None = None
         self.replicator: Replicator | None = None
         self.mounts: dict[str, float] = {}
+        self.heard: dict[str, float] = {}
         self.changed_keys: list[bytes] | None = None
         self.watchers: dict[str, Any] = {}  # a snapshot never changes: nobody is told anything
