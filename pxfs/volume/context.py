@@ -13,6 +13,8 @@ import trio
 
 from pxfs.cluster import records
 from pxfs.cluster.admin import VOLUME_NAME, check_volume_name
+from pxfs.cluster.guard import StoreGuard
+from pxfs.cluster.peers import Peers
 from pxfs.cluster.store import ControlStore
 from pxfs.errors import Conflict, NotFound, Unavailable
 from pxfs.model import VolumeInfo
@@ -26,7 +28,7 @@ WARN_EVERY = 60.0
 class HostContext:
     """The node's hosted volumes by name, the control store and the peers; the roles build on it."""
 
-    def __init__(self, node_id: str, state_dir: Path, store: ControlStore, peers: Any,
+    def __init__(self, node_id: str, state_dir: Path, store: ControlStore, peers: Peers,
                  repair_rate: float = 200e6) -> None:
         self.node_id = node_id
         self._dir = state_dir / "volumes"
@@ -36,7 +38,7 @@ class HostContext:
         self._state = state_dir
         self._volumes: dict[str, HostedVolume] = {}
         self._nursery: trio.Nursery | None = None
-        self.guard: Any = None  # pxfs.cluster.guard.StoreGuard, set by the node: no round on a refused store
+        self.guard: StoreGuard | None = None  # set by the node: no round on a refused store
         self._warned: dict[str, float] = {}
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 
@@ -21,11 +21,11 @@ from pxfs.meta import keys, snapshots
 from pxfs.meta.fs import Meta, Op
 from pxfs.meta.fsck import fsck
 from pxfs.meta.kv import Batch
-from pxfs.model import Changed, VolumeInfo
+from pxfs.model import Attr, Changed, VolumeInfo
 from pxfs.volume import mounts
 from pxfs.volume.context import HostContext
 from pxfs.volume.insync import MIN_REPLICAS_WAIT, Deposed, InSync
-from pxfs.volume.replica import HostedVolume
+from pxfs.volume.replica import HostedVolume, Served
 from pxfs.volume.replicator import Replicator
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class Coordinator(HostContext):
         hv.kv.write(done)
         log.info("volume=%s cloned from %s: %d keys", spec.name, spec.source, n)
 
-    async def open(self, name: str, mount_id: str) -> tuple[Any, VolumeInfo]:
+    async def open(self, name: str, mount_id: str) -> tuple[Served, VolumeInfo]:
         """Called when a mount opens a volume (or ``VOLUME@SNAPSHOT``) here: this node must coordinate it."""
         volume, _, snap = name.partition("@")
         spec = await self._serving_spec(volume)
@@ -130,7 +130,7 @@ class Coordinator(HostContext):
         await self.keepalive(hv, mount_id, force=True)
         return hv, spec
 
-    async def call(self, hv: HostedVolume, fn: Callable[[Meta], T], changed: Changed | None = None) -> T:
+    async def call(self, hv: Served, fn: Callable[[Meta], T], changed: Changed | None = None) -> T:
         """Run one Meta operation; if it wrote a batch, return only once the live followers hold it.
 
         ``changed`` receives the inodes and entries the operation wrote, for the other mounts' caches.
@@ -154,10 +154,10 @@ class Coordinator(HostContext):
             await self._acknowledge(hv, hv.kv.seq)
         return result
 
-    async def _acknowledge(self, hv: Any, seq: int) -> None:
+    async def _acknowledge(self, hv: Served, seq: int) -> None:
         """Return once every in-sync replica holds batch ``seq``, taking the slow ones out of the set
         first; fail (EIO) after MIN_REPLICAS_WAIT when that would leave fewer than min_replicas."""
-        rep, insync = hv.replicator, getattr(hv, "insync", None)
+        rep, insync = hv.replicator, hv.insync
         if rep is None or insync is None:
             return  # a snapshot view writes nothing
         deadline = trio.current_time() + MIN_REPLICAS_WAIT
@@ -193,17 +193,17 @@ class Coordinator(HostContext):
 
     # -- snapshots -------------------------------------------------------------------------------
 
-    def _volume_only(self, hv: Any) -> HostedVolume:
+    def _volume_only(self, hv: Served) -> HostedVolume:
         if not isinstance(hv, HostedVolume):
             raise Invalid(f'snapshot "{hv.name}"', "is read-only; name the volume itself")
         return hv
 
-    async def snapshot_create(self, hv: Any, name: str) -> None:
+    async def snapshot_create(self, hv: Served, name: str) -> None:
         hv = self._volume_only(hv)
         await self.call(hv, lambda m: snapshots.create(m.kv, hv.name, name, time.time_ns()))
         hv.space_due = 0.0
 
-    async def snapshot_delete(self, hv: Any, name: str) -> None:
+    async def snapshot_delete(self, hv: Served, name: str) -> None:
         hv = self._volume_only(hv)
         source = f"{hv.name}@{name}"
         for v in records.volumes(await self._store.range(records.VOLUME_PREFIX)):
@@ -215,10 +215,10 @@ class Coordinator(HostContext):
         await self.call(hv, lambda m: snapshots.delete(m.kv, hv.name, name))
         hv.space_due = 0.0
 
-    async def snapshot_list(self, hv: Any) -> list[tuple[str, int]]:
+    async def snapshot_list(self, hv: Served) -> list[tuple[str, int]]:
         return snapshots.listing(self._volume_only(hv).kv)
 
-    async def restore(self, hv: Any, name: str) -> None:
+    async def restore(self, hv: Served, name: str) -> None:
         hv = self._volume_only(hv)
         snap_kv = hv.snapshot_kv(name)
         ops = await self.call(hv, lambda m: snapshots.restore(m.kv, snap_kv))
@@ -230,10 +230,10 @@ class Coordinator(HostContext):
         hv.heard.pop(mount_id, None)
         await self._store.delete(f"mounts/{hv.name}/{mount_id}")
 
-    async def commit(self, hv: Any, ino: int, blocks: dict[int, tuple[bytes, int]], size: int,
+    async def commit(self, hv: Served, ino: int, blocks: dict[int, tuple[bytes, int]], size: int,
                      mtime_ns: int | None, changed: Changed | None = None, held: set[str] | None = None,
-                     op: Op | None = None) -> Any:
-        insync = getattr(hv, "insync", None)
+                     op: Op | None = None) -> Attr:
+        insync = hv.insync
         hashes = [h for h, n in blocks.values() if n]  # length 0 punches a hole: no chunk
         if insync is not None and hashes and hv.meta is not None:
             hv.meta.commit_blocks(ino, blocks, size, mtime_ns, dry_run=True, op=op)  # a bad commit costs no copies
@@ -245,7 +245,7 @@ class Coordinator(HostContext):
                 raise
         attr = await self.call(hv, lambda m: m.commit_blocks(ino, blocks, size, mtime_ns, op=op), changed)
         now = time.monotonic()
-        fresh = [r for r, until in getattr(hv, "fresh_replicas", {}).items() if until > now]
+        fresh = [r for r, until in hv.fresh_replicas.items() if until > now]
         if fresh and blocks:
             await self._complete_on(hv, fresh, [h for h, _n in blocks.values()])
         return attr

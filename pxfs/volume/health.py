@@ -18,7 +18,7 @@ from pxfs.model import VolumeInfo
 from pxfs.volume import mounts
 from pxfs.volume.coordinator import CLONE_DONE, Coordinator
 from pxfs.volume.insync import REJOIN_LAG, Deposed
-from pxfs.volume.replica import HostedVolume
+from pxfs.volume.replica import HostedVolume, Served
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -121,7 +121,7 @@ class Health(Coordinator):
                                      if h not in live),
                 "dedup_ratio": round(logical / unique, 3) if unique else 1.0, "snapshots": out}
 
-    async def chunk_refs(self, hv: Any) -> list[bytes]:
+    async def chunk_refs(self, hv: Served) -> list[bytes]:
         if isinstance(hv, HostedVolume):
             return await trio.to_thread.run_sync(self.all_chunk_refs, hv)
         return list(snapshots.chunk_refs(hv.kv)[0])

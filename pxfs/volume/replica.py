@@ -149,7 +149,13 @@ class HostedSnapshot:
         self.kv = kv
         self.meta: Meta | None = None
         self.replicator: Replicator | None = None
+        self.insync: InSync | None = None  # a snapshot writes nothing: no batch to acknowledge
+        self.fresh_replicas: dict[str, float] = {}
         self.mounts: dict[str, float] = {}
         self.heard: dict[str, float] = {}
         self.changed_keys: list[bytes] | None = None
         self.watchers: dict[str, Any] = {}  # a snapshot never changes: nobody is told anything
+
+
+# What a mount's Volume capability serves: the live volume, or one of its snapshots read-only.
+Served = HostedVolume | HostedSnapshot
