@@ -13,8 +13,8 @@ from pxfs.cluster.config import ClusterConfig
 from pxfs.cluster.store import ControlStore
 from pxfs.errors import Conflict, Exists, Invalid, NotFound, PxfsError, Unavailable
 from pxfs.model import NodeInfo, VolumeInfo
+from pxfs.paths import is_name
 
-VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
 MIN_SIZE = 1 << 20
 MAX_SIZE = 1 << 60
@@ -24,7 +24,7 @@ MOUNT_TTL = 15.0
 
 
 def check_volume_name(name: str) -> str:
-    if not VOLUME_NAME.match(name or "") or name in (".", ".."):
+    if not is_name(name):
         raise Invalid(f"volume {name!r}", "name must be 1-63 characters of letters, digits, '_', '.', '-' "
                       "starting with a letter or digit (no '/', no path)")
     return name

@@ -117,6 +117,8 @@ class KV(ABC):
         # Called after every committed batch (coordinator and followers alike), so a replica can
         # act on what the batch means (e.g. take a snapshot) at exactly that point of the log.
         self.after_commit: Callable[[int, Batch], None] | None = None
+        # What the owner of the keyspace refuses in any batch, before it is committed (raises).
+        self.check_batch: Callable[[Batch], None] | None = None
         raw = self._raw_get(SEQ_KEY)
         self._seq = _U64.unpack(raw)[0] if raw else 0
         raw = self._raw_get(TRIM_KEY)
@@ -219,6 +221,8 @@ class KV(ABC):
         for key, _ in batch.ops:
             if key.startswith(RESERVED):
                 raise Invalid("kv", f"batch touches reserved key {key!r}")
+        if self.check_batch is not None:
+            self.check_batch(batch)
 
     def _commit(self, seq: int, batch: Batch, encoded: bytes) -> None:
         ops = [*batch.ops, (SEQ_KEY, _U64.pack(seq)), (_log_key(seq), encoded)]

@@ -9,19 +9,18 @@ before the snapshot and none after. Chunks are shared, never copied.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 
 from pxfs.errors import Exists, Invalid, NotFound
 from pxfs.meta import keys
 from pxfs.meta.kv import KV, Batch
+from pxfs.paths import is_name
 
-SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 COPY_BATCH = 20000
 
 
 def check_name(volume: str, name: str) -> str:
-    if not SNAPSHOT_NAME.match(name or ""):
+    if not is_name(name):
         raise Invalid(f'snapshot "{volume}@{name}"', "name must be 1-63 letters, digits, '_', '.', '-' "
                       "starting with a letter or digit")
     return name
@@ -53,6 +52,14 @@ def changed_names(batch: Batch) -> Iterator[tuple[str, bool]]:
     for key, value in batch.ops:
         if key.startswith(keys.SNAPSHOT_PREFIX):
             yield key[1:].decode(errors="replace"), value is not None
+
+
+def check_batch(batch: Batch) -> None:
+    """Refuse a batch naming a snapshot no ``create`` could have made: its name becomes a directory
+    on every replica, and a replicated batch comes off the wire."""
+    for name, _ in changed_names(batch):
+        if not is_name(name):
+            raise Invalid(f"snapshot {name!r}", "refused in a replicated batch: not a snapshot name (never a path)")
 
 
 def _data_keys(kv: KV) -> Iterator[tuple[bytes, bytes]]:

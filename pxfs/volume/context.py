@@ -12,12 +12,13 @@ import blake3
 import trio
 
 from pxfs.cluster import records
-from pxfs.cluster.admin import VOLUME_NAME, check_volume_name
+from pxfs.cluster.admin import check_volume_name
 from pxfs.cluster.guard import StoreGuard
 from pxfs.cluster.peers import Peers
 from pxfs.cluster.store import ControlStore
 from pxfs.errors import Conflict, NotFound, Unavailable
 from pxfs.model import VolumeInfo
+from pxfs.paths import is_name, under
 from pxfs.volume.replica import HostedVolume
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class HostContext:
         """Every volume with a copy on this node's disk -> the uid of that copy ("" when unknown)."""
         out: dict[str, str] = {}
         for d in sorted(self._dir.iterdir()) if self._dir.exists() else []:
-            if not d.is_dir() or not VOLUME_NAME.match(d.name):
+            if not d.is_dir() or not is_name(d.name):
                 continue
             hv = self._volumes.get(d.name)
             local = hv.local if hv is not None else records.read_local_spec(d)
@@ -120,7 +121,7 @@ class HostContext:
         hv = self._volumes.get(name)
         if hv is None:
             check_volume_name(name)  # it becomes a directory name: never a path
-            hv = HostedVolume(name, self._dir / name)
+            hv = HostedVolume(name, under(self._dir, name, f'volume "{name}"'))
             self._volumes[name] = hv
         return hv
 
@@ -128,4 +129,4 @@ class HostContext:
         hv = self._volumes.pop(name, None)
         if hv is not None:
             hv.close()
-        shutil.rmtree(self._dir / name, ignore_errors=True)
+        shutil.rmtree(under(self._dir, name, f'volume "{name}"'), ignore_errors=True)

@@ -22,6 +22,7 @@ from pxfs.meta import keys, snapshots
 from pxfs.meta.fs import Meta
 from pxfs.meta.kv import Batch, RocksKV
 from pxfs.model import VolumeInfo
+from pxfs.paths import under
 from pxfs.volume.insync import InSync
 from pxfs.volume.replicator import Replicator
 
@@ -69,13 +70,14 @@ class HostedVolume:
     def _open_kv(self) -> RocksKV:
         kv = RocksKV(str(self.path / "meta"))
         kv.after_commit = self._after_commit
+        kv.check_batch = snapshots.check_batch
         return kv
 
     def _after_commit(self, seq: int, batch: Batch) -> None:
         if self.changed_keys is not None:
             self.changed_keys.extend(k for k, _ in batch.ops)
         for name, created in snapshots.changed_names(batch):
-            where = self.path / "snapshots" / name
+            where = under(self.path / "snapshots", name, f'snapshot "{self.name}@{name}"')
             self.close_snapshot(name)
             shutil.rmtree(where, ignore_errors=True)
             if created:
@@ -86,7 +88,7 @@ class HostedVolume:
     def snapshot_kv(self, name: str) -> RocksKV:
         hs = self.snapshots.get(name)
         if hs is None:
-            where = self.path / "snapshots" / name
+            where = under(self.path / "snapshots", name, f'snapshot "{self.name}@{name}"')
             if self.kv.get(keys.snapshot_key(name)) is None or not where.exists():
                 raise NotFound(f'snapshot "{self.name}@{name}"', "no such snapshot")
             hs = self.snapshots[name] = HostedSnapshot(f"{self.name}@{name}", RocksKV(str(where)))

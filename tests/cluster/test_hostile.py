@@ -29,9 +29,11 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pxfs.cluster.config import load_config, load_secret
 from pxfs.errors import Conflict, Corrupt, FsError, Invalid, NoSpace, NotFound, PxfsError
 from pxfs.meta.kv import Batch
 from pxfs.model import VolumeInfo
+from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import Connection, _Caller
 from pxfs.rpc.volume_client import VolumeClient, VolumeServiceClient
 from tests.conftest import Cluster, eventually, node_connection
@@ -145,6 +147,20 @@ async def opened(cluster: Cluster, name: str) -> AsyncIterator[tuple[VolumeServi
             yield vs, vol, info
         finally:
             await vol.drop()
+
+
+@asynccontextmanager
+async def coordinator_identity(cluster: Cluster, index: int, coordinator: str) -> AsyncIterator[VolumeServiceClient]:
+    """Node ``index``'s VolumeService, called with the coordinator's identity (a compromised coordinator)."""
+    cfg = load_config(cluster.dir)
+    async with open_bridge() as bridge:
+        conn = await Connection.open(bridge, cfg.addresses()[index], load_secret(cluster.dir), peer=coordinator)
+        vs = VolumeServiceClient(conn.bridge, conn.peer, await conn.volumes_cap())
+        try:
+            yield vs
+        finally:
+            await vs.drop()
+            await conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -514,6 +530,36 @@ async def test_follower_refuses_bad_replication_calls(shared_cluster: Cluster,
         async with service(cluster, follower) as (_conn, fvs):
             assert await fvs.last_seq("hx-repl") == now
     await assert_serving(cluster)
+
+
+async def test_batch_naming_a_snapshot_by_a_path_is_refused(shared_cluster: Cluster, tmp_path: Path) -> None:
+    """Even from the coordinator's identity: a snapshot name becomes a directory on every replica, so
+    a replicated batch naming one by a path ("/...", "../..") is refused before it is committed."""
+    cluster = shared_cluster
+    name = "hx-snap-path"
+    info = await create_volume(cluster, name)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("precious")
+    try:
+        follower = node_index(info.replicas[1])
+        async with opened(cluster, name) as (coord, vol, info):
+            await vol.mknod(1, b"before", stat.S_IFREG | 0o644, 0, 0, 0)
+            want = await coord.last_seq(name)
+            async with coordinator_identity(cluster, follower, info.coordinator) as fvs:
+                with trio.fail_after(10):
+                    while await fvs.last_seq(name) != want:
+                        await trio.sleep(0.05)
+                seq, epoch, _h = want
+                for bad in (str(victim).encode(), b"../../../../" + str(victim).lstrip("/").encode(), b"a/b", b".."):
+                    batch = Batch()
+                    batch.put(b"N" + bad, b'{"created_ns": 1}')
+                    await expect(Invalid, fvs.apply(name, epoch, seq + 1, batch.encode()))
+                assert await fvs.last_seq(name) == want
+            assert (victim / "keep").read_text() == "precious" and sorted(os.listdir(victim)) == ["keep"]
+            await vol.mknod(1, b"after", stat.S_IFREG | 0o644, 0, 0, 0)  # replication still flows
+    finally:
+        await delete_volume(cluster, name)
 
 
 async def test_replication_calls_for_unknown_volume_leave_no_state(shared_cluster: Cluster,
