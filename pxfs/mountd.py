@@ -21,7 +21,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from pxfs.cluster.config import load_secret
+from pxfs.cluster.config import load_credential
 from pxfs.cluster.volume_session import VolumeSession
 from pxfs.errors import PxfsError
 from pxfs.fuse.operations import Operations
@@ -59,10 +59,10 @@ def _raise_readahead(mountpoint: Path) -> None:
 
 async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
     """Mount, call ``ready()`` once the mount exists, serve until unmounted or signalled."""
-    secret = load_secret(cfg.cluster_dir)
+    credential = load_credential(cfg.cluster_dir)
     mount_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     async with open_bridge() as bridge:
-        session = VolumeSession(bridge, cfg.cluster_dir, secret, cfg.volume, mount_id, cfg.read_only)
+        session = VolumeSession(bridge, cfg.cluster_dir, credential, cfg.volume, mount_id, cfg.read_only)
         try:
             await session.connect()
             assert session.info is not None and session.chunks is not None

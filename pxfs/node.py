@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +14,9 @@ import trio
 
 from pxfs.chunks.local import LocalChunkStore
 from pxfs.chunks.pool import Pool
+from pxfs.cluster import records
 from pxfs.cluster.admin import ClusterAdmin
-from pxfs.cluster.config import check_gc_grace, load_config, load_secret
+from pxfs.cluster.config import check_gc_grace, load_config
 from pxfs.cluster.gc import Collector
 from pxfs.cluster.guard import StoreGuard
 from pxfs.cluster.manager import Manager, Settings
@@ -23,6 +26,7 @@ from pxfs.cluster.store import ControlStore, EmbeddedStore
 from pxfs.durable import replace_file
 from pxfs.errors import PxfsError, Unavailable
 from pxfs.model import NodeInfo, PoolInfo
+from pxfs.rpc import pki
 from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import split_address
 from pxfs.rpc.server import RpcServer, Services
@@ -31,6 +35,7 @@ from pxfs.volume.host import VolumeHost
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 1.0
+REVOCATION_INTERVAL = 2.0  # "within seconds" of `pxfs credential revoke`
 
 
 @dataclass
@@ -49,6 +54,7 @@ class NodeConfig:
     node_id: str = ""
     state_dir: Path | None = None
     seed: bool | None = None  # None: seed when listening on the cluster's seed address
+    credential: Path | None = None  # None: STATE/credential, issued at first start where the CA key is
 
 
 class ChunkService:
@@ -99,15 +105,66 @@ def _node_id(state: Path, wanted: str) -> str:
     return node_id
 
 
+def _own_credential(cluster_dir: Path, state: Path, node_id: str) -> pki.Credential:
+    """STATE/credential; issued for ``node_id`` at first start when the cluster directory holds the CA key."""
+    path = state / "credential"
+    if not (path / "cert.pem").exists():
+        if not (cluster_dir / "ca.key").exists():
+            raise PxfsError(f"node {node_id}", "has no credential and the cluster directory holds no CA key: run "
+                            f"`pxfs credential issue --role node --name {node_id} --out DIR` where the cluster was "
+                            "initialised, copy DIR here and pass --credential DIR")
+        pki.issue(cluster_dir, path, node_id, "node")
+        log.info("node=%s credential issued into %s", node_id, path)
+    return pki.load(path)
+
+
+def private_dir(path: Path, what: str) -> None:
+    """Chunks, metadata and keys under ``path`` are for this node's user only: 0700, fixed when not."""
+    path.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        os.chmod(path, 0o700)
+        log.warning("%s %s was mode %o: set to 0700 (its data is readable by this node's user only)", what, path, mode)
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft fd limit to the hard one: connections must not starve pools and RocksDB of fds
+    (the accept gate keeps connections well below it, pxfs.rpc.tls.TOTAL)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, want, exc)
+
+
+async def watch_revocations(store: ControlStore, server: RpcServer) -> None:
+    """Every node refuses a revoked credential within one round (and closes its open connections)."""
+    while True:
+        try:
+            await server.revoke(set(records.revoked(await store.range(records.REVOKED_PREFIX))))
+        except PxfsError as err:
+            log.debug("revocations not refreshed: %s", err)
+        await trio.sleep(REVOCATION_INTERVAL)
+
+
 async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT. Raises PxfsError on a configuration problem at start."""
     cluster = load_config(cfg.cluster_dir)
     check_gc_grace(cluster.gc_grace, "gc_grace in cluster.json")  # the automatic rounds use it
-    secret = load_secret(cfg.cluster_dir)
     split_address(cfg.listen)
     state = cfg.state_dir or (cfg.pools[0].path / "node-state")
     state.mkdir(parents=True, exist_ok=True)
-    node_id = _node_id(state, cfg.node_id)
+    given = pki.load(cfg.credential) if cfg.credential is not None else None
+    node_id = _node_id(state, cfg.node_id or (given.identity.name if given is not None else ""))
+    credential = given or _own_credential(cfg.cluster_dir, state, node_id)
+    if credential.identity.role != "node" or credential.identity.name != node_id:
+        raise PxfsError(f"node {node_id}", f"credential {str(credential.path)!r} is that of {credential.identity}, "
+                        f"not of node {node_id!r}")
+    for path, what in [(state, "state directory"), *((p.path, "pool") for p in cfg.pools)]:
+        private_dir(path, what)
+    raise_fd_limit()
     is_seed = cfg.seed if cfg.seed is not None else cfg.listen == cluster.seed
 
     pools = [Pool(p.path, p.capacity, klass=p.klass) for p in cfg.pools]
@@ -122,15 +179,15 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
             embedded = EmbeddedStore(str(state / "control"))
             store = embedded
         else:
-            store = RemoteStore(bridge, cluster.seed, secret, node_id)
-        peers = Peers(bridge, secret, node_id, store_resolver(store))
+            store = RemoteStore(bridge, cluster.seed, credential, node_id)
+        peers = Peers(bridge, credential, node_id, store_resolver(store))
         admin = ClusterAdmin(store, cluster, peers=peers)
         volumes = VolumeHost(node_id, state, store, peers, repair_rate=cluster.repair_rate)
         guard = StoreGuard(node_id, cluster.id, state, store, is_seed, volumes.holds_data)
         volumes.guard = guard
         chunk_service.collector = Collector(node_id, store, peers, chunks, held=volumes.held, guard=guard)
         services = Services(admin=admin, chunks=chunk_service, control=embedded, volumes=volumes)
-        server = RpcServer(bridge, services, secret, cluster.id, node_id)
+        server = RpcServer(bridge, services, credential, cluster.id, node_id)
         host, port = split_address(cfg.listen)
         try:
             await server.listen(host, port)
@@ -157,6 +214,7 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(heartbeat_loop)
+                nursery.start_soon(watch_revocations, store, server)
                 await nursery.start(volumes.run)
                 nursery.start_soon(chunk_service.collector.run, cluster.gc_interval, cluster.gc_grace)
                 if embedded is not None:

@@ -1,13 +1,12 @@
 @0xcbf55fc46e2f74fd;
-# pxfs wire protocol, version 1.
+# pxfs wire protocol, version 2.
 #
-# Every node serves one TCP port whose bootstrap capability is a Gateway. The Gateway offers
-# nothing but a challenge-response login that proves knowledge of the cluster secret without
-# sending it; only a successful login hands out the Admin, ChunkStore, ControlStore and
-# VolumeService capabilities. Errors travel as Cap'n Proto exceptions whose description starts
+# Every node serves one TCP port, mutual TLS only, whose bootstrap capability is a Gateway. Its
+# hello hands out a Session bound to the identity in the peer's certificate; each capability and
+# each method checks that identity's role (pxfs/rpc/auth.py). Errors travel as Cap'n Proto exceptions whose description starts
 # with "pxfs-error:<code>:<errno>:" (see pxfs/rpc/errors.py).
 
-const protocolVersion :UInt16 = 1;
+const protocolVersion :UInt16 = 2;
 
 struct Label {
   key @0 :Text;
@@ -90,16 +89,14 @@ struct BlockRef {
   length @2 :UInt32;         # bytes of the chunk that belong to the block; the rest of the block is zeros
 }
 
-# Bootstrap of every node. Called by: every peer (CLI, mounts, other nodes) before anything else.
+# Bootstrap of every node, reached only over mutual TLS: the peer's identity and role come from its
+# certificate (pxfs.rpc.pki), never from the wire. Called by: every peer (CLI, mounts, other nodes).
 interface Gateway {
-  challenge @0 () -> (nonce :Data, clusterId :Text, nodeId :Text, version :UInt16);
-  # proof = HMAC-SHA256(secret, "pxfs-login" || nonce || clientNonce); the nonce is single use.
-  # serverProof = HMAC-SHA256(secret, "pxfs-server" || clientNonce || nonce) lets the peer check the node.
-  login @1 (nonce :Data, clientNonce :Data, proof :Data, peer :Text)
-      -> (session :Session, serverProof :Data);
+  # peer: a label for the node's logs ("cli", "scrub"); it grants nothing.
+  hello @0 (peer :Text) -> (session :Session, clusterId :Text, nodeId :Text, version :UInt16);
 }
 
-# What a logged-in peer holds. Called by: CLI, mounts, nodes.
+# What a peer holds, by role (pxfs.rpc.auth). Called by: CLI, mounts, nodes.
 interface Session {
   admin @0 () -> (admin :Admin);
   chunks @1 () -> (chunks :ChunkStore);
@@ -135,6 +132,10 @@ interface Admin {
   storeCheck @13 () -> (report :Text);
   # Rebuild missing volume records from the nodes' local replicas; new identity generation. JSON.
   recover @14 () -> (report :Text);
+  # Refuse a credential (by its certificate's serial, hex) on every node from now on.
+  revokeCredential @15 (serial :Text, name :Text) -> ();
+  # Every revoked credential: JSON [{serial, name, at}].
+  revokedCredentials @16 () -> (report :Text);
 }
 
 # Content-addressed chunks of one node's pools. Called by: mounts (data path), other nodes (repair).

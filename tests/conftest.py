@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from pxfs.cluster.config import load_config, load_secret
+from pxfs.cluster.config import load_config, load_credential
 from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import Connection
+from pxfs.rpc.pki import Credential
 
 PXFS = [sys.executable, "-m", "pxfs"]
 # The checkout these tests belong to. `pxfs up` and `pxfs mount` start their daemons with cwd "/", where
@@ -129,11 +130,13 @@ def eventually(predicate, timeout: float = 20.0, what: str = "condition"):  # no
 
 
 @asynccontextmanager
-async def node_connection(cluster: Cluster, index: int = 0, secret: bytes | None = None) -> AsyncIterator[Connection]:
+async def node_connection(cluster: Cluster, index: int = 0,
+                          credential: Credential | None = None) -> AsyncIterator[Connection]:
     """A logged-in RPC connection to the cluster's ``index``-th node."""
     cfg = load_config(cluster.dir)
     async with open_bridge() as bridge:
-        conn = await Connection.open(bridge, cfg.addresses()[index], secret or load_secret(cluster.dir), peer="test")
+        conn = await Connection.open(bridge, cfg.addresses()[index], credential or load_credential(cluster.dir),
+                                     peer="test")
         try:
             yield conn
         finally:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from pxfs.cluster.config import ClusterConfig, load_config, load_secret
+from pxfs.cluster.config import ClusterConfig, load_config, load_credential
 from pxfs.errors import PxfsError, Unauthorized, Unavailable
 from pxfs.rpc.bridge import Bridge, open_bridge
 from pxfs.rpc.client import AdminClient, Connection
@@ -15,13 +15,13 @@ from pxfs.rpc.client import AdminClient, Connection
 @asynccontextmanager
 async def cluster_admin(cluster_dir: Path) -> AsyncIterator[tuple[AdminClient, Connection, Bridge, ClusterConfig]]:
     cfg = load_config(cluster_dir)
-    secret = load_secret(cluster_dir)
+    credential = load_credential(cluster_dir)
     async with open_bridge() as bridge:
         errors: list[str] = []
         conn: Connection | None = None
         for address in cfg.addresses():
             try:
-                conn = await Connection.open(bridge, address, secret, peer="cli", timeout=3)
+                conn = await Connection.open(bridge, address, credential, peer="cli", timeout=3)
                 break
             except Unauthorized:
                 raise

@@ -15,15 +15,15 @@ from typing import Any
 
 from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
-from pxfs.cluster.config import load_secret
+from pxfs.cluster.config import load_credential
 from pxfs.cluster.volume_session import VolumeSession
 
 
 async def cmd_fsck(args: argparse.Namespace) -> int:
-    secret = load_secret(args.cluster)
+    credential = load_credential(args.cluster)
     async with cluster_admin(args.cluster) as (admin, _conn, bridge, _cfg):
         vol = await admin.get_volume(args.volume)
-        session = VolumeSession(bridge, args.cluster, secret, vol.name,
+        session = VolumeSession(bridge, args.cluster, credential, vol.name,
                                 f"tool:fsck-{os.getpid()}-{uuid.uuid4().hex[:6]}", not args.repair)
         try:
             await session.connect()

@@ -8,7 +8,7 @@ from typing import Any
 from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
 from pxfs.cli.sizes import format_size
-from pxfs.cluster.config import MIN_GC_GRACE, check_gc_grace, load_config, load_secret
+from pxfs.cluster.config import MIN_GC_GRACE, check_gc_grace, load_config, load_credential
 from pxfs.errors import PxfsError
 from pxfs.rpc.client import Connection
 
@@ -18,7 +18,7 @@ async def cmd_gc(args: argparse.Namespace) -> int:
     grace = cfg.gc_grace if args.grace is None else args.grace
     # Refused here already, before any node is asked: one line, not a table of the same refusal.
     check_gc_grace(grace, "gc_grace in cluster.json" if args.grace is None else f"--grace {grace:g}")
-    secret = load_secret(args.cluster)
+    credential = load_credential(args.cluster)
     reports: list[dict[str, Any]] = []
     failed = 0
     async with cluster_admin(args.cluster) as (admin, _conn, bridge, _cfg):
@@ -28,7 +28,7 @@ async def cmd_gc(args: argparse.Namespace) -> int:
                 failed += 1
                 continue
             try:
-                conn = await Connection.open(bridge, n.address, secret, peer="gc")
+                conn = await Connection.open(bridge, n.address, credential, peer="gc")
                 try:
                     reports.append(await (await conn.chunks()).collect(args.dry_run, grace))
                 finally:

@@ -16,11 +16,12 @@ import trio
 from pxfs.cli.output import line
 from pxfs.cli.procs import alive
 from pxfs.cli.sizes import parse_size
-from pxfs.cluster.config import check_gc_grace, init_cluster, load_config, load_secret, save_config
+from pxfs.cluster.config import check_gc_grace, init_cluster, load_config, load_credential, save_config
 from pxfs.errors import Invalid, PxfsError, Unavailable
 from pxfs.node import NodeConfig, PoolSpec, run_node
 from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import Connection, split_address
+from pxfs.rpc.pki import Credential
 
 CLASSES = ("high", "medium", "low")
 UP_TIMEOUT = 30.0
@@ -74,7 +75,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
         labels[k] = v
     cfg = NodeConfig(cluster_dir=args.cluster, listen=args.listen, pools=[parse_pool(p) for p in args.pool],
                      labels=labels, node_id=args.id or "", state_dir=Path(args.state).resolve() if args.state else None,
-                     seed=True if args.seed else None)
+                     seed=True if args.seed else None,
+                     credential=Path(args.credential).resolve() if args.credential else None)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     trio.run(run_node, cfg)
@@ -118,7 +120,7 @@ def _spawn(cluster: Path, nd: Path) -> subprocess.Popen:
 
 async def _wait_up(cluster: Path, expected: list[str], procs: dict[str, subprocess.Popen]) -> None:
     cfg = load_config(cluster)
-    secret = load_secret(cluster)
+    credential = load_credential(cluster)
     async with open_bridge() as bridge:
         with trio.move_on_after(UP_TIMEOUT) as scope:
             while True:
@@ -129,14 +131,14 @@ async def _wait_up(cluster: Path, expected: list[str], procs: dict[str, subproce
                         raise Unavailable(f"node {nid}", f"exited with status {proc.returncode}: "
                                           f"{tail[0] if tail else 'no log'} (log: {logf})")
                 try:
-                    conn = await Connection.open(bridge, cfg.seed, secret, peer="cli", timeout=2)
+                    conn = await Connection.open(bridge, cfg.seed, credential, peer="cli", timeout=2)
                     try:
                         nodes = await (await conn.admin()).list_nodes()
                     finally:
                         await conn.close()
                     up = {n.id for n in nodes if n.state == "up"}
                     if all(e in up for e in expected):
-                        await _settle(bridge, cfg.seed, secret)
+                        await _settle(bridge, cfg.seed, credential)
                         return
                 except PxfsError:
                     pass
@@ -145,13 +147,13 @@ async def _wait_up(cluster: Path, expected: list[str], procs: dict[str, subproce
             raise Unavailable(f"cluster in {cluster}", f"nodes not all up after {UP_TIMEOUT:g}s; see nodes/*/node.log")
 
 
-async def _settle(bridge: object, seed: str, secret: bytes) -> None:
+async def _settle(bridge: object, seed: str, credential: Credential) -> None:
     """Give restarted replicas a moment to be caught up, so the status printed next is not a
     transient 'degraded'; a volume still degraded after SETTLE_TIMEOUT is shown as it is."""
     with trio.move_on_after(SETTLE_TIMEOUT):
         while True:
             try:
-                conn = await Connection.open(bridge, seed, secret, peer="cli", timeout=2)  # type: ignore[arg-type]
+                conn = await Connection.open(bridge, seed, credential, peer="cli", timeout=2)  # type: ignore[arg-type]
                 try:
                     vols = await (await conn.admin()).list_volumes()
                 finally:

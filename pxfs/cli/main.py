@@ -10,15 +10,17 @@ from pathlib import Path
 
 import trio
 
-from pxfs.cli import admin_cmds, local
+from pxfs.cli import admin_cmds, credential_cmds, local
 from pxfs.cli.output import error
-from pxfs.cluster.config import MIN_GC_GRACE
+from pxfs.cluster.config import CREDENTIAL_ENV, MIN_GC_GRACE
 from pxfs.errors import Invalid, PxfsError
 
 
 def _client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cluster", metavar="DIR", help="cluster directory (default: $PXFS_CLUSTER)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--credential", metavar="DIR",
+                   help="credential to connect with (default: $PXFS_CREDENTIAL, else CLUSTER/admin)")
     return p
 
 
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=local.cmd_down, sync=True)
 
     cl = sub.add_parser("cluster", help="cluster set-up").add_subparsers(dest="sub", required=True, metavar="SUB")
-    p = cl.add_parser("init", help="new cluster: id, secret and client config in DIR")
+    p = cl.add_parser("init", help="new cluster: id, credential and client config in DIR")
     p.add_argument("--dir", required=True)
     p.add_argument("--name", default="")
     p.add_argument("--seed", default="127.0.0.1:7700", help="address of the seed node (HOST:PORT)")
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", default="")
     p.add_argument("--state", default="", help="node state directory (default: FIRST_POOL/node-state)")
     p.add_argument("--seed", action="store_true", help="hold the embedded control store")
+    p.add_argument("--credential", metavar="DIR", help="this node's credential (default: STATE/credential, "
+                   "issued at first start when the cluster directory holds the CA key)")
     p.set_defaults(run=local.cmd_node_start, sync=True, needs_cluster=True)
     p = _client(nd.add_parser("list", help="nodes, addresses, labels, up/down"))
     p.set_defaults(run=admin_cmds.cmd_node_list)
@@ -135,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="fix what is safe (one replicated batch)")
     p.set_defaults(run=fsck_cmd.cmd_fsck)
 
+    credential_cmds.register(sub, _client)
     _extend(sub, _client)
     return ap
 
@@ -162,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise Invalid("cluster", "no cluster directory: pass --cluster DIR or set PXFS_CLUSTER")
             else:
                 args.cluster = Path(value).resolve()
+        if getattr(args, "credential", None) and getattr(args, "command", "") != "node":
+            # Through the environment: a mount daemon started from here uses the same credential.
+            os.environ[CREDENTIAL_ENV] = str(Path(args.credential).resolve())
         if getattr(args, "sync", False):
             return args.run(args)
         return trio.run(args.run, args)

@@ -36,7 +36,8 @@ def parse_options(opts: list[str]) -> dict[str, object]:
     """Split ``-o`` options into pxfs's own and the FUSE ones; unknown options are an error."""
     from pxfs.mountd import ATTR_TIMEOUT
 
-    out: dict[str, object] = {"fuse": set(), "ro": False, "rw": False, "cluster": None, "attr_timeout": ATTR_TIMEOUT}
+    out: dict[str, object] = {"fuse": set(), "ro": False, "rw": False, "cluster": None, "credential": None,
+                              "attr_timeout": ATTR_TIMEOUT}
     for group in opts:
         for opt in filter(None, group.split(",")):
             key, sep, value = opt.partition("=")
@@ -50,6 +51,8 @@ def parse_options(opts: list[str]) -> dict[str, object]:
                 continue
             elif key == "cluster" and sep and value:
                 out["cluster"] = value
+            elif key == "credential" and sep and value:
+                out["credential"] = value
             elif key == "attr_timeout" and sep:
                 try:
                     out["attr_timeout"] = float(value)
@@ -58,7 +61,8 @@ def parse_options(opts: list[str]) -> dict[str, object]:
                 if not 0 <= out["attr_timeout"] <= 3600:  # type: ignore[operator]
                     raise Invalid(f"mount option {opt!r}", "attr_timeout must be 0-3600 seconds")
             else:
-                raise Invalid(f"mount option {opt!r}", "unknown option (pxfs: cluster=DIR, ro, attr_timeout=S; "
+                raise Invalid(f"mount option {opt!r}", "unknown option (pxfs: cluster=DIR, credential=DIR, ro, "
+                              "attr_timeout=S; "
                               "FUSE: allow_other, nosuid, nodev, noexec, noatime, ...)")
     return out
 
@@ -106,6 +110,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         args.cluster = Path(str(opts["cluster"])).resolve()
     if args.cluster is None:
         raise Invalid("cluster", "no cluster directory: pass --cluster DIR, -o cluster=DIR or set PXFS_CLUSTER")
+    credential = opts.get("credential") or args.credential
+    if credential:
+        from pxfs.cluster.config import CREDENTIAL_ENV
+
+        os.environ[CREDENTIAL_ENV] = str(Path(str(credential)).resolve())  # the daemon inherits it
     base, at, snap = args.volume.partition("@")
     check_volume_name(base)
     if at:
@@ -118,10 +127,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     volume = args.volume
     mp = Path(args.mountpoint).resolve()
     _check_mountpoint(mp)
-    from pxfs.cluster.config import load_config, load_secret
+    from pxfs.cluster.config import load_config, load_credential
 
     load_config(args.cluster)
-    load_secret(args.cluster)
+    load_credential(args.cluster)
     cfg = MountConfig(cluster_dir=args.cluster, volume=volume, mountpoint=mp, fuse_options=opts["fuse"],  # type: ignore[arg-type]
                       read_only=bool(opts["ro"]), attr_timeout=float(opts["attr_timeout"]))  # type: ignore[arg-type]
     log_dir = args.cluster / "logs"
@@ -261,7 +270,10 @@ def register(sub: argparse._SubParsersAction, client: Callable[[argparse.Argumen
     p.add_argument("volume", metavar="NAME")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--cluster", metavar="DIR")
-    p.add_argument("-o", action="append", metavar="OPTIONS", help="cluster=DIR,ro,allow_other,attr_timeout=S,...")
+    p.add_argument("--credential", metavar="DIR",
+                   help="mount credential (default: $PXFS_CREDENTIAL, else CLUSTER/admin)")
+    p.add_argument("-o", action="append", metavar="OPTIONS",
+                   help="cluster=DIR,credential=DIR,ro,allow_other,attr_timeout=S,...")
     p.add_argument("--foreground", "-f", action="store_true", help="serve in the foreground (debugging, systemd)")
     p.add_argument("--log", default="", help="daemon log file (default: CLUSTER/logs/mount-NAME.log)")
     p.set_defaults(run=cmd_mount, sync=True, optional_cluster=True)

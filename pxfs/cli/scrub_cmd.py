@@ -17,19 +17,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pxfs.cli.admin_cmds import _wait_healthy
 from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
-from pxfs.cluster.config import load_secret
+from pxfs.cluster.config import load_credential
 from pxfs.cluster.volume_session import VolumeSession
 from pxfs.errors import Invalid, PxfsError
 from pxfs.rpc.client import Connection
+from pxfs.rpc.pki import Credential
 
 BATCH = 256
 
 
-async def _verify(bridge: Any, secret: bytes, address: str, hashes: list[bytes], bar: Progress, task: Any
+async def _verify(bridge: Any, credential: Credential, address: str, hashes: list[bytes], bar: Progress, task: Any
                   ) -> dict[str, int]:
     counts = {"good": 0, "missing": 0, "corrupt": 0, "unreachable": 0}
     try:
-        conn = await Connection.open(bridge, address, secret, peer="scrub")
+        conn = await Connection.open(bridge, address, credential, peer="scrub")
     except PxfsError:
         counts["unreachable"] = len(hashes)
         bar.advance(task, len(hashes))
@@ -49,7 +50,7 @@ async def _verify(bridge: Any, secret: bytes, address: str, hashes: list[bytes],
 async def cmd_scrub(args: argparse.Namespace) -> int:
     if bool(args.volume) == bool(args.node):
         raise Invalid("scrub", "name a VOLUME or pass --node ID (one of them)")
-    secret = load_secret(args.cluster)
+    credential = load_credential(args.cluster)
     report: dict[str, Any] = {"replicas": {}, "volumes": {}}
     async with cluster_admin(args.cluster) as (admin, _conn, bridge, _cfg):
         nodes = {n.id: n for n in await admin.list_nodes()}
@@ -58,7 +59,7 @@ async def cmd_scrub(args: argparse.Namespace) -> int:
             if args.node:
                 if args.node not in nodes:
                     raise Invalid(f"node {args.node}", "not in the cluster map")
-                conn = await Connection.open(bridge, nodes[args.node].address, secret, peer="scrub")
+                conn = await Connection.open(bridge, nodes[args.node].address, credential, peer="scrub")
                 try:
                     chunks = await conn.chunks()
                     hashes: list[bytes] = []
@@ -72,12 +73,12 @@ async def cmd_scrub(args: argparse.Namespace) -> int:
                 finally:
                     await conn.close()
                 task = bar.add_task(f"scrub node {args.node}", total=len(hashes))
-                report["replicas"][args.node] = await _verify(bridge, secret, nodes[args.node].address, hashes,
+                report["replicas"][args.node] = await _verify(bridge, credential, nodes[args.node].address, hashes,
                                                               bar, task)
                 volumes = [v.name for v in await admin.list_volumes() if args.node in v.replicas]
             else:
                 vol = await admin.get_volume(args.volume)
-                session = VolumeSession(bridge, args.cluster, secret, vol.name,
+                session = VolumeSession(bridge, args.cluster, credential, vol.name,
                                         f"tool:scrub-{os.getpid()}-{uuid.uuid4().hex[:6]}", True)
                 try:
                     await session.connect()
@@ -88,7 +89,7 @@ async def cmd_scrub(args: argparse.Namespace) -> int:
                 for r in vol.replicas:
                     task = bar.add_task(f"scrub {vol.name} on {r}", total=len(refs))
                     address = nodes[r].address if r in nodes else ""
-                    report["replicas"][r] = await _verify(bridge, secret, address, refs, bar, task)
+                    report["replicas"][r] = await _verify(bridge, credential, address, refs, bar, task)
                 volumes = [vol.name]
         worst = 0
         for name in volumes:
@@ -99,7 +100,7 @@ async def cmd_scrub(args: argparse.Namespace) -> int:
                                      "lost": []}
             lost_count = v.detail.get("repair", {}).get("lost", 0)
             if lost_count:
-                entry["lost"] = await _lost(bridge, args.cluster, secret, name, v.replicas)
+                entry["lost"] = await _lost(bridge, args.cluster, credential, name, v.replicas)
                 worst = 1
             elif v.state != "healthy":
                 worst = 1
@@ -118,9 +119,11 @@ async def cmd_scrub(args: argparse.Namespace) -> int:
     return worst
 
 
-async def _lost(bridge: Any, cluster: Any, secret: bytes, name: str, replicas: list[str]) -> list[dict[str, Any]]:
+async def _lost(bridge: Any, cluster: Any, credential: Credential, name: str,
+                replicas: list[str]) -> list[dict[str, Any]]:
     """Chunks no replica holds after repair, as files and byte ranges."""
-    session = VolumeSession(bridge, cluster, secret, name, f"tool:scrub-{os.getpid()}-{uuid.uuid4().hex[:6]}", True)
+    session = VolumeSession(bridge, cluster, credential, name, f"tool:scrub-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+                            True)
     try:
         await session.connect()
         assert session.meta is not None

@@ -15,7 +15,7 @@ from typing import Any
 from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
 from pxfs.cli.sizes import format_size
-from pxfs.cluster.config import load_secret
+from pxfs.cluster.config import load_credential
 from pxfs.cluster.volume_session import VolumeSession
 from pxfs.errors import Invalid
 from pxfs.rpc.volume_client import VolumeClient
@@ -41,7 +41,7 @@ def split_ref(ref: str) -> tuple[str, str]:
 @asynccontextmanager
 async def volume_tool(cluster: Path, bridge: Any, volume: str, read_only: bool = False) -> AsyncIterator[VolumeClient]:
     """A session at the volume's coordinator that does not count as a mount."""
-    session = VolumeSession(bridge, cluster, load_secret(cluster), volume,
+    session = VolumeSession(bridge, cluster, load_credential(cluster), volume,
                             f"tool:cli-{os.getpid()}-{uuid.uuid4().hex[:6]}", read_only)
     try:
         await session.connect()

@@ -69,6 +69,14 @@ class ClusterAdmin:
             copies.extend(mine)
         return copies, gens, nodes, failed
 
+    async def revoke_credential(self, serial: int, name: str) -> None:
+        """Every node refuses this credential within a revocation round (``pxfs.node``)."""
+        await self._store.put(records.revoked_key(serial), records.encode_revoked(name, time.time()))
+
+    async def revoked_credentials(self) -> list[dict[str, Any]]:
+        found = records.revoked(await self._store.range(records.REVOKED_PREFIX))
+        return [{"serial": f"{s:x}", "name": r.get("name", ""), "at": r.get("ts", 0)} for s, r in sorted(found.items())]
+
     async def store_check(self) -> dict[str, Any]:
         """Whether the store knows every volume the nodes hold; ``problem`` says what to do when not."""
         raw = await self._store.get(records.IDENTITY_KEY)

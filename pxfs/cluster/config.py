@@ -2,7 +2,8 @@
 
 Layout of DIR (``pxfs cluster init`` / ``pxfs up``):
   cluster.json   {"id", "name", "seed": "HOST:PORT", "nodes": ["HOST:PORT", ...], "store": "embedded"}
-  secret         the cluster secret, hex, mode 0600
+  ca.pem ca.key  the cluster CA (pxfs.rpc.pki); ca.key (0600) issues every credential: keep it here only
+  admin/         the admin credential the CLI uses by default (``--credential`` / PXFS_CREDENTIAL override)
   nodes/<id>/    (``pxfs up`` only) node.json with its start arguments, pid, node.log, pool/, state/
 """
 
@@ -10,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pxfs.durable import replace_file
 from pxfs.errors import Exists, Invalid, NotFound
+from pxfs.rpc import pki
 
 # A mount's commit after its chunk puts may wait out a failover (60 s) and a silent call (10 s);
 # a chunk younger than twice that may still be about to be named by a commit.
@@ -58,11 +59,9 @@ def init_cluster(directory: Path, name: str, seed: str) -> ClusterConfig:
     if (directory / "cluster.json").exists():
         raise Exists(f"cluster directory {str(directory)!r}", "already initialised (cluster.json exists)")
     cfg = ClusterConfig(id=str(uuid.uuid4()), name=name, seed=seed, nodes=[seed])
-    secret_path = directory / "secret"
-    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
-    os.chmod(secret_path, 0o600)
+    os.chmod(directory, 0o700)
+    pki.make_ca(directory, name)
+    pki.issue(directory, directory / "admin", "admin", "admin")
     save_config(directory, cfg)
     return cfg
 
@@ -83,14 +82,15 @@ def load_config(directory: Path) -> ClusterConfig:
         raise Invalid(f"cluster config {str(path)!r}", f"unreadable: {exc}") from None
 
 
-def load_secret(directory: Path) -> bytes:
-    path = directory / "secret"
-    try:
-        text = path.read_text().strip()
-        return bytes.fromhex(text)
-    except FileNotFoundError:
-        raise NotFound(f"cluster directory {str(directory)!r}", "no secret file") from None
-    except PermissionError:
-        raise Invalid(f"secret {str(path)!r}", "not readable by this user (it is mode 0600)") from None
-    except ValueError:
-        raise Invalid(f"secret {str(path)!r}", "not a hex string") from None
+CREDENTIAL_ENV = "PXFS_CREDENTIAL"
+
+
+def credential_dir(directory: Path) -> Path:
+    """The credential a client of this cluster uses: ``$PXFS_CREDENTIAL`` (``--credential``), else the
+    cluster directory's admin credential."""
+    explicit = os.environ.get(CREDENTIAL_ENV)
+    return Path(explicit) if explicit else directory / "admin"
+
+
+def load_credential(directory: Path) -> pki.Credential:
+    return pki.load(credential_dir(directory))

@@ -12,6 +12,7 @@ from pxfs.cluster.store import ControlStore
 from pxfs.errors import NotFound, Unavailable
 from pxfs.rpc.bridge import Bridge
 from pxfs.rpc.client import ChunkClient, Connection
+from pxfs.rpc.pki import Credential
 from pxfs.rpc.volume_client import VolumeServiceClient
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,9 @@ CALL_TIMEOUT = 10.0
 
 
 class Peers:
-    def __init__(self, bridge: Bridge, secret: bytes, self_id: str,
+    def __init__(self, bridge: Bridge, credential: Credential, self_id: str,
                  resolve: Callable[[str], Awaitable[str]]) -> None:
-        self._bridge, self._secret, self._self_id, self._resolve = bridge, secret, self_id, resolve
+        self._bridge, self._credential, self._self_id, self._resolve = bridge, credential, self_id, resolve
         self._conns: dict[str, Connection] = {}
         self._locks: dict[str, trio.Lock] = {}
 
@@ -56,7 +57,7 @@ class Peers:
         async with lock:
             conn = self._conns.get(node_id)
             if conn is None:
-                conn = await Connection.open(self._bridge, await self.address(node_id), self._secret,
+                conn = await Connection.open(self._bridge, await self.address(node_id), self._credential,
                                              peer=self._self_id, timeout=3)
                 self._conns[node_id] = conn
             return conn

@@ -14,6 +14,7 @@ Key schema (values are JSON objects; records with a ``v`` field are versioned, o
   removed/<id>              {"ts"} a node taken out with ``pxfs node remove``
   repair/<name>             {"ts"} the newest ``pxfs volume repair`` request
   schedules/<name>          {"every", "keep"} snapshot schedule
+  revoked/<serial hex>      {"v":1, "name", "ts"} a credential every node refuses (``pxfs credential revoke``)
 
 A replica keeps its own copy of its volume's record in ``STATE/volumes/<name>/spec.json``
 (``write_local_spec``): the uid of the local copy, and what ``pxfs cluster recover`` rebuilds a lost
@@ -146,6 +147,29 @@ def decode_node(key: str, raw: bytes) -> NodeInfo:
     return n
 
 
+REVOKED_PREFIX = "revoked/"
+
+
+def revoked_key(serial: int) -> str:
+    return f"{REVOKED_PREFIX}{serial:x}"
+
+
+def encode_revoked(name: str, ts: float) -> bytes:
+    return json.dumps({"v": 1, "name": name, "ts": ts}).encode()
+
+
+def revoked(items: Iterable[tuple[str, bytes]]) -> dict[int, dict[str, Any]]:
+    """Serial -> {name, ts} of every revoked credential in a ``range("revoked/")``."""
+    out: dict[int, dict[str, Any]] = {}
+    for key, raw in items:
+        try:
+            serial = int(key.removeprefix(REVOKED_PREFIX), 16)
+            out[serial] = _obj(key, raw)
+        except (ValueError, Corrupt) as err:
+            skip_bad(key, err)
+    return out
+
+
 def encode_tombstone(ts: float) -> bytes:
     return json.dumps({"v": 1, "ts": ts}).encode()
 
@@ -211,6 +235,9 @@ def validate(key: str, value: bytes) -> None:
             decode_node(key, value)
         elif key == IDENTITY_KEY:
             decode_identity(value)
+        elif key.startswith(REVOKED_PREFIX):
+            if not revoked([(key, value)]):
+                raise Corrupt(f"control store record {key!r}", "not revoked/<serial hex>")
         else:
             decode_json(key, value)
     except Corrupt as err:

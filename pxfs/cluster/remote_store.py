@@ -12,6 +12,7 @@ from pxfs.errors import Unavailable
 from pxfs.model import NodeInfo
 from pxfs.rpc.bridge import Bridge
 from pxfs.rpc.client import Connection, ControlClient
+from pxfs.rpc.pki import Credential
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -20,8 +21,8 @@ CALL_TIMEOUT = 5.0
 
 
 class RemoteStore:
-    def __init__(self, bridge: Bridge, seed: str, secret: bytes, peer: str) -> None:
-        self._bridge, self._seed, self._secret, self._peer = bridge, seed, secret, peer
+    def __init__(self, bridge: Bridge, seed: str, credential: Credential, peer: str) -> None:
+        self._bridge, self._seed, self._credential, self._peer = bridge, seed, credential, peer
         self._conn: Connection | None = None
         self._client: ControlClient | None = None
         self._lock = trio.Lock()
@@ -29,7 +30,7 @@ class RemoteStore:
     async def _control(self) -> ControlClient:
         async with self._lock:
             if self._client is None:
-                self._conn = await Connection.open(self._bridge, self._seed, self._secret, self._peer)
+                self._conn = await Connection.open(self._bridge, self._seed, self._credential, self._peer)
                 self._client = await self._conn.control()
             return self._client
 

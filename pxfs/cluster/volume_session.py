@@ -28,6 +28,7 @@ from pxfs.meta.opids import OpIds
 from pxfs.model import Attr, NodeInfo, VolumeInfo
 from pxfs.rpc.bridge import Bridge
 from pxfs.rpc.client import Connection
+from pxfs.rpc.pki import Credential
 from pxfs.rpc.volume_client import VolumeClient
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,12 @@ def local_pools(nodes: list[NodeInfo]) -> LocalPools:
 
 
 class VolumeSession:
-    def __init__(self, bridge: Bridge, cluster_dir: Path, secret: bytes, volume: str, mount_id: str,
+    def __init__(self, bridge: Bridge, cluster_dir: Path, credential: Credential, volume: str, mount_id: str,
                  read_only: bool) -> None:
-        self._bridge, self._cluster_dir, self._secret = bridge, cluster_dir, secret
+        self._bridge, self._cluster_dir, self._credential = bridge, cluster_dir, credential
         self.volume, self.mount_id, self.read_only = volume, mount_id, read_only
         self._addresses: dict[str, str] = {}
-        self.peers = Peers(bridge, secret, f"mount:{mount_id}", self._resolve)
+        self.peers = Peers(bridge, credential, f"mount:{mount_id}", self._resolve)
         self.meta: VolumeClient | None = None
         self.info: VolumeInfo | None = None
         self.chunks: ReplicaChunks | None = None
@@ -80,7 +81,7 @@ class VolumeSession:
         errors = []
         for address in list(dict.fromkeys(list(self._addresses.values()) + cfg.addresses())):
             try:
-                conn = await Connection.open(self._bridge, address, self._secret, peer=f"mount:{self.mount_id}",
+                conn = await Connection.open(self._bridge, address, self._credential, peer=f"mount:{self.mount_id}",
                                              timeout=3)
             except Unauthorized:
                 raise
@@ -108,7 +109,7 @@ class VolumeSession:
         raise Unavailable(f'volume "{self.volume}"', "no node answers (" + "; ".join(errors) + ")")
 
     async def connect(self) -> None:
-        """First open: errors (unknown volume, wrong secret) go straight to the caller."""
+        """First open: errors (unknown volume, wrong credential) go straight to the caller."""
         info = await self._lookup()
         volumes = await self.peers.volumes(info.coordinator)
         self.meta, self.info = await volumes.open(self.volume, self.mount_id, self.read_only, self._invalidated,

@@ -1,4 +1,4 @@
-"""Connecting to a node: TCP, login with the cluster secret, typed trio-side clients.
+"""Connecting to a node: mutual TLS with a credential (pxfs.rpc.pki), typed trio-side clients.
 
 Every client method is one ``await`` in trio; the capnp work (building the request, reading the
 answer into plain Python values) happens on the bridge's thread.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,9 +16,10 @@ import trio
 
 from pxfs.errors import Invalid, PxfsError, Unauthorized, Unavailable
 from pxfs.model import NodeInfo, PoolInfo, VolumeInfo
-from pxfs.rpc import auth, convert
+from pxfs.rpc import convert, tls
 from pxfs.rpc.bridge import CAPNP_ATTRS, Bridge, CapnpError
 from pxfs.rpc.errors import decode
+from pxfs.rpc.pki import Credential
 from pxfs.rpc.schema import TRAVERSAL_LIMIT_WORDS, pxfs_capnp
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,16 @@ class AdminClient(_Caller):
     def __init__(self, bridge: Bridge, peer: str, cap: Any) -> None:
         super().__init__(bridge, peer)
         self.cap = cap
+
+    async def revoke_credential(self, serial: int, name: str) -> None:
+        async def go() -> None:
+            await self.cap.revokeCredential(f"{serial:x}", name)
+        await self.call(go)
+
+    async def revoked_credentials(self) -> list[dict[str, Any]]:
+        async def go() -> str:
+            return (await self.cap.revokedCredentials()).report
+        return json.loads(await self.call(go))
 
     async def cluster_info(self) -> dict[str, str]:
         async def go() -> dict[str, str]:
@@ -253,21 +263,27 @@ class Connection(_Caller):
         self._cap_lock = trio.Lock()
 
     @classmethod
-    async def open(cls, bridge: Bridge, address: str, secret: bytes, peer: str = "",
+    async def open(cls, bridge: Bridge, address: str, credential: Credential, peer: str = "",
                    timeout: float = CONNECT_TIMEOUT) -> Connection:
+        """Mutual TLS to ``address`` with ``credential``; the node must present a node certificate
+        of the same cluster CA (a mount's or admin's certificate cannot pose as a node)."""
         host, port = split_address(address)
+        shook = False
 
         async def go() -> Connection:
-            stream = await capnp.AsyncIoStream.create_connection(host=host, port=port, family=socket.AF_INET)
+            nonlocal shook
+            stream, server = await tls.connect(host, port, credential.client_context())
+            shook = True
+            if server.role != "node":
+                stream.close()
+                raise Unauthorized(f"node {address}", f"presented the credential of {server}, not of a node")
             client = capnp.TwoPartyClient(stream, traversal_limit_in_words=TRAVERSAL_LIMIT_WORDS)
             gateway = client.bootstrap().cast_as(pxfs_capnp.Gateway)
-            ch = await gateway.challenge()
-            client_nonce = auth.new_nonce()
-            proof = auth.client_proof(secret, bytes(ch.nonce), client_nonce)
-            r = await gateway.login(bytes(ch.nonce), client_nonce, proof, peer)
-            if not auth.check(auth.server_proof(secret, bytes(ch.nonce), client_nonce), bytes(r.serverProof)):
-                raise Unauthorized(f"node {address}", "node failed to prove the cluster secret")
-            return cls(bridge, address, client, r.session, ch.nodeId, ch.clusterId)
+            r = await gateway.hello(peer)
+            if r.nodeId != server.name:
+                client.close()
+                raise Unauthorized(f"node {address}", f"says it is {r.nodeId} but its certificate names {server.name}")
+            return cls(bridge, address, client, r.session, r.nodeId, r.clusterId)
 
         caller = _Caller(bridge, address)
         try:
@@ -276,7 +292,14 @@ class Connection(_Caller):
         except trio.TooSlowError:
             raise Unavailable(f"node {address}", f"no answer within {timeout:g}s") from None
         except Unavailable as err:
+            if shook:
+                # TLS 1.3: the node checks the client's certificate after the client thinks the
+                # handshake is done, and refuses by closing the connection.
+                raise Unauthorized(f"node {address}", f"closed the connection after the TLS handshake ({err.cause}): "
+                                   f"it refused credential {str(credential.path)!r} (another cluster's CA, expired, "
+                                   "or not valid yet)") from None
             raise Unavailable(f"node {address}", f"cannot connect: {err.cause}") from None
+
 
     async def _cap(self, name: str, iface: Any) -> Any:
         cap = self._caps.get(name)

@@ -1,4 +1,4 @@
-"""A node's listening socket: the Gateway (login) and the Session that hands out capabilities.
+"""A node's listening socket: mutual TLS, the Gateway and the Session that hands out capabilities by role.
 
 The capnp server classes of each interface live in ``pxfs.rpc.services``; they translate wire
 calls into awaits on the node's trio services, given here as a ``Services`` bundle.
@@ -14,9 +14,11 @@ from typing import Any
 import capnp
 
 from pxfs.errors import Unauthorized, Unavailable
-from pxfs.rpc import auth
+from pxfs.rpc import tls
+from pxfs.rpc.auth import require
 from pxfs.rpc.bridge import Bridge
 from pxfs.rpc.errors import served
+from pxfs.rpc.pki import Credential, Identity
 from pxfs.rpc.schema import TRAVERSAL_LIMIT_WORDS, pxfs_capnp
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,10 @@ class Services:
 
 
 class SessionServer(pxfs_capnp.Session.Server):
-    def __init__(self, bridge: Bridge, services: Services, peer: str) -> None:
-        self._bridge, self._services, self._peer = bridge, services, peer
+    """The capabilities a peer's role allows (``pxfs.rpc.auth``); each one checks per method too."""
+
+    def __init__(self, bridge: Bridge, services: Services, who: Identity) -> None:
+        self._bridge, self._services, self._who = bridge, services, who
 
     def _need(self, name: str) -> Any:
         svc = getattr(self._services, name)
@@ -48,88 +52,79 @@ class SessionServer(pxfs_capnp.Session.Server):
     async def admin(self, _context: Any, **_: Any) -> None:
         from pxfs.rpc.services import AdminServer
 
-        _context.results.admin = AdminServer(self._bridge, self._need("admin"))
+        _context.results.admin = AdminServer(self._bridge, self._need("admin"), self._who)
 
     @served
     async def chunks(self, _context: Any, **_: Any) -> None:
         from pxfs.rpc.services import ChunkStoreServer
 
-        _context.results.chunks = ChunkStoreServer(self._bridge, self._need("chunks"))
+        _context.results.chunks = ChunkStoreServer(self._bridge, self._need("chunks"), self._who,
+                                                   self._services.volumes)
 
     @served
     async def control(self, _context: Any, **_: Any) -> None:
         from pxfs.rpc.services import ControlStoreServer
 
-        _context.results.control = ControlStoreServer(self._bridge, self._need("control"))
+        require(self._who, "control store", "node")
+        _context.results.control = ControlStoreServer(self._bridge, self._need("control"), self._who)
 
     @served
     async def volumes(self, _context: Any, **_: Any) -> None:
         from pxfs.rpc.volume_server import VolumeServiceServer
 
-        _context.results.volumes = VolumeServiceServer(self._bridge, self._need("volumes"), self._peer)
+        _context.results.volumes = VolumeServiceServer(self._bridge, self._need("volumes"), self._who)
 
 
 class GatewayServer(pxfs_capnp.Gateway.Server):
-    """One per connection: the nonces it issued are single use and die with the connection."""
+    """One per connection, for the identity the TLS handshake verified."""
 
-    def __init__(self, bridge: Bridge, services: Services, secret: bytes, cluster_id: str, node_id: str,
-                 remote: str) -> None:
-        self._bridge, self._services, self._secret = bridge, services, secret
-        self._cluster_id, self._node_id, self._remote = cluster_id, node_id, remote
-        self._nonces: set[bytes] = set()
+    def __init__(self, bridge: Bridge, services: Services, cluster_id: str, node_id: str, who: Identity,
+                 revoked: bool) -> None:
+        self._bridge, self._services = bridge, services
+        self._cluster_id, self._node_id, self._who, self._revoked = cluster_id, node_id, who, revoked
         self.logged_in = False
 
     @served
-    async def challenge(self, _context: Any, **_: Any) -> None:
-        if len(self._nonces) >= 16:
-            raise Unauthorized(f"node {self._node_id}", "too many outstanding login challenges")
-        nonce = auth.new_nonce()
-        self._nonces.add(nonce)
-        r = _context.results
-        r.nonce, r.clusterId, r.nodeId, r.version = nonce, self._cluster_id, self._node_id, 1
-
-    @served
-    async def login(self, nonce: bytes, clientNonce: bytes, proof: bytes, peer: str,  # noqa: N803
-                    _context: Any, **_: Any) -> None:
-        nonce, client_nonce, proof = bytes(nonce), bytes(clientNonce), bytes(proof)
-        if nonce not in self._nonces:
-            log.warning("login refused peer=%s remote=%s cause=unknown-or-replayed-nonce", peer, self._remote)
-            raise Unauthorized(f"node {self._node_id}", "login refused: unknown or replayed challenge")
-        self._nonces.discard(nonce)
-        if len(client_nonce) != auth.NONCE_BYTES or not auth.check(
-            auth.client_proof(self._secret, nonce, client_nonce), proof
-        ):
-            log.warning("login refused peer=%s remote=%s cause=wrong-secret", peer, self._remote)
-            raise Unauthorized(f"node {self._node_id}", "login refused: wrong cluster secret")
+    async def hello(self, peer: str, _context: Any, **_: Any) -> None:
+        if self._revoked:
+            raise Unauthorized(f"node {self._node_id}", f"{self._who} is revoked")
         self.logged_in = True
         r = _context.results
-        r.session = SessionServer(self._bridge, self._services, peer or self._remote)
-        r.serverProof = auth.server_proof(self._secret, nonce, client_nonce)
+        r.session = SessionServer(self._bridge, self._services, self._who)
+        r.clusterId, r.nodeId, r.version = self._cluster_id, self._node_id, 2
 
 
 class RpcServer:
-    """Listens on one TCP port; every connection starts at a fresh Gateway."""
+    """Listens on one TCP port for mutual-TLS connections; each starts at a fresh Gateway.
 
-    def __init__(self, bridge: Bridge, services: Services, secret: bytes, cluster_id: str, node_id: str):
-        self._bridge, self._services, self._secret = bridge, services, secret
+    ``revoked``: serial numbers of credentials refused from now on; connections open under one are
+    closed by ``revoke``."""
+
+    def __init__(self, bridge: Bridge, services: Services, credential: Credential, cluster_id: str, node_id: str):
+        self._bridge, self._services, self._credential = bridge, services, credential
         self._cluster_id, self._node_id = cluster_id, node_id
         self._server: Any = None
+        self._gate: tls.Gate | None = None
+        self.revoked: set[int] = set()
+        self._streams: dict[int, set[Any]] = {}  # serial -> its open streams (capnp thread)
         self.port = 0
 
     async def listen(self, host: str, port: int) -> int:
-        async def on_connection(stream: Any) -> None:
-            remote = "?"
+        async def on_connection(stream: Any, who: Identity, remote: str) -> None:
+            if who.serial in self.revoked and self._gate is not None:
+                self._gate.refused(remote, f"{who} is revoked")  # hello says so to the peer
+            self._streams.setdefault(who.serial, set()).add(stream)
             try:
-                gateway = GatewayServer(self._bridge, self._services, self._secret, self._cluster_id,
-                                        self._node_id, remote)
+                gateway = GatewayServer(self._bridge, self._services, self._cluster_id, self._node_id, who,
+                                        who.serial in self.revoked)
                 server = capnp.TwoPartyServer(stream, bootstrap=gateway,
                                               traversal_limit_in_words=TRAVERSAL_LIMIT_WORDS)
 
                 async def login_deadline() -> None:
-                    # A peer that never logs in (or sends half a frame) must not hold a connection.
+                    # A peer that never says hello (or sends half a frame) must not hold a connection.
                     await asyncio.sleep(LOGIN_DEADLINE)
                     if not gateway.logged_in:
-                        log.info("connection closed: no login within %gs", LOGIN_DEADLINE)
+                        log.info("connection from %s closed: no hello within %gs", remote, LOGIN_DEADLINE)
                         stream.close()
 
                 deadline = asyncio.ensure_future(login_deadline())
@@ -139,13 +134,38 @@ class RpcServer:
                     deadline.cancel()
             except Exception as exc:  # noqa: BLE001 - a broken peer must never stop the node
                 log.info("connection closed with error: %s", str(exc).splitlines()[0][:200] if str(exc) else exc)
+            finally:
+                streams = self._streams.get(who.serial)
+                if streams is not None:
+                    streams.discard(stream)
+                    if not streams:
+                        del self._streams[who.serial]
 
         async def start() -> int:
-            self._server = await capnp.AsyncIoStream.create_server(on_connection, host, port)
+            self._gate = tls.Gate(self._credential.server_context(), on_connection)
+            self._server = await tls.serve(self._gate, host, port)
             return self._server.sockets[0].getsockname()[1]
 
         self.port = await self._bridge.run(start)
         return self.port
+
+    async def revoke(self, serials: set[int]) -> None:
+        """Refuse these credentials from now on and close the connections open under them."""
+        new = serials - self.revoked
+        if not new:
+            return
+        self.revoked |= new
+
+        async def cut() -> int:
+            n = 0
+            for serial in new:
+                for stream in list(self._streams.pop(serial, ())):
+                    stream.close()
+                    n += 1
+            return n
+
+        closed = await self._bridge.run(cut)
+        log.info("node=%s: %d credential(s) revoked, %d connection(s) closed", self._node_id, len(new), closed)
 
     async def close(self) -> None:
         async def stop() -> None:

@@ -9,15 +9,19 @@ import json
 from typing import Any
 
 from pxfs.cluster import records
-from pxfs.errors import Invalid
+from pxfs.cluster.admin import MAX_BLOCK
+from pxfs.errors import Invalid, Unauthorized
 from pxfs.model import NodeInfo
 from pxfs.rpc import convert
+from pxfs.rpc.auth import require, require_volume
 from pxfs.rpc.bridge import Bridge
 from pxfs.rpc.errors import served
+from pxfs.rpc.pki import Identity
 from pxfs.rpc.schema import pxfs_capnp
 
 MAX_KEY = 1024
 MAX_HAS = 65536
+MAX_CHUNK = MAX_BLOCK
 
 
 def _hash(h: Any) -> bytes:
@@ -34,8 +38,14 @@ def _key(key: str) -> str:
 
 
 class AdminServer(pxfs_capnp.Admin.Server):
-    def __init__(self, bridge: Bridge, admin: Any) -> None:
-        self._b, self._a = bridge, admin
+    """Reads for every role (a mount sees only its volumes); everything that changes the cluster
+    for admins only."""
+
+    def __init__(self, bridge: Bridge, admin: Any, who: Identity) -> None:
+        self._b, self._a, self._who = bridge, admin, who
+
+    def _admin(self, what: str) -> None:
+        require(self._who, what)
 
     @served
     async def clusterInfo(self, _context: Any, **_: Any) -> None:  # noqa: N802
@@ -53,69 +63,109 @@ class AdminServer(pxfs_capnp.Admin.Server):
     @served
     async def createVolume(self, name: str, size: int, repl: int, blockSize: int, labels: Any,  # noqa: N802,N803
                            minReplicas: int, _context: Any, **_: Any) -> None:
+        self._admin("create volume")
         vol = await self._b.to_trio(self._a.create_volume, name, size, repl, blockSize,
                                     convert.labels_from(labels), minReplicas)
         convert.volume_to(_context.results.init("volume"), vol)
 
     @served
     async def listVolumes(self, _context: Any, **_: Any) -> None:  # noqa: N802
-        vols = await self._b.to_trio(self._a.list_volumes)
+        vols = [v for v in await self._b.to_trio(self._a.list_volumes) if self._who.may_use(v.name)]
         out = _context.results.init("volumes", len(vols))
         for i, v in enumerate(vols):
             convert.volume_to(out[i], v)
 
     @served
     async def getVolume(self, name: str, _context: Any, **_: Any) -> None:  # noqa: N802
+        require_volume(self._who, name, f'volume "{name}"')
         convert.volume_to(_context.results.init("volume"), await self._b.to_trio(self._a.get_volume, name))
 
     @served
     async def resizeVolume(self, name: str, size: int, _context: Any, **_: Any) -> None:  # noqa: N802
+        self._admin("resize volume")
         vol = await self._b.to_trio(self._a.resize_volume, name, size)
         convert.volume_to(_context.results.init("volume"), vol)
 
     @served
     async def deleteVolume(self, name: str, force: bool, _context: Any, **_: Any) -> None:  # noqa: N802
+        self._admin("delete volume")
         await self._b.to_trio(self._a.delete_volume, name, force)
 
     @served
     async def haUpdate(self, name: str, repl: int, _context: Any, **_: Any) -> None:
+        self._admin("ha-update")
         convert.volume_to(_context.results.init("volume"), await self._b.to_trio(self._a.ha_update, name, repl))
 
     @served
     async def removeNode(self, id: str, force: bool, _context: Any, **_: Any) -> None:  # noqa: A002
+        self._admin("remove node")
         await self._b.to_trio(self._a.remove_node, id, force)
 
     @served
     async def promoteVolume(self, name: str, node: str, _context: Any, **_: Any) -> None:  # noqa: N802
+        self._admin("promote volume")
         convert.volume_to(_context.results.init("volume"), await self._b.to_trio(self._a.promote_volume, name, node))
 
     @served
     async def cloneVolume(self, source: str, name: str, _context: Any, **_: Any) -> None:
+        self._admin("clone volume")
         convert.volume_to(_context.results.init("volume"), await self._b.to_trio(self._a.clone_volume, source, name))
 
     @served
     async def scheduleSnapshots(self, name: str, everySeconds: int, keep: int, _context: Any, **_: Any) -> None:
+        self._admin("schedule snapshots")
         await self._b.to_trio(self._a.schedule_snapshots, name, everySeconds, keep)
 
     @served
     async def storeCheck(self, _context: Any, **_: Any) -> None:  # noqa: N802
+        self._admin("store check")
         _context.results.report = json.dumps(await self._b.to_trio(self._a.store_check))
 
     @served
     async def recover(self, _context: Any, **_: Any) -> None:
+        self._admin("cluster recover")
         _context.results.report = json.dumps(await self._b.to_trio(self._a.recover))
 
     @served
     async def repairVolume(self, name: str, _context: Any, **_: Any) -> None:
+        self._admin("repair volume")
         _context.results.requested = await self._b.to_trio(self._a.repair_volume, name)
 
 
+    @served
+    async def revokeCredential(self, serial: str, name: str, _context: Any, **_: Any) -> None:  # noqa: N802
+        self._admin("revoke credential")
+        try:
+            number = int(serial, 16)
+        except ValueError:
+            raise Invalid(f"credential {serial!r}", "serial must be hex") from None
+        await self._b.to_trio(self._a.revoke_credential, number, name[:64])
+
+    @served
+    async def revokedCredentials(self, _context: Any, **_: Any) -> None:  # noqa: N802
+        self._admin("list revoked credentials")
+        _context.results.report = json.dumps(await self._b.to_trio(self._a.revoked_credentials))
+
+
 class ChunkStoreServer(pxfs_capnp.ChunkStore.Server):
-    def __init__(self, bridge: Bridge, store: Any) -> None:
-        self._b, self._s = bridge, store
+    """Nodes and admins: everything. A mount: get, has, stats, and put only to a node holding a
+    replica of one of its volumes (a mount credential must not fill other nodes' pools)."""
+
+    def __init__(self, bridge: Bridge, store: Any, who: Identity, volumes: Any = None) -> None:
+        self._b, self._s, self._who, self._volumes = bridge, store, who, volumes
+
+    def _tools(self, what: str) -> None:
+        require(self._who, what, "node")
 
     @served
     async def put(self, hash: Any, data: Any, _context: Any, **_: Any) -> None:  # noqa: A002
+        if self._who.role == "mount":
+            held = set(self._volumes.held()) if self._volumes is not None else set()
+            if not any(self._who.may_use(v) for v in held):
+                raise Unauthorized("chunk put",
+                                   f"refused to {self._who}: this node holds no replica of its volumes")
+        if len(data) > MAX_CHUNK:
+            raise Invalid("chunk", f"{len(data)} bytes: larger than the largest block ({MAX_CHUNK})")
         _context.results.stored = await self._b.to_trio(self._s.put, _hash(hash), bytes(data))
 
     @served
@@ -141,6 +191,7 @@ class ChunkStoreServer(pxfs_capnp.ChunkStore.Server):
 
     @served
     async def verify(self, hashes: Any, _context: Any, **_: Any) -> None:
+        self._tools("verify chunks")
         if len(hashes) > MAX_HAS:
             raise Invalid("verify", f"at most {MAX_HAS} hashes per call")
         status = await self._b.to_trio(self._s.verify, [_hash(h) for h in hashes])
@@ -149,12 +200,14 @@ class ChunkStoreServer(pxfs_capnp.ChunkStore.Server):
             out[i] = st
 
     @served
-    async def collect(self, dryRun: bool, graceSeconds: float, _context: Any, **_: Any) -> None:
+    async def collect(self, dryRun: bool, graceSeconds: float, _context: Any, **_: Any) -> None:  # noqa: N803
+        self._tools("garbage collection")
         # The node checks the grace (pxfs.cluster.config.check_gc_grace): one rule, one message.
         _context.results.report = json.dumps(await self._b.to_trio(self._s.collect, dryRun, graceSeconds))
 
     @served
     async def list(self, after: Any, limit: int, _context: Any, **_: Any) -> None:
+        self._tools("list chunks")
         found = await self._b.to_trio(self._s.list_hashes, bytes(after), max(1, min(limit or 4096, MAX_HAS)))
         out = _context.results.init("hashes", len(found))
         for i, h in enumerate(found):
@@ -162,8 +215,10 @@ class ChunkStoreServer(pxfs_capnp.ChunkStore.Server):
 
 
 class ControlStoreServer(pxfs_capnp.ControlStore.Server):
-    def __init__(self, bridge: Bridge, store: Any) -> None:
-        self._b, self._s = bridge, store
+    """Nodes only (the Session checks); a node heartbeats for itself only."""
+
+    def __init__(self, bridge: Bridge, store: Any, who: Identity) -> None:
+        self._b, self._s, self._who = bridge, store, who
 
     @served
     async def get(self, key: str, _context: Any, **_: Any) -> None:
@@ -201,6 +256,8 @@ class ControlStoreServer(pxfs_capnp.ControlStore.Server):
         info: NodeInfo = convert.node_from(node)
         if not info.id or len(info.id) > 64:
             raise Invalid("heartbeat", "node id missing or too long")
+        if self._who.role == "node" and info.id != self._who.name:
+            raise Unauthorized(f"heartbeat of node {info.id}", f"refused to {self._who}: a node speaks for itself")
         await self._b.to_trio(self._s.heartbeat, info)
 
     @served

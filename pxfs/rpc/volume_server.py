@@ -10,8 +10,10 @@ from pxfs.errors import FsError, Invalid
 from pxfs.meta.opids import Op
 from pxfs.model import Changed
 from pxfs.rpc import convert
+from pxfs.rpc.auth import require, require_volume
 from pxfs.rpc.bridge import Bridge, within
 from pxfs.rpc.errors import served
+from pxfs.rpc.pki import Identity
 from pxfs.rpc.schema import pxfs_capnp
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,15 @@ def _data(value: Any, what: str, limit: int = MAX_DATA) -> bytes:
 
 
 class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
-    def __init__(self, bridge: Bridge, host: Any, peer: str) -> None:
-        self._b, self._h, self._peer = bridge, host, peer
+    """open: any role, for the volumes its credential names. Replication (apply, reset, lastSeq,
+    localReplicas): nodes only, and the sender is the node its certificate names."""
+
+    def __init__(self, bridge: Bridge, host: Any, who: Identity) -> None:
+        self._b, self._h, self._who = bridge, host, who
+        self._peer = who.name if who.role == "node" else ""
+
+    def _node(self, what: str) -> None:
+        require(self._who, what, "node")
 
     @served
     async def open(self, name: str, mountId: str, readOnly: bool, watcher: Any, handles: Any,  # noqa: N803
@@ -44,6 +53,7 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
             raise Invalid(f"volume {name[:80]!r}", "not a volume name")
         if len(handles) > MAX_HANDLES:
             raise Invalid("open", f"{len(handles)} open handles at once is more than {MAX_HANDLES}")
+        require_volume(self._who, name, f'volume "{name}"')
         held = [int(i) for i in handles]
         hv, info = await self._b.to_trio(self._h.open, name, mountId)
         if "@" not in name:
@@ -51,7 +61,7 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
             # this also tells a deferred orphan purge that the mount has come back.
             await self._b.to_trio(self._h.call, hv, lambda m: m.reopen(mountId, held))
         # A snapshot is read-only whatever the mount asked for.
-        server = VolumeServer(self._b, self._h, hv, mountId, readOnly or "@" in name, "@" in name)
+        server = VolumeServer(self._b, self._h, hv, mountId, readOnly or "@" in name, "@" in name, self._who)
         if _context.params._has("watcher") and "@" not in name:  # scrub, fsck and tools pass none
             server.watch(watcher)
         _context.results.volume = server
@@ -59,12 +69,14 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
 
     @served
     async def apply(self, name: str, epoch: int, seq: int, batch: Any, _context: Any, **_: Any) -> None:
+        self._node("replication")
         _context.results.seq = await self._b.to_trio(self._h.apply, name, epoch, seq, _data(batch, "batch", MAX_BATCH),
                                                       self._peer)
 
     @served
     async def applyMany(self, name: str, epoch: int, first: int, batches: Any, _context: Any,  # noqa: N802
                         **_: Any) -> None:
+        self._node("replication")
         if len(batches) > MAX_BATCHES:
             raise Invalid("applyMany", f"{len(batches)} batches at once is more than {MAX_BATCHES}")
         todo = [bytes(b) for b in batches]
@@ -74,15 +86,18 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
 
     @served
     async def lastSeq(self, name: str, _context: Any, **_: Any) -> None:  # noqa: N802
+        self._node("replication")
         seq, epoch, last_hash = await self._b.to_trio(self._h.last_seq, name)
         _context.results.seq, _context.results.epoch, _context.results.lastHash = seq, epoch, last_hash
 
     @served
     async def localReplicas(self, _context: Any, **_: Any) -> None:  # noqa: N802
+        self._node("local replicas")
         _context.results.replicas = await self._b.to_trio(self._h.local_replicas)
 
     @served
     async def reset(self, name: str, epoch: int, _context: Any, **_: Any) -> None:
+        self._node("replication")
         await self._b.to_trio(self._h.reset, name, epoch, self._peer)
 
 
@@ -90,8 +105,9 @@ class VolumeServer(pxfs_capnp.Volume.Server):
     """One mount's view of one volume; every call is one Meta operation at the coordinator."""
 
     def __init__(self, bridge: Bridge, host: Any, hv: Any, mount_id: str, read_only: bool,
-                 snapshot: bool = False) -> None:
+                 snapshot: bool, who: Identity) -> None:
         self._b, self._h, self._hv, self._mount, self._ro = bridge, host, hv, mount_id, read_only
+        self._who = who  # a mount may change files; snapshots, restore and fsck repair are admin work
         self._snapshot = snapshot  # a snapshot's keyspace is never written, not even to forget a mount
         self._watcher: Any = None
 
@@ -306,16 +322,19 @@ class VolumeServer(pxfs_capnp.Volume.Server):
     @served
     async def fsck(self, repair: bool, _context: Any, **_: Any) -> None:
         if repair:
+            require(self._who, "fsck --repair")
             self._rw()
         _context.results.report = await self._b.to_trio(self._h.fsck, self._hv, repair)
 
     @served
-    async def snapshotCreate(self, name: str, _context: Any, **_: Any) -> None:
+    async def snapshotCreate(self, name: str, _context: Any, **_: Any) -> None:  # noqa: N802
+        require(self._who, "snapshot create")
         self._rw()
         await self._b.to_trio(self._h.snapshot_create, self._hv, name)
 
     @served
-    async def snapshotDelete(self, name: str, _context: Any, **_: Any) -> None:
+    async def snapshotDelete(self, name: str, _context: Any, **_: Any) -> None:  # noqa: N802
+        require(self._who, "snapshot delete")
         self._rw()
         await self._b.to_trio(self._h.snapshot_delete, self._hv, name)
 
@@ -328,6 +347,7 @@ class VolumeServer(pxfs_capnp.Volume.Server):
 
     @served
     async def restore(self, name: str, _context: Any, **_: Any) -> None:
+        require(self._who, "volume restore")
         self._rw()
         await self._b.to_trio(self._h.restore, self._hv, name)
 

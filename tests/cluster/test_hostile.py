@@ -29,10 +29,11 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pxfs.cluster.config import load_config, load_secret
+from pxfs.cluster.config import load_config
 from pxfs.errors import Conflict, Corrupt, FsError, Invalid, NoSpace, NotFound, PxfsError
 from pxfs.meta.kv import Batch
 from pxfs.model import VolumeInfo
+from pxfs.rpc import pki
 from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import Connection, _Caller
 from pxfs.rpc.volume_client import VolumeClient, VolumeServiceClient
@@ -151,10 +152,11 @@ async def opened(cluster: Cluster, name: str) -> AsyncIterator[tuple[VolumeServi
 
 @asynccontextmanager
 async def coordinator_identity(cluster: Cluster, index: int, coordinator: str) -> AsyncIterator[VolumeServiceClient]:
-    """Node ``index``'s VolumeService, called with the coordinator's identity (a compromised coordinator)."""
+    """Node ``index``'s VolumeService, called with the coordinator's own credential (a compromised coordinator)."""
     cfg = load_config(cluster.dir)
     async with open_bridge() as bridge:
-        conn = await Connection.open(bridge, cfg.addresses()[index], load_secret(cluster.dir), peer=coordinator)
+        credential = pki.load(cluster.dir / "nodes" / coordinator / "state" / "credential")
+        conn = await Connection.open(bridge, cfg.addresses()[index], credential, peer="hostile")
         vs = VolumeServiceClient(conn.bridge, conn.peer, await conn.volumes_cap())
         try:
             yield vs

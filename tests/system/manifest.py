@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, TextIO
 import blake3
 import trio
 
-from pxfs.cluster.config import load_config, load_secret
+from pxfs.cluster.config import load_config, load_credential
 from pxfs.cluster.peers import Peers
 from pxfs.errors import NotFound, PxfsError, Unauthorized, Unavailable
 from pxfs.model import VolumeInfo
@@ -366,11 +366,11 @@ class VerifySession:
 
 async def _admin_lookup(bridge: Bridge, cluster: Cluster, volume: str) -> tuple[VolumeInfo, dict[str, str]]:
     """The volume's spec and node id -> address, from the first node that answers (as mountd does)."""
-    secret = load_secret(cluster.dir)
+    credential = load_credential(cluster.dir)
     failures = []
     for address in load_config(cluster.dir).addresses():
         try:
-            conn = await Connection.open(bridge, address, secret, peer=f"verify@{socket.gethostname()}", timeout=3)
+            conn = await Connection.open(bridge, address, credential, peer=f"verify@{socket.gethostname()}", timeout=3)
         except Unauthorized:
             raise
         except PxfsError as err:
@@ -413,7 +413,7 @@ async def verify_session(cluster: Cluster, volume: str) -> AsyncIterator[VerifyS
             return addresses[node_id]
 
         mount_id = f"verify-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        peers = Peers(bridge, load_secret(cluster.dir), f"mount:{mount_id}", resolve)
+        peers = Peers(bridge, load_credential(cluster.dir), f"mount:{mount_id}", resolve)
         stack.push_async_callback(_shielded(peers.close))
         service = await peers.volumes(info.coordinator)
         stack.push_async_callback(_shielded(service.drop))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pxfs.rpc import pki
 from tests.conftest import PXFS, Cluster, eventually, is_mounted, mounted
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and FUSE")
@@ -246,9 +247,10 @@ def test_mount_bad_input(shared_cluster: Cluster, vol: str, tmp_path: Path) -> N
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     (wrong / "cluster.json").write_text((shared_cluster.dir / "cluster.json").read_text())
-    (wrong / "secret").write_text("ab" * 32 + "\n")
+    pki.make_ca(wrong, "another")  # an admin credential of another cluster's CA
+    pki.issue(wrong, wrong / "admin", "admin", "admin")
     proc = subprocess.run([*PXFS, "mount", vol, str(mp), "--cluster", str(wrong)], capture_output=True, text=True)
-    assert proc.returncode == 1 and "wrong cluster secret" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "TLS handshake failed" in proc.stderr, proc.stderr
     assert not is_mounted(mp)
 
 
