@@ -19,12 +19,12 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, Setatt
 
 from pxfs.errors import FsError
 from pxfs.fuse.errors import fuse_op
+from pxfs.meta.names import NAME_MAX
 from pxfs.model import Attr
 from pxfs.vfs.vfs import Vfs
 
 log = logging.getLogger(__name__)
 
-NAME_MAX = 255
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 

@@ -25,8 +25,9 @@ from pxfs.meta.dirs import RENAME_EXCHANGE, RENAME_NOREPLACE
 from pxfs.meta.handles import OpenHandles, PendingPurge
 from pxfs.meta.keys import HASH_LEN, ROOT_INO, Attr
 from pxfs.meta.kv import KV
+from pxfs.meta.names import check_name
 from pxfs.meta.opids import Op
-from pxfs.meta.txn import Txn, check_name
+from pxfs.meta.txn import Txn
 
 __all__ = ["RENAME_EXCHANGE", "RENAME_NOREPLACE", "XATTR_CREATE", "XATTR_REPLACE", "Attr", "Meta", "Op"]
 
@@ -121,8 +122,6 @@ class Meta:
             return d
         if name == b"..":
             return txn.attr(d.parent)
-        if len(name) > 255:
-            raise FsError(errno.ENAMETOOLONG, repr(name[:32]), "name longer than 255 bytes")
         return txn.child(parent, name)
 
     def _create(

@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from pxfs.errors import FsError, PxfsError
+from pxfs.meta.names import check_length
 from pxfs.model import Attr
 from pxfs.vfs.cache import ChunkCache, run_all
 from pxfs.vfs.dircache import KnownDirs
@@ -218,6 +219,7 @@ class Vfs:
 
     # -- names and metadata: to the metadata, with local sizes of dirty files --------------------
     async def lookup(self, parent: int, name: bytes) -> Attr:
+        check_length(name)  # before the known-names answer: a too long name is never just absent
         if self.known.missing(parent, name):
             raise FsError(errno.ENOENT, f"name {name[:80]!r}", "no such entry")
         return self._patch(await self.meta.lookup(parent, name))
