@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
+def _privileged(ctx: RequestContext) -> bool:
+    """CAP_SYS_ADMIN, as far as FUSE tells: the request comes from uid 0 (of the mount's namespace)."""
+    return ctx.uid == 0
+
+
 class Operations(pyfuse3.Operations):
     # The kernel writeback cache would make the kernel the owner of size and mtime between flushes,
     # which breaks close-to-open coherence between mounts on different hosts.
@@ -263,20 +268,20 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
         self._writable()
         # pyfuse3 checks XATTR_CREATE / XATTR_REPLACE itself (through getxattr) before calling us.
-        await self.vfs.setxattr(inode, name, value, 0)
+        await self.vfs.setxattr(inode, name, value, 0, privileged=_privileged(ctx))
 
     @fuse_op
     async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
-        return await self.vfs.getxattr(inode, name)
+        return await self.vfs.getxattr(inode, name, privileged=_privileged(ctx))
 
     @fuse_op
     async def listxattr(self, inode: int, ctx: RequestContext) -> Sequence[bytes]:
-        return await self.vfs.listxattr(inode)
+        return await self.vfs.listxattr(inode, privileged=_privileged(ctx))
 
     @fuse_op
     async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
         self._writable()
-        await self.vfs.removexattr(inode, name)
+        await self.vfs.removexattr(inode, name, privileged=_privileged(ctx))
 
     # -- the volume -----------------------------------------------------------------------------
     @fuse_op

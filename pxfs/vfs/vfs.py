@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from pxfs.errors import FsError, PxfsError
+from pxfs.meta import xattrs
 from pxfs.meta.names import check_length
 from pxfs.model import Attr
 from pxfs.vfs.cache import ChunkCache, run_all
@@ -282,11 +283,15 @@ class Vfs:
     async def readdir(self, ino: int, after: bytes = b"", limit: int = READDIR_PAGE) -> list[tuple[bytes, Attr]]:
         return [(name, self._patch(a)) for name, a in await self.meta.readdir(ino, after, limit)]
 
-    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+    # xattrs: ``privileged`` is the caller's CAP_SYS_ADMIN (uid 0), which only the mount knows.
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, *,
+                       privileged: bool = False) -> None:
+        xattrs.for_caller(ino, name, privileged, writing=True)
         self._no_xattr.pop(ino, None)
         await self.meta.setxattr(ino, name, value, flags)
 
-    async def getxattr(self, ino: int, name: bytes) -> bytes:
+    async def getxattr(self, ino: int, name: bytes, *, privileged: bool = False) -> bytes:
+        xattrs.for_caller(ino, name, privileged, writing=False)
         # The kernel asks for security.capability before every write(2): a known absence saves a
         # round trip per write.
         if name in self._no_xattr.get(ino, ()):
@@ -300,10 +305,11 @@ class Vfs:
                 self._no_xattr.setdefault(ino, set()).add(name)
             raise
 
-    async def listxattr(self, ino: int) -> list[bytes]:
-        return await self.meta.listxattr(ino)
+    async def listxattr(self, ino: int, *, privileged: bool = False) -> list[bytes]:
+        return xattrs.listed(await self.meta.listxattr(ino), privileged)
 
-    async def removexattr(self, ino: int, name: bytes) -> None:
+    async def removexattr(self, ino: int, name: bytes, *, privileged: bool = False) -> None:
+        xattrs.for_caller(ino, name, privileged, writing=True)
         self._no_xattr.pop(ino, None)
         await self.meta.removexattr(ino, name)
 

@@ -110,6 +110,16 @@ def test_xattrs(fake_mount: FakeMount) -> None:
     with pytest.raises(OSError) as info:
         os.getxattr(p, "user.k")
     assert info.value.errno == errno.ENODATA
+    # Namespaces as ext4 answers them (we are root here: trusted.* is ours).
+    os.setxattr(p, "trusted.t", b"1")
+    os.setxattr(p, "security.s", b"2")
+    assert sorted(os.listxattr(p)) == ["security.s", "trusted.t"]
+    os.mkfifo(fake_mount.path / "fifo")
+    for name, target, code in (("foo.bar", p, errno.EOPNOTSUPP), ("system.foo", p, errno.EOPNOTSUPP),
+                               ("user.x", fake_mount.path / "fifo", errno.EPERM)):
+        with pytest.raises(OSError) as info:
+            os.setxattr(target, name, b"v")
+        assert info.value.errno == code, name
 
 
 def test_statfs_and_quota(fake_mount: FakeMount) -> None:
