@@ -37,6 +37,11 @@ class Operations(pyfuse3.Operations):
     # The kernel writeback cache would make the kernel the owner of size and mtime between flushes,
     # which breaks close-to-open coherence between mounts on different hosts.
     enable_writeback_cache = False
+    # FUSE_POSIX_ACL: the kernel checks access against system.posix_acl_* (read from us, cached) as
+    # well as the mode; keeping ACLs and mode in step is the metadata's (pxfs.meta.xattrs). Without
+    # FUSE_DONT_MASK (pyfuse3 does not ask for it) the kernel applies the umask to a create even
+    # under a default ACL, which POSIX says should replace it.
+    enable_acl = True
     supports_dot_lookup = True
 
     def __init__(self, vfs: Vfs, *, attr_timeout: float = 1.0, entry_timeout: float = 1.0,

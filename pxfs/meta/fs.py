@@ -136,6 +136,7 @@ class Meta:
             if is_dir:
                 mode |= stat.S_ISGID
         a = txn.new_inode(mode, uid, gid, rdev, parent if is_dir else 0)
+        xattrs.inherit(txn, p, a)
         if is_dir:
             a.nlink = 2
             p.nlink += 1
@@ -245,6 +246,7 @@ class Meta:
         a = txn.attr(ino)
         if mode is not None:
             a.mode = stat.S_IFMT(a.mode) | (mode & 0o7777)
+            xattrs.chmod(txn, a)
         if uid is not None:
             a.uid = uid
         if gid is not None:

@@ -9,7 +9,10 @@ in fs/xattr.c: CAP_SYS_ADMIN for ``trusted.*`` reads and writes, file types and 
 - ``user.*`` only on regular files and directories: EPERM to change, ENODATA to read elsewhere;
 - ``trusted.*`` is neither read, written nor listed for an unprivileged caller. Only the mount
   knows the caller, so it asks ``for_caller`` and ``listed`` (``pxfs.vfs``); the kernel's own check
-  stands in front of it.
+  stands in front of it;
+- the POSIX ACL names hold ACLs (``pxfs.meta.acl``): setting the access ACL sets the mode, and one
+  a mode can say is not kept; chmod rewrites the access ACL (``chmod``); a new inode gets its
+  parent's default ACL (``inherit``). Removing an ACL that is not there is no error, as on ext4.
 
 Each function fills one ``Txn`` (or reads through one) and leaves committing to the caller.
 """
@@ -20,7 +23,7 @@ import errno
 import stat
 
 from pxfs.errors import FsError
-from pxfs.meta import keys
+from pxfs.meta import acl, keys
 from pxfs.meta.txn import Txn
 
 XATTR_CREATE = 1
@@ -81,6 +84,9 @@ def set_xattr(txn: Txn, ino: int, name: bytes, value: bytes, flags: int) -> None
         raise FsError(errno.E2BIG, f"inode {ino}", f"xattr value of {len(value)} bytes (at most {SIZE_MAX})")
     a = txn.attr(ino)
     _check_type(a, name, writing=True)
+    if name in (ACL_ACCESS, ACL_DEFAULT):
+        _set_acl(txn, a, name, acl.decode(value, f"inode {ino} {name.decode()}"))
+        return
     key = keys.xattr_key(ino, name)
     exists = txn.get(key) is not None
     if flags & XATTR_CREATE and exists:
@@ -110,8 +116,63 @@ def remove_xattr(txn: Txn, ino: int, name: bytes) -> None:
     check_name(ino, name)
     a = txn.attr(ino)
     _check_type(a, name, writing=True)
+    if name in (ACL_ACCESS, ACL_DEFAULT):
+        _set_acl(txn, a, name, None)  # the mode stays what the ACL made it
+        return
     key = keys.xattr_key(ino, name)
     if txn.get(key) is None:
         raise FsError(errno.ENODATA, f"inode {ino}", f"no xattr {name[:80]!r}")
     txn.delete(key)
     txn.save(a)
+
+
+# -- POSIX ACLs ---------------------------------------------------------------------------------
+def _set_acl(txn: Txn, a: keys.Attr, name: bytes, entries: acl.Acl | None) -> None:
+    """Keep ``entries`` (None: remove) as ``a``'s access or default ACL, as ext4's ``__ext4_set_acl``."""
+    if stat.S_ISLNK(a.mode):
+        raise FsError(errno.EOPNOTSUPP, f"inode {a.ino}", "a symlink has no ACLs")
+    key = keys.xattr_key(a.ino, name)
+    if name == ACL_DEFAULT:
+        if not stat.S_ISDIR(a.mode):
+            if entries is None:
+                return
+            raise FsError(errno.EACCES, f"inode {a.ino}", "a default ACL is for directories only")
+    elif entries is not None:
+        a.mode, more = acl.equiv_mode(entries, a.mode)
+        if not more:
+            entries = None  # the mode says it all
+    if entries is None:
+        if txn.get(key) is not None:
+            txn.delete(key)
+    else:
+        txn.put(key, acl.encode(entries))
+    txn.save(a)
+
+
+def chmod(txn: Txn, a: keys.Attr) -> None:
+    """``a``'s mode changed: its access ACL, if it has one, follows (owner, mask or group, other)."""
+    key = keys.xattr_key(a.ino, ACL_ACCESS)
+    raw = txn.get(key)
+    if raw is None or stat.S_ISLNK(a.mode):
+        return
+    entries = acl.decode(raw, f"inode {a.ino} access ACL")
+    if entries is not None:
+        txn.put(key, acl.encode(acl.chmod(entries, a.mode)))
+
+
+def inherit(txn: Txn, parent: keys.Attr, a: keys.Attr) -> None:
+    """A new inode ``a`` in ``parent``: its access ACL and mode from the parent's default ACL, masked
+    by the create mode, and for a directory the default ACL itself (``posix_acl_create``)."""
+    if stat.S_ISLNK(a.mode):
+        return
+    raw = txn.get(keys.xattr_key(parent.ino, ACL_DEFAULT))
+    if raw is None:
+        return
+    default = acl.decode(raw, f"inode {parent.ino} default ACL")
+    if default is None:
+        return
+    access, a.mode, more = acl.create_masq(default, a.mode)
+    if more:
+        txn.put(keys.xattr_key(a.ino, ACL_ACCESS), acl.encode(access))
+    if stat.S_ISDIR(a.mode):
+        txn.put(keys.xattr_key(a.ino, ACL_DEFAULT), raw)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.fuse.conftest import FakeMount, start_mount
+from tests.posix_acl import check_acls, needs_acl_tools, reachable_dir
 
 BLOCK = 128 << 10  # the fake mount's default block size
 AT_FDCWD = -100
@@ -175,3 +176,13 @@ def test_read_only_mount(tmp_path: Path) -> None:
         assert os.listdir(m.path) == []
     finally:
         m.unmount()
+
+
+def test_posix_acls_as_other_users(tmp_path: Path) -> None:
+    needs_acl_tools()
+    with reachable_dir() as d:
+        m = start_mount(d / "mnt", tmp_path / "mount.log", "--allow-other")
+        try:
+            check_acls(m.path)
+        finally:
+            m.unmount()

@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from pxfs.errors import FsError
-from pxfs.meta import xattrs
+from pxfs.meta import acl, xattrs
 from pxfs.meta.fs import Meta
 from tests.meta.test_fs import ROOT, fails, mkdir, mkfile
 
@@ -63,3 +63,91 @@ def test_trusted_is_for_the_privileged_caller(writing: bool) -> None:
     names = [b"security.s", b"trusted.t", b"user.u"]
     assert xattrs.listed(names, privileged=True) == names
     assert xattrs.listed(names, privileged=False) == [b"security.s", b"user.u"]
+
+
+# -- POSIX ACLs -----------------------------------------------------------------------------------
+def acl_value(*entries: tuple[int, int, int]) -> bytes:
+    return acl.encode(tuple(acl.Entry(tag, perm, id_) for tag, perm, id_ in entries))
+
+
+U = acl.UNDEFINED_ID
+
+
+def base(user: int, group: int, other: int) -> list[tuple[int, int, int]]:
+    return [(acl.USER_OBJ, user, U), (acl.GROUP_OBJ, group, U), (acl.OTHER, other, U)]
+
+
+def with_user(uid: int, perm: int, user: int, group: int, mask: int, other: int) -> bytes:
+    return acl_value((acl.USER_OBJ, user, U), (acl.USER, perm, uid), (acl.GROUP_OBJ, group, U),
+                     (acl.MASK, mask, U), (acl.OTHER, other, U))
+
+
+def test_an_access_acl_a_mode_can_say_is_only_the_mode(meta: Meta) -> None:
+    """setfacl -m o::--- on a 0644 file: mode 0640, and nothing kept as an xattr."""
+    f = mkfile(meta, ROOT, b"f", 0o644)
+    meta.setxattr(f.ino, xattrs.ACL_ACCESS, acl_value(*base(6, 4, 0)))
+    assert stat.S_IMODE(meta.getattr(f.ino).mode) == 0o640
+    assert meta.listxattr(f.ino) == []
+    fails(errno.ENODATA, meta.getxattr, f.ino, xattrs.ACL_ACCESS)
+
+
+def test_an_access_acl_with_a_named_user_is_kept_and_its_mask_is_the_group_bits(meta: Meta) -> None:
+    f = mkfile(meta, ROOT, b"f", 0o600)
+    value = with_user(1000, 4, user=6, group=0, mask=4, other=0)  # setfacl -m u:1000:r
+    meta.setxattr(f.ino, xattrs.ACL_ACCESS, value)
+    assert stat.S_IMODE(meta.getattr(f.ino).mode) == 0o640
+    assert meta.getxattr(f.ino, xattrs.ACL_ACCESS) == value
+    # chmod rewrites owner, mask and other; the named entry and the owning group stay.
+    meta.setattr(f.ino, mode=0o705)
+    assert meta.getxattr(f.ino, xattrs.ACL_ACCESS) == with_user(1000, 4, user=7, group=0, mask=0, other=5)
+    # Removing the ACL keeps the mode it left.
+    meta.removexattr(f.ino, xattrs.ACL_ACCESS)
+    meta.removexattr(f.ino, xattrs.ACL_ACCESS)  # not there: no error, as on ext4
+    assert stat.S_IMODE(meta.getattr(f.ino).mode) == 0o705 and meta.listxattr(f.ino) == []
+
+
+def test_a_default_acl_of_base_entries_masks_the_mode_only(meta: Meta) -> None:
+    d = mkdir(meta, ROOT, b"d")
+    # A default ACL with only base entries is kept (it is not a mode), and a file gets its masq.
+    meta.setxattr(d.ino, xattrs.ACL_DEFAULT, acl_value(*base(7, 5, 0)))
+    f = meta.mknod(d.ino, b"f", stat.S_IFREG | 0o666, 0, 0, 0)
+    assert stat.S_IMODE(f.mode) == 0o640 and meta.listxattr(f.ino) == []
+
+
+def test_a_default_acl_is_inherited(meta: Meta) -> None:
+    d = mkdir(meta, ROOT, b"d")
+    default = with_user(1000, 7, user=7, group=5, mask=7, other=0)  # setfacl -d -m u:1000:rwx
+    meta.setxattr(d.ino, xattrs.ACL_DEFAULT, default)
+    assert stat.S_IMODE(meta.getattr(d.ino).mode) == 0o755  # a default ACL leaves the mode alone
+    f = meta.mknod(d.ino, b"f", stat.S_IFREG | 0o644, 0, 0, 0)
+    # The create mode masks the ACL: owner rw, mask r (from the group bits 4), other none.
+    assert stat.S_IMODE(f.mode) == 0o640
+    assert meta.getxattr(f.ino, xattrs.ACL_ACCESS) == with_user(1000, 7, user=6, group=5, mask=4, other=0)
+    assert xattrs.ACL_DEFAULT not in meta.listxattr(f.ino)
+    sub = meta.mkdir(d.ino, b"sub", 0o777, 0, 0)
+    assert stat.S_IMODE(sub.mode) == 0o770
+    assert meta.getxattr(sub.ino, xattrs.ACL_DEFAULT) == default  # and on to its children
+    assert meta.getxattr(sub.ino, xattrs.ACL_ACCESS) == with_user(1000, 7, user=7, group=5, mask=7, other=0)
+    link = meta.symlink(d.ino, b"l", b"f", 0, 0)
+    assert stat.S_IMODE(link.mode) == 0o777 and meta.listxattr(link.ino) == []
+
+
+def test_acl_errors(meta: Meta) -> None:
+    f = mkfile(meta, ROOT, b"f")
+    link = meta.symlink(ROOT, b"l", b"f", 0, 0)
+    seq = meta.kv.seq
+    fails(errno.EACCES, meta.setxattr, f.ino, xattrs.ACL_DEFAULT, acl_value(*base(7, 5, 5)))
+    fails(errno.EOPNOTSUPP, meta.setxattr, link.ino, xattrs.ACL_ACCESS, acl_value(*base(7, 5, 5)))
+    bad = [b"", b"\x02\x00\x00", b"\x01\x00\x00\x00" + acl_value(*base(7, 5, 5))[4:],
+           acl_value(*base(7, 5, 5))[:-1], acl_value(*base(7, 5, 5))[:-8],  # no OTHER
+           acl_value((acl.USER_OBJ, 7, U), (acl.USER, 7, 5), (acl.GROUP_OBJ, 5, U), (acl.OTHER, 0, U)),  # no mask
+           acl_value((acl.GROUP_OBJ, 5, U), (acl.USER_OBJ, 7, U), (acl.OTHER, 0, U)),  # out of order
+           acl_value((acl.USER_OBJ, 8, U), (acl.GROUP_OBJ, 5, U), (acl.OTHER, 0, U)),  # perm past rwx
+           acl_value((acl.USER_OBJ, 7, U), (0x40, 5, U), (acl.OTHER, 0, U))]  # unknown tag
+    for value in bad:
+        with pytest.raises(FsError) as e:
+            meta.setxattr(f.ino, xattrs.ACL_ACCESS, value)
+        assert e.value.errno in (errno.EINVAL, errno.EOPNOTSUPP), value
+    assert meta.kv.seq == seq
+    meta.setxattr(f.ino, xattrs.ACL_ACCESS, b"\x02\x00\x00\x00")  # a header without entries: no ACL
+    assert meta.listxattr(f.ino) == []

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PXFS, Cluster, eventually, is_mounted, mounted
+from tests.posix_acl import check_acls, needs_acl_tools, reachable_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and FUSE")
 
@@ -80,6 +81,17 @@ def test_files_dirs_links(shared_cluster: Cluster, vol: str, tmp_path: Path) -> 
             with pytest.raises(OSError) as e:
                 call()
             assert e.value.errno == errno.ENAMETOOLONG
+
+
+def test_posix_acls_and_xattr_namespaces_as_other_users(shared_cluster: Cluster, vol: str) -> None:
+    """setfacl/getfacl through a real pxfs mount (the ACLs go over RPC to the coordinator's Meta),
+    read back as uid 1000 and 1001."""
+    needs_acl_tools()
+    with reachable_dir() as d, mounted(shared_cluster, vol, d / "mnt", "-o", "allow_other") as m:
+        check_acls(m.path)
+        with pytest.raises(OSError) as e:
+            os.setxattr(m.path / "acl" / "open", "system.foo", b"1")
+        assert e.value.errno == errno.EOPNOTSUPP
 
 
 def test_rename_variants(shared_cluster: Cluster, vol: str, tmp_path: Path) -> None:
