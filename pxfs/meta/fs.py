@@ -371,10 +371,8 @@ class Meta:
     def chunk_refs(self) -> dict[bytes, int]:
         """Every chunk the volume's block maps name, with its size in use (for repair and scrub)."""
         refs: dict[bytes, int] = {}
-        for key, value in self.kv.scan(b"A"):
-            if len(key) == 18 and key[9:10] == b"C":
-                digest, length = keys.decode_block(value)
-                refs[digest] = max(refs.get(digest, 0), length)
+        for _key, digest, length in keys.block_entries(self.kv.scan(keys.INODE_PREFIX)):
+            refs[digest] = max(refs.get(digest, 0), length)
         return refs
 
     def locate_chunks(self, hashes: set[bytes]) -> list[tuple[bytes, bytes, int, int]]:
@@ -391,14 +389,10 @@ class Meta:
                     todo.append(attr.ino)
                 elif stat.S_ISREG(attr.mode):
                     paths.setdefault(attr.ino, path)
-        for key, value in self.kv.scan(b"A"):
-            if len(key) == 18 and key[9:10] == b"C":
-                digest, length = keys.decode_block(value)
-                if digest in hashes:
-                    ino = int.from_bytes(key[1:9], "big")
-                    idx = int.from_bytes(key[10:18], "big")
-                    path = paths.get(ino, f"<orphan ino {ino}>".encode())
-                    out.append((digest, path, idx * self.block_size, length))
+        for key, digest, length in keys.block_entries(self.kv.scan(keys.INODE_PREFIX)):
+            if digest in hashes:
+                path = paths.get(key.ino, f"<orphan ino {key.ino}>".encode())
+                out.append((digest, path, key.idx * self.block_size, length))
         return out
 
     def statfs(self) -> dict[str, int]:
