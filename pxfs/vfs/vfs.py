@@ -75,6 +75,7 @@ class Vfs:
                 await self.writeback.sync(st)
             except PxfsError as err:
                 log.error("flush of inode=%d at close failed: %s", st.ino, err)
+                st.failed(err)  # handles still open on it hear of it
                 failure = failure or err
         if failure is not None:
             raise failure
@@ -176,10 +177,22 @@ class Vfs:
         return len(data)
 
     async def flush(self, fh: int) -> None:
-        await self.writeback.flush(self._handle(fh).inode)
+        await self._flush(self._handle(fh))
 
     async def fsync(self, fh: int) -> None:
-        await self.writeback.flush(self._handle(fh).inode)
+        await self._flush(self._handle(fh))
+
+    async def _flush(self, h: Handle) -> None:
+        """Commit the file's data, then raise a write-back failure this handle has not reported: its
+        own, or one another handle's flush or a background upload met (even if this retry went through)."""
+        try:
+            await self.writeback.flush(h.inode)
+        except PxfsError:
+            h.unreported()  # this failure is the report, of it and of any earlier one
+            raise
+        err = h.unreported()
+        if err is not None:
+            raise err
 
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
@@ -187,7 +200,7 @@ class Vfs:
             return
         st = h.inode
         try:
-            await self.writeback.flush(st)
+            await self._flush(h)
         finally:
             # A failed flush keeps the inode (and its dirty blocks) for the timer to retry.
             st.handles -= 1
