@@ -68,17 +68,33 @@ class Vfs:
                 self._nursery = self.writeback.tasks = None
 
     async def close(self) -> None:
-        """Flush everything; raises the first failure after trying every inode."""
+        """Flush everything (unmount, and ``pxfs umount``'s flush before it); raises the first failure
+        after trying every inode, whose data stays buffered."""
         failure: PxfsError | None = None
         for st in self.writeback.dirty_inodes():
             try:
                 await self.writeback.sync(st)
             except PxfsError as err:
+                if st.handles == 0 and (err.errno in (errno.ENOENT, errno.ESTALE) or await self._gone(st.ino)):
+                    # Unlinked and closed: its data has nowhere to go, as on a local disk.
+                    log.info("inode=%d is gone; dropping its unflushed blocks", st.ino)
+                    self.writeback.discard(st)
+                    continue
                 log.error("flush of inode=%d at close failed: %s", st.ino, err)
                 st.failed(err)  # handles still open on it hear of it
                 failure = failure or err
         if failure is not None:
             raise failure
+
+    async def _gone(self, ino: int) -> bool:
+        """Whether the metadata says ``ino`` no longer exists (a flush may fail before it asks)."""
+        try:
+            await self.meta.getattr(ino)
+        except FsError as err:
+            return err.errno in (errno.ENOENT, errno.ESTALE)
+        except PxfsError:
+            return False
+        return False
 
     def _forget_if_idle(self, st: OpenInode) -> None:
         if st.handles == 0 and not st.dirty and self._inodes.get(st.ino) is st:

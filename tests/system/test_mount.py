@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PXFS, Cluster, eventually, is_mounted, mounted
+from tests.conftest import PXFS, Cluster, eventually, is_mounted, mount, mounted
 from tests.posix_acl import check_acls, needs_acl_tools, reachable_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and FUSE")
@@ -242,6 +242,8 @@ def test_quota_gives_enospc(shared_cluster: Cluster, tmp_path: Path) -> None:
         assert e.value.errno == errno.ENOSPC
         sv = os.statvfs(m.path)
         assert sv.f_blocks * sv.f_frsize == 4 << 20
+        # What did not fit is still buffered, and umount would refuse to drop it: give it up.
+        os.unlink(m.path / "big")
 
 
 def _mount_rc(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
@@ -324,3 +326,34 @@ def test_open_o_trunc_truncates_and_touches(shared_cluster: Cluster, vol: str, t
         st = os.stat(f)
         assert st.st_size == 0
         assert st.st_mtime_ns > 1_000_000_000 and st.st_ctime_ns > 1_000_000_000
+
+
+def test_umount_fails_and_keeps_data_it_could_not_store(shared_cluster: Cluster, tmp_path: Path) -> None:
+    """Issue 13: pxfs umount exited 0 with write(2)-accepted data unstored. Now it flushes first;
+    when that fails it says so, exits 1 and leaves the mount (and the data) in place."""
+    c = shared_cluster
+    c.cli("volume", "create", "tight", "--size", "8M", "--repl", "2", "--block-size", "1M")
+    mp = tmp_path / "mnt"
+    m = mount(c, "tight", mp)
+    try:
+        filler = m.path / "filler"
+        filler.write_bytes(os.urandom(6 << 20))  # stored: its close flushed it
+        data = os.urandom(4 << 20)
+        fd = os.open(m.path / "late", os.O_CREAT | os.O_WRONLY, 0o644)
+        assert os.write(fd, data) == len(data)  # accepted: it is in the mount's buffer
+        with pytest.raises(OSError) as e:
+            os.close(fd)  # the flush at close meets the quota
+        assert e.value.errno == errno.ENOSPC
+        proc = c.cli("umount", str(mp), check=False)
+        assert proc.returncode == 1, proc.stdout
+        assert "could not be stored" in proc.stderr and "still mounted" in proc.stderr, proc.stderr
+        assert is_mounted(mp)
+        os.unlink(filler)  # room again: the kept data can be stored now
+        c.cli("umount", str(mp))
+        assert not is_mounted(mp)
+    finally:
+        if is_mounted(mp):
+            c.cli("umount", str(mp), check=False)
+            subprocess.run(["umount", "-l", str(mp)], capture_output=True)
+    with mounted(c, "tight", tmp_path / "again") as m:
+        assert sha(m.path / "late") == hashlib.sha256(data).hexdigest()
