@@ -3,7 +3,8 @@
 It finds the volume through any node, opens it at the coordinator (``Volume`` RPC: the vfs layer's
 MetaPort), reaches the replicas' chunk stores (``ReplicaChunks``: the ChunkPort), mounts with
 pyfuse3 and serves until the kernel unmounts it or SIGTERM arrives; either way, it flushes every
-buffered write before it exits.
+buffered write before it exits, and while that fails it stays and retries. ``pxfs umount`` asks it
+to flush before unmounting (``pxfs.mountctl``), so a flush that fails leaves the mount in place.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pxfs.cluster.config import load_credential
 from pxfs.cluster.volume_session import VolumeSession
 from pxfs.errors import PxfsError
 from pxfs.fuse.operations import Operations
+from pxfs.mountctl import ControlServer
 from pxfs.rpc.bridge import open_bridge
 from pxfs.vfs.vfs import Vfs
 
@@ -35,6 +37,7 @@ KEEPALIVE_INTERVAL = 5.0
 # what the others change (Watcher), so this only bounds staleness when such a callback is lost.
 ATTR_TIMEOUT = 30.0
 READ_AHEAD_KB = 4096
+FLUSH_RETRY = 5.0  # seconds between flushes of data left after the unmount
 
 
 @dataclass
@@ -45,6 +48,7 @@ class MountConfig:
     fuse_options: set[str] = field(default_factory=set)
     read_only: bool = False
     attr_timeout: float = ATTR_TIMEOUT
+    control: Path | None = None  # the Unix socket ``pxfs umount`` talks to (pxfs.mountctl)
 
 
 def _raise_readahead(mountpoint: Path) -> None:
@@ -84,51 +88,84 @@ async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
                 pyfuse3.init(ops, str(cfg.mountpoint), options)
             except RuntimeError as exc:
                 raise PxfsError(f"mountpoint {str(cfg.mountpoint)!r}", f"FUSE mount failed: {exc}") from None
-            unmount = True
-            try:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(vfs.run)
-
-                    async def keepalive() -> None:
-                        while True:
-                            await trio.sleep(KEEPALIVE_INTERVAL)
-                            try:
-                                await session.refresh()
-                            except PxfsError as err:
-                                log.warning("volume=%s keepalive failed: %s", cfg.volume, err)
-
-                    async def on_signal() -> None:
-                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                            async for signum in signals:
-                                log.info("volume=%s stopping on %s", cfg.volume, signal.Signals(signum).name)
-                                pyfuse3.terminate()
-                                return
-
-                    async def after_init() -> None:
-                        # The first stat completes only once the kernel's INIT handshake is done;
-                        # readahead set before it would be reset (notes: pyfuse3 pitfall 8).
-                        await trio.to_thread.run_sync(_raise_readahead, cfg.mountpoint)
-
-                    nursery.start_soon(keepalive)
-                    nursery.start_soon(session.send_releases)
-                    nursery.start_soon(on_signal)
-                    nursery.start_soon(after_init)
-                    ready()
-                    log.info("volume=%s mounted at %s (coordinator %s, replicas %s)", cfg.volume, cfg.mountpoint,
-                             info.coordinator, ",".join(info.replicas))
-                    await pyfuse3.main()
-                    # main() returns on terminate() (we unmount) or when the kernel unmounted us.
-                    unmount = os.path.ismount(cfg.mountpoint)
-                    nursery.cancel_scope.cancel()
-            finally:
-                with trio.CancelScope(shield=True):
+            control = ControlServer(vfs.close)
+            async with trio.open_nursery() as outer:  # the control socket outlives the mount
+                if cfg.control is not None:
                     try:
-                        await vfs.close()
-                    except PxfsError as err:
-                        log.error("volume=%s buffered writes could not be flushed at unmount: %s", cfg.volume, err)
-                pyfuse3.close(unmount=unmount)
+                        await outer.start(control.serve, cfg.control)
+                    except OSError as exc:  # umount then unmounts without asking for a flush first
+                        log.warning("volume=%s no control socket at %s: %s", cfg.volume, cfg.control, exc)
+                unmount = True
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(vfs.run)
+
+                        async def keepalive() -> None:
+                            while True:
+                                await trio.sleep(KEEPALIVE_INTERVAL)
+                                try:
+                                    await session.refresh()
+                                except PxfsError as err:
+                                    log.warning("volume=%s keepalive failed: %s", cfg.volume, err)
+
+                        async def on_signal() -> None:
+                            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                                async for signum in signals:
+                                    log.info("volume=%s stopping on %s", cfg.volume, signal.Signals(signum).name)
+                                    pyfuse3.terminate()
+                                    return
+
+                        async def after_init() -> None:
+                            # The first stat completes only once the kernel's INIT handshake is done;
+                            # readahead set before it would be reset (notes: pyfuse3 pitfall 8).
+                            await trio.to_thread.run_sync(_raise_readahead, cfg.mountpoint)
+
+                        nursery.start_soon(keepalive)
+                        nursery.start_soon(session.send_releases)
+                        nursery.start_soon(on_signal)
+                        nursery.start_soon(after_init)
+                        ready()
+                        log.info("volume=%s mounted at %s (coordinator %s, replicas %s)", cfg.volume,
+                                 cfg.mountpoint, info.coordinator, ",".join(info.replicas))
+                        await pyfuse3.main()
+                        # main() returns on terminate() (we unmount) or when the kernel unmounted us.
+                        unmount = os.path.ismount(cfg.mountpoint)
+                        nursery.cancel_scope.cancel()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        failure = await _flush(vfs, cfg.volume)
+                        control.finished(failure)
+                        pyfuse3.close(unmount=unmount)
+                        if failure is not None:
+                            await _keep_flushing(vfs, cfg.volume)
+                        await control.drain()
+                    outer.cancel_scope.cancel()
         finally:
             await session.close()
+
+
+async def _flush(vfs: Vfs, volume: str) -> PxfsError | None:
+    try:
+        await vfs.close()
+    except PxfsError as err:
+        log.error("volume=%s buffered writes could not be flushed at unmount: %s", volume, err)
+        return err
+    return None
+
+
+async def _keep_flushing(vfs: Vfs, volume: str) -> None:
+    """The kernel let go but data write(2) accepted is still here: keep it and retry until it is
+    stored, or until a signal says to give up (then it is lost, and the log says so)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        while True:
+            with trio.move_on_after(FLUSH_RETRY):
+                async for signum in signals:
+                    log.error("volume=%s stopping on %s with buffered writes not stored", volume,
+                              signal.Signals(signum).name)
+                    return
+            if await _flush(vfs, volume) is None:
+                log.info("volume=%s buffered writes stored after the unmount", volume)
+                return
 
 
 def mount_state(mountpoint: Path) -> str:

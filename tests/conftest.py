@@ -161,6 +161,8 @@ def _stray_mounts(cluster_dir: Path) -> list[str]:
         except ProcessLookupError:
             pass
         reg.unlink(missing_ok=True)
+        if info.get("control"):
+            Path(info["control"]).unlink(missing_ok=True)  # a killed daemon leaves its socket
     return stray
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -257,7 +258,11 @@ def _unmount_all(d: Path) -> list[str]:
             subprocess.run(["umount", "-l", mp], capture_output=True)
         pids[mp] = int(info["pid"])
         done.append(mp)
-    trio.run(_wait_exit, pids)
+    for mp in trio.run(_wait_exit, pids):
+        # Still trying to store buffered writes, against a cluster about to stop: the whole cluster
+        # going down is the operator's call, so it gives up (and logs what it could not store).
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[mp], signal.SIGTERM)
     return done
 
 

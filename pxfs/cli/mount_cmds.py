@@ -22,7 +22,8 @@ import trio
 from pxfs.cli.output import error, line
 from pxfs.errors import Invalid, NotFound, PxfsError, Unavailable
 
-RUN_DIR = Path("/run/pxfs/mounts")
+RUN_DIR = Path("/run/pxfs/mounts")  # one registry file per mountpoint
+CONTROL_DIR = Path("/run/pxfs/control")  # the daemons' control sockets (pxfs.mountctl), by pid
 UMOUNT_TIMEOUT = 60.0
 
 # Passed to the kernel/libfuse as they are.
@@ -139,7 +140,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     if args.foreground:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-        _write_registry(mp, os.getpid(), volume, args.cluster)
+        cfg.control = _control_path(os.getpid())
+        _write_registry(mp, os.getpid(), volume, args.cluster, cfg.control)
         try:
             trio.run(serve_mount, cfg, lambda: line(f'volume "{volume}" mounted at {mp}'))
         finally:
@@ -168,10 +170,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 1
 
 
-def _write_registry(mp: Path, pid: int, volume: str, cluster: Path) -> None:
+def _control_path(pid: int) -> Path:
+    return CONTROL_DIR / str(pid)  # short: a Unix socket path has at most 107 bytes
+
+
+def _write_registry(mp: Path, pid: int, volume: str, cluster: Path, control: Path | None) -> None:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     _registry(mp).write_text(json.dumps({"pid": pid, "volume": volume, "cluster": str(cluster),
-                                         "mountpoint": str(mp)}))
+                                         "mountpoint": str(mp), "control": str(control or "")}))
 
 
 def _child(cfg: object, w: int, log_path: Path) -> int:
@@ -201,8 +207,10 @@ def _child(cfg: object, w: int, log_path: Path) -> int:
                 os.close(w)
 
     def ready() -> None:
-        _write_registry(cfg.mountpoint, os.getpid(), cfg.volume, cfg.cluster_dir)  # type: ignore[attr-defined]
+        _write_registry(cfg.mountpoint, os.getpid(), cfg.volume, cfg.cluster_dir, cfg.control)  # type: ignore[attr-defined]
         report("ok")
+
+    cfg.control = _control_path(os.getpid())  # type: ignore[attr-defined]
 
     try:
         trio.run(serve_mount, cfg, ready)
@@ -220,12 +228,17 @@ def _child(cfg: object, w: int, log_path: Path) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    """Flush (through the daemon's control socket), unmount, and wait for the daemon's last flush;
+    non-zero whenever data write(2) accepted is not stored, which the daemon then still holds."""
+    from pxfs.mountctl import ControlClient
+
     mp = Path(args.mountpoint).resolve()
     reg = _registry(mp)
-    pid = None
+    pid, control = None, ""
     if reg.exists():
         try:
-            pid = int(json.loads(reg.read_text())["pid"])
+            record = json.loads(reg.read_text())
+            pid, control = int(record["pid"]), str(record.get("control") or "")
         except (ValueError, KeyError):
             pid = None
     pidfd = None
@@ -234,12 +247,32 @@ def cmd_umount(args: argparse.Namespace) -> int:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             pidfd = None
-    proc = subprocess.run(["umount", str(mp)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        cause = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"umount exited {proc.returncode}"
-        if "busy" in cause:
-            cause = "target is busy (files are open or a process has its cwd there)"
-        raise Invalid(f"mountpoint {str(mp)!r}", cause)
+    client = None
+    if control and pidfd is not None:
+        try:
+            client = ControlClient(Path(control), pid, UMOUNT_TIMEOUT)
+        except OSError as exc:  # a daemon without one (older, or it could not bind): unmount as before
+            logging.getLogger(__name__).info("mount control %s: %s", control, exc)
+    try:
+        if client is not None:
+            failure = client.flush()
+            if failure is not None:
+                raise Unavailable(f"mountpoint {str(mp)!r}", f"buffered writes could not be stored ({failure}); "
+                                  f"still mounted, the data is kept (mount process {pid})")
+        proc = subprocess.run(["umount", str(mp)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            cause = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"umount exited {proc.returncode}"
+            if "busy" in cause:
+                cause = "target is busy (files are open or a process has its cwd there)"
+            raise Invalid(f"mountpoint {str(mp)!r}", cause)
+        if client is not None:
+            failure = client.outcome()
+            if failure is not None:
+                raise Unavailable(f"mountpoint {str(mp)!r}", f"unmounted, but buffered writes could not be stored "
+                                  f"({failure}); mount process {pid} keeps them and retries (SIGTERM gives up)")
+    finally:
+        if client is not None:
+            client.close()
     if pidfd is not None:
         # umount returns once the kernel let go; the daemon then flushes and exits: wait for it.
         ready, _, _ = select.select([pidfd], [], [], UMOUNT_TIMEOUT)

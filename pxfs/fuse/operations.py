@@ -19,19 +19,29 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, Setatt
 
 from pxfs.errors import FsError
 from pxfs.fuse.errors import fuse_op
+from pxfs.meta.names import NAME_MAX
 from pxfs.model import Attr
 from pxfs.vfs.vfs import Vfs
 
 log = logging.getLogger(__name__)
 
-NAME_MAX = 255
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+
+
+def _privileged(ctx: RequestContext) -> bool:
+    """CAP_SYS_ADMIN, as far as FUSE tells: the request comes from uid 0 (of the mount's namespace)."""
+    return ctx.uid == 0
 
 
 class Operations(pyfuse3.Operations):
     # The kernel writeback cache would make the kernel the owner of size and mtime between flushes,
     # which breaks close-to-open coherence between mounts on different hosts.
     enable_writeback_cache = False
+    # FUSE_POSIX_ACL: the kernel checks access against system.posix_acl_* (read from us, cached) as
+    # well as the mode; keeping ACLs and mode in step is the metadata's (pxfs.meta.xattrs). Without
+    # FUSE_DONT_MASK (pyfuse3 does not ask for it) the kernel applies the umask to a create even
+    # under a default ACL, which POSIX says should replace it.
+    enable_acl = True
     supports_dot_lookup = True
 
     def __init__(self, vfs: Vfs, *, attr_timeout: float = 1.0, entry_timeout: float = 1.0,
@@ -263,20 +273,20 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
         self._writable()
         # pyfuse3 checks XATTR_CREATE / XATTR_REPLACE itself (through getxattr) before calling us.
-        await self.vfs.setxattr(inode, name, value, 0)
+        await self.vfs.setxattr(inode, name, value, 0, privileged=_privileged(ctx))
 
     @fuse_op
     async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
-        return await self.vfs.getxattr(inode, name)
+        return await self.vfs.getxattr(inode, name, privileged=_privileged(ctx))
 
     @fuse_op
     async def listxattr(self, inode: int, ctx: RequestContext) -> Sequence[bytes]:
-        return await self.vfs.listxattr(inode)
+        return await self.vfs.listxattr(inode, privileged=_privileged(ctx))
 
     @fuse_op
     async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
         self._writable()
-        await self.vfs.removexattr(inode, name)
+        await self.vfs.removexattr(inode, name, privileged=_privileged(ctx))
 
     # -- the volume -----------------------------------------------------------------------------
     @fuse_op

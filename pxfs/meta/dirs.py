@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 from pxfs.errors import FsError
 from pxfs.meta.keys import ROOT_INO, Attr
-from pxfs.meta.txn import Txn, check_name
+from pxfs.meta.names import check_name
+from pxfs.meta.txn import Txn
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2

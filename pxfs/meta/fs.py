@@ -20,13 +20,15 @@ from collections.abc import Callable, Mapping
 from typing import ParamSpec, TypeVar
 
 from pxfs.errors import FsError, Invalid, NoSpace
-from pxfs.meta import dirs, handles, keys, opids
+from pxfs.meta import dirs, handles, keys, opids, xattrs
 from pxfs.meta.dirs import RENAME_EXCHANGE, RENAME_NOREPLACE
 from pxfs.meta.handles import OpenHandles, PendingPurge
 from pxfs.meta.keys import HASH_LEN, ROOT_INO, Attr
 from pxfs.meta.kv import KV
+from pxfs.meta.names import check_name
 from pxfs.meta.opids import Op
-from pxfs.meta.txn import Txn, check_name
+from pxfs.meta.txn import Txn
+from pxfs.meta.xattrs import XATTR_CREATE, XATTR_REPLACE
 
 __all__ = ["RENAME_EXCHANGE", "RENAME_NOREPLACE", "XATTR_CREATE", "XATTR_REPLACE", "Attr", "Meta", "Op"]
 
@@ -34,10 +36,6 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-XATTR_CREATE = 1
-XATTR_REPLACE = 2
-XATTR_NAME_MAX = 255
-XATTR_SIZE_MAX = 65536
 PATH_MAX = 4096
 MAX_FILE_SIZE = 2**63 - 1  # off_t
 
@@ -121,8 +119,6 @@ class Meta:
             return d
         if name == b"..":
             return txn.attr(d.parent)
-        if len(name) > 255:
-            raise FsError(errno.ENAMETOOLONG, repr(name[:32]), "name longer than 255 bytes")
         return txn.child(parent, name)
 
     def _create(
@@ -140,6 +136,7 @@ class Meta:
             if is_dir:
                 mode |= stat.S_ISGID
         a = txn.new_inode(mode, uid, gid, rdev, parent if is_dir else 0)
+        xattrs.inherit(txn, p, a)
         if is_dir:
             a.nlink = 2
             p.nlink += 1
@@ -249,6 +246,7 @@ class Meta:
         a = txn.attr(ino)
         if mode is not None:
             a.mode = stat.S_IFMT(a.mode) | (mode & 0o7777)
+            xattrs.chmod(txn, a)
         if uid is not None:
             a.uid = uid
         if gid is not None:
@@ -293,49 +291,24 @@ class Meta:
         if freed:
             txn.add_counter(keys.USED_BYTES, -freed)
 
-    # -- xattrs ---------------------------------------------------------------------------------
+    # -- xattrs (namespaces and their rules: pxfs.meta.xattrs) ----------------------------------
     @_once
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, *, op: Op | None = None) -> None:
-        if not name or len(name) > XATTR_NAME_MAX:
-            raise FsError(errno.ERANGE if name else errno.EINVAL, f"inode {ino}", "bad xattr name")
-        if b"\0" in name or flags & ~(XATTR_CREATE | XATTR_REPLACE):
-            raise FsError(errno.EINVAL, f"inode {ino}", "xattr name with NUL or unknown flags")
-        if len(value) > XATTR_SIZE_MAX:
-            raise FsError(errno.E2BIG, f"inode {ino}", "xattr value too large")
         txn = self._txn()
-        a = txn.attr(ino)
-        key = keys.xattr_key(ino, name)
-        exists = txn.get(key) is not None
-        if flags & XATTR_CREATE and exists:
-            raise FsError(errno.EEXIST, f"inode {ino}", f"xattr {name!r} exists")
-        if flags & XATTR_REPLACE and not exists:
-            raise FsError(errno.ENODATA, f"inode {ino}", f"no xattr {name!r}")
-        txn.put(key, value)
-        txn.save(a)
+        xattrs.set_xattr(txn, ino, name, value, flags)
         self._commit(txn, op)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        txn = self._txn()
-        txn.attr(ino)
-        value = txn.get(keys.xattr_key(ino, name))
-        if value is None:
-            raise FsError(errno.ENODATA, f"inode {ino}", f"no xattr {name!r}")
-        return value
+        return xattrs.get_xattr(self._txn(), ino, name)
 
     def listxattr(self, ino: int) -> list[bytes]:
-        self._txn().attr(ino)
-        prefix = keys.xattr_prefix(ino)
-        return [k[len(prefix) :] for k, _ in self.kv.scan(prefix)]
+        """Every name, ``trusted.*`` included: the mount filters for its caller (``xattrs.listed``)."""
+        return xattrs.list_xattrs(self._txn(), ino)
 
     @_once
     def removexattr(self, ino: int, name: bytes, *, op: Op | None = None) -> None:
         txn = self._txn()
-        a = txn.attr(ino)
-        key = keys.xattr_key(ino, name)
-        if txn.get(key) is None:
-            raise FsError(errno.ENODATA, f"inode {ino}", f"no xattr {name!r}")
-        txn.delete(key)
-        txn.save(a)
+        xattrs.remove_xattr(txn, ino, name)
         self._commit(txn, op)
 
     # -- data -----------------------------------------------------------------------------------
@@ -398,10 +371,8 @@ class Meta:
     def chunk_refs(self) -> dict[bytes, int]:
         """Every chunk the volume's block maps name, with its size in use (for repair and scrub)."""
         refs: dict[bytes, int] = {}
-        for key, value in self.kv.scan(b"A"):
-            if len(key) == 18 and key[9:10] == b"C":
-                digest, length = keys.decode_block(value)
-                refs[digest] = max(refs.get(digest, 0), length)
+        for _key, digest, length in keys.block_entries(self.kv.scan(keys.INODE_PREFIX)):
+            refs[digest] = max(refs.get(digest, 0), length)
         return refs
 
     def locate_chunks(self, hashes: set[bytes]) -> list[tuple[bytes, bytes, int, int]]:
@@ -418,14 +389,10 @@ class Meta:
                     todo.append(attr.ino)
                 elif stat.S_ISREG(attr.mode):
                     paths.setdefault(attr.ino, path)
-        for key, value in self.kv.scan(b"A"):
-            if len(key) == 18 and key[9:10] == b"C":
-                digest, length = keys.decode_block(value)
-                if digest in hashes:
-                    ino = int.from_bytes(key[1:9], "big")
-                    idx = int.from_bytes(key[10:18], "big")
-                    path = paths.get(ino, f"<orphan ino {ino}>".encode())
-                    out.append((digest, path, idx * self.block_size, length))
+        for key, digest, length in keys.block_entries(self.kv.scan(keys.INODE_PREFIX)):
+            if digest in hashes:
+                path = paths.get(key.ino, f"<orphan ino {key.ino}>".encode())
+                out.append((digest, path, key.idx * self.block_size, length))
         return out
 
     def statfs(self) -> dict[str, int]:

@@ -20,12 +20,17 @@ inode starts with ``A<ino>``, so purging an inode is one prefix scan.
                                 blake2b-64 of the mount id, <slot> the op counter mod OP_SLOTS:
                                 a ring, at most OP_SLOTS records per mount
     0xff...            reserved by pxfs.meta.kv: sequence number and replication log
+
+``decode_key`` is the one reader of this schema: it turns a raw key into one of the typed keys
+below (``AttrKey`` ... ``OpKey``) or raises ``BadKey``; fsck, snapshots, op ids, handles and the
+chunk scans all read keys through it (or through ``block_entries``), none slices them by hand.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pxfs.errors import Corrupt
@@ -61,8 +66,11 @@ class Attr:
     parent: int = 0
 
 
+INODE_PREFIX = b"A"
+
+
 def inode_prefix(ino: int) -> bytes:
-    return b"A" + _U64.pack(ino)
+    return INODE_PREFIX + _U64.pack(ino)
 
 
 def attr_key(ino: int) -> bytes:
@@ -97,8 +105,11 @@ def xattr_key(ino: int, name: bytes) -> bytes:
     return xattr_prefix(ino) + name
 
 
+COUNTER_PREFIX = b"C"
+
+
 def counter_key(name: bytes) -> bytes:
-    return b"C" + name
+    return COUNTER_PREFIX + name
 
 
 ORPHAN_PREFIX = b"O"
@@ -187,6 +198,8 @@ def encode_dentry(ino: int, mode: int) -> bytes:
 
 def decode_dentry(value: bytes) -> tuple[int, int]:
     """(child ino, file type bits as in S_IFMT)."""
+    if len(value) != _DENTRY.size:
+        raise Corrupt("dentry", f"{len(value)}-byte value, not {_DENTRY.size}")
     ino, ftype = _DENTRY.unpack(value)
     return ino, ftype << 12
 
@@ -196,6 +209,8 @@ def encode_block(digest: bytes, length: int) -> bytes:
 
 
 def decode_block(value: bytes) -> tuple[bytes, int]:
+    if len(value) != _BLOCK.size:
+        raise Corrupt("block entry", f"{len(value)}-byte value, not {_BLOCK.size}")
     digest, length = _BLOCK.unpack(value)
     return digest, length
 
@@ -208,16 +223,150 @@ def decode_u64(value: bytes | None) -> int:
     return _U64.unpack(value)[0] if value else 0
 
 
+def decode_counter(value: bytes) -> int:
+    """A stored counter; Corrupt unless it is 8 bytes (``decode_u64`` reads a missing one as 0)."""
+    if len(value) != _U64.size:
+        raise Corrupt("counter", f"{len(value)}-byte value, not {_U64.size}")
+    return _U64.unpack(value)[0]
+
+
 def touched(keys: list[bytes]) -> tuple[set[int], set[tuple[int, bytes]]]:
     """The inodes whose attributes or data and the (parent, name) entries that writes to ``keys`` change."""
     inodes: set[int] = set()
     entries: set[tuple[int, bytes]] = set()
-    for key in keys:
-        if len(key) < 10 or key[:1] != b"A":
+    for raw in keys:
+        if not raw.startswith(INODE_PREFIX):
             continue
-        ino = _U64.unpack_from(key, 1)[0]
-        if key[9:10] == b"D":
-            entries.add((ino, key[10:]))
-        else:
-            inodes.add(ino)
+        try:
+            key = decode_key(raw)
+        except BadKey:
+            continue  # nothing a mount caches: no callback to make
+        if isinstance(key, DentryKey):
+            entries.add((key.parent, key.name))
+        elif isinstance(key, InodeKey):
+            inodes.add(key.ino)
     return inodes, entries
+
+
+# -- the decoder ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InodeKey:
+    """A key under ``A<ino>``: it goes when the inode is purged."""
+
+    ino: int
+
+
+@dataclass(frozen=True)
+class AttrKey(InodeKey):
+    pass
+
+
+@dataclass(frozen=True)
+class DentryKey(InodeKey):
+    """``ino`` is the directory the entry is in."""
+
+    name: bytes
+
+    @property
+    def parent(self) -> int:
+        return self.ino
+
+
+@dataclass(frozen=True)
+class BlockKey(InodeKey):
+    idx: int
+
+
+@dataclass(frozen=True)
+class SymlinkKey(InodeKey):
+    pass
+
+
+@dataclass(frozen=True)
+class XattrKey(InodeKey):
+    name: bytes
+
+
+@dataclass(frozen=True)
+class CounterKey:
+    name: bytes
+
+
+@dataclass(frozen=True)
+class OrphanKey:
+    ino: int
+
+
+@dataclass(frozen=True)
+class SnapshotKey:
+    name: str
+
+
+@dataclass(frozen=True)
+class OpKey:
+    mount: bytes  # mount_hash() of the mount id
+    slot: int
+
+
+Key = AttrKey | DentryKey | BlockKey | SymlinkKey | XattrKey | CounterKey | OrphanKey | SnapshotKey | OpKey
+
+
+class BadKey(Corrupt):
+    """A key this schema cannot have written; ``ino`` is its inode for an ``A<ino>`` key, else 0,
+    and ``tag`` the record type byte after it (b"C" for a block key with a malformed index)."""
+
+    def __init__(self, raw: bytes, cause: str, ino: int = 0, tag: bytes = b"") -> None:
+        super().__init__(f"key {raw[:40]!r}", cause)
+        self.raw, self.ino, self.tag = raw, ino, tag
+
+
+_INODE_TAGS = {b"I": AttrKey, b"S": SymlinkKey}  # tags without anything after them
+
+
+def decode_key(raw: bytes) -> Key:
+    """The typed key ``raw`` is, or BadKey: the one parser of the schema above."""
+    head = raw[:1]
+    if head == INODE_PREFIX:
+        if len(raw) < 10:
+            raise BadKey(raw, "inode key shorter than A<ino:8><tag>")
+        ino = _U64.unpack_from(raw, 1)[0]
+        tag, rest = raw[9:10], raw[10:]
+        if tag in _INODE_TAGS and not rest:
+            return _INODE_TAGS[tag](ino)
+        if tag == b"D" and rest:
+            return DentryKey(ino, rest)
+        if tag == b"X" and rest:
+            return XattrKey(ino, rest)
+        if tag == b"C":
+            if len(rest) != 8:
+                raise BadKey(raw, f"block index of {len(rest)} bytes, not 8", ino, tag)
+            return BlockKey(ino, _U64.unpack(rest)[0])
+        raise BadKey(raw, f"no inode record {tag!r} with {len(rest)} bytes after it", ino, tag)
+    if head == COUNTER_PREFIX and len(raw) > 1:
+        return CounterKey(raw[1:])
+    if head == ORPHAN_PREFIX and len(raw) == 1 + 8:
+        return OrphanKey(orphan_ino(raw))
+    if head == SNAPSHOT_PREFIX and len(raw) > 1:
+        try:
+            return SnapshotKey(raw[1:].decode())
+        except UnicodeDecodeError:
+            raise BadKey(raw, "snapshot name is not UTF-8") from None
+    if head == OP_PREFIX and len(raw) == OP_KEY_LEN:
+        return OpKey(raw[1:9], _SLOT.unpack_from(raw, 9)[0])
+    raise BadKey(raw, "not in the schema")
+
+
+def block_entries(items: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[BlockKey, bytes, int]]:
+    """(key, hash, length) of every block entry among ``items`` (a scan of ``INODE_PREFIX``), for
+    the chunk scans; keys and values that do not decode are fsck's to report, skipped here."""
+    for raw, value in items:
+        if raw[9:10] != b"C":  # the cheap test first: most inode keys are not blocks
+            continue
+        try:
+            key = decode_key(raw)
+            if not isinstance(key, BlockKey):
+                continue
+            digest, length = decode_block(value)
+        except Corrupt:
+            continue
+        yield key, digest, length

@@ -85,9 +85,14 @@ def _mount_hashes(kv: KV) -> Iterator[bytes]:
         found = next(iter(kv.scan(keys.OP_PREFIX, start, 1)), None)
         if found is None:
             return
-        h = found[0][1:9]
-        yield h
-        start = keys.OP_PREFIX + h + b"\xff\xff\xff"
+        try:
+            key = keys.decode_key(found[0])
+        except keys.BadKey:
+            start = found[0] + b"\0"  # fsck's to report; the rings after it still count
+            continue
+        assert isinstance(key, keys.OpKey)  # the only valid keys under OP_PREFIX
+        yield key.mount
+        start = keys.OP_PREFIX + key.mount + b"\xff\xff\xff"  # past every slot of this mount
 
 
 def stale_mounts(kv: KV, live: Collection[str], limit: int) -> list[bytes]:

@@ -43,15 +43,26 @@ def delete(kv: KV, volume: str, name: str) -> None:
     kv.write(b)
 
 
+def _name(raw: bytes) -> str:
+    key = keys.decode_key(raw)
+    if not isinstance(key, keys.SnapshotKey):
+        raise keys.BadKey(raw, "not a snapshot key")
+    return key.name
+
+
 def listing(kv: KV) -> list[tuple[str, int]]:
-    return [(k[1:].decode(), json.loads(v).get("created_ns", 0)) for k, v in kv.scan(keys.SNAPSHOT_PREFIX)]
+    return [(_name(k), json.loads(v).get("created_ns", 0)) for k, v in kv.scan(keys.SNAPSHOT_PREFIX)]
 
 
 def changed_names(batch: Batch) -> Iterator[tuple[str, bool]]:
     """(snapshot name, created?) for each snapshot key a batch creates or deletes."""
     for key, value in batch.ops:
         if key.startswith(keys.SNAPSHOT_PREFIX):
-            yield key[1:].decode(errors="replace"), value is not None
+            try:
+                name = _name(key)
+            except keys.BadKey:
+                continue  # create() never writes one: no checkpoint can be named by it
+            yield name, value is not None
 
 
 def check_batch(batch: Batch) -> None:
@@ -105,10 +116,8 @@ def chunk_refs(kv: KV) -> tuple[dict[bytes, int], int]:
     """Distinct chunks a keyspace's block maps name (hash -> bytes in use), and the logical bytes."""
     refs: dict[bytes, int] = {}
     logical = 0
-    for key, value in kv.scan(b"A"):
-        if len(key) == 18 and key[9:10] == b"C":
-            digest, length = keys.decode_block(value)
-            logical += length
-            if length > refs.get(digest, -1):
-                refs[digest] = length
+    for _key, digest, length in keys.block_entries(kv.scan(keys.INODE_PREFIX)):
+        logical += length
+        if length > refs.get(digest, -1):
+            refs[digest] = length
     return refs, logical

@@ -14,18 +14,7 @@ from pxfs.errors import FsError
 from pxfs.meta import keys
 from pxfs.meta.keys import Attr
 from pxfs.meta.kv import KV, Batch
-
-NAME_MAX = 255
-
-
-def check_name(name: bytes, creating: bool = False) -> None:
-    """Reject names no directory entry may have; "." and ".." already exist when creating."""
-    if len(name) > NAME_MAX:
-        raise FsError(errno.ENAMETOOLONG, repr(name[:32]), "name longer than 255 bytes")
-    if not name or b"/" in name or b"\0" in name:
-        raise FsError(errno.EINVAL, repr(name), "invalid name")
-    if name in (b".", b".."):
-        raise FsError(errno.EEXIST if creating else errno.EINVAL, repr(name), "reserved name")
+from pxfs.meta.names import check_length
 
 
 class Txn:
@@ -127,6 +116,8 @@ class Txn:
 
     # -- directory entries ----------------------------------------------------------------------
     def lookup(self, parent: int, name: bytes) -> int | None:
+        """The inode ``name`` in ``parent`` names: every name a request carries passes here."""
+        check_length(name)
         raw = self.get(keys.dentry_key(parent, name))
         return keys.decode_dentry(raw)[0] if raw is not None else None
 

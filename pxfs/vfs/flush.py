@@ -8,8 +8,9 @@ Write-behind: a streaming writer must not alternate between filling the buffer a
 drain. Once a block is complete (the writer filled it and moved on), or once the buffer is half full,
 a background task per inode (a *pump*) uploads groups of blocks and commits each group, while the
 writer keeps writing. The writer waits only when dirty plus in-flight bytes reach ``limit``, and then
-for the pumps rather than flushing by itself. A pump's failure is kept on the inode and raised by its
-next fsync or close: the blocks stay dirty, and the application learns that writing them failed.
+for the pumps rather than flushing by itself. A pump's failure is kept on the inode and raised by the
+next fsync or close of every handle open on it (errseq, ``OpenInode.failed``): the blocks stay dirty,
+and the application learns that writing them failed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Callable
 import blake3
 import trio
 
-from pxfs.errors import NoSpace, PxfsError
+from pxfs.errors import PxfsError
 from pxfs.model import Attr
 from pxfs.vfs.cache import ChunkCache, run_all
 from pxfs.vfs.openfile import DirtyBlock, OpenInode
@@ -185,7 +186,7 @@ class Writeback:
         """Drop every dirty block of an inode that no longer exists."""
         for idx in list(st.dirty):
             self._drop(st, idx)
-        st.error = None
+        st.forget_errors()
         self._check_clean(st)
 
     def _drop(self, st: OpenInode, idx: int) -> None:
@@ -204,17 +205,14 @@ class Writeback:
 
     # -- flushing -------------------------------------------------------------------------------
     async def flush(self, st: OpenInode) -> None:
-        """fsync and close: commit every byte written so far, and raise a background failure of the
-        inode not yet reported (even when this retry went through: writing had failed)."""
+        """fsync and close: commit every byte written so far; a failure is the inode's (``failed``),
+        so every handle of it reports it (the caller's handle, through this raise, included)."""
         async with st.lock:  # fair: waits for the upload in flight, not for the pump's next one
             try:
                 await self.flush_locked(st)
-            except PxfsError:
-                st.error = None  # reported by this failure
+            except PxfsError as err:
+                st.failed(err)
                 raise
-        err, st.error = st.error, None
-        if err is not None:
-            raise err
 
     async def sync(self, st: OpenInode) -> None:
         """Commit every byte written so far (timer, back-pressure without pumps, unmount)."""
@@ -335,8 +333,7 @@ class Writeback:
             self.discard(st)
             return
         log.warning("background flush of inode=%d failed: %s", st.ino, err)
-        if st.error is None or isinstance(err, NoSpace):  # ENOSPC tells the application more than EIO
-            st.error = err
+        st.failed(err)
         self._failures += 1
         self._last_failure = err
         self._notify()

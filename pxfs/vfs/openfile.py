@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
-from pxfs.errors import PxfsError
+from pxfs.errors import NoSpace, PxfsError
 from pxfs.model import Attr
 from pxfs.vfs.ports import BlockMap
 
@@ -45,13 +45,28 @@ class OpenInode:
         self.handles = 0
         self.dirty: dict[int, DirtyBlock] = {}
         self.dirty_since: float | None = None  # trio clock time of the oldest unflushed write
-        # A background upload failure not yet reported: the next fsync or close of the file raises it.
-        self.error: PxfsError | None = None
+        # Write-back failures, as Linux's errseq: every handle open on the file reports each failure
+        # it has not seen at its next fsync or close, once (``Handle.unreported``).
+        self.error: PxfsError | None = None  # the latest (an unreported ENOSPC stays: it says more)
+        self.error_seq = 0  # failures so far
+        self.error_seen = True  # some handle reported the latest one
         self.retry_at = 0.0  # after a failed upload, background uploads wait until then (trio clock)
         # One upload (or truncate) at a time per inode: commits of one file land in order, and a
         # truncate never races an upload of the blocks it cuts.
         self.lock = trio.Lock()
         self.refresh(attr, blocks)
+
+    def failed(self, err: PxfsError) -> None:
+        """Writing this file's data back failed (the data stays dirty): every handle must hear of it."""
+        if self.error_seen or not isinstance(self.error, NoSpace) or isinstance(err, NoSpace):
+            self.error = err
+        self.error_seq += 1
+        self.error_seen = False
+
+    def forget_errors(self) -> None:
+        """The file is gone with its dirty data: nothing left to report."""
+        self.error = None
+        self.error_seen = True
 
     def refresh(self, attr: Attr, blocks: BlockMap) -> None:
         """Take a fresh block map from the metadata; dirty blocks (not yet committed) still win."""
@@ -96,3 +111,19 @@ class Handle:
     inode: OpenInode
     flags: int
     next_off: int = 0  # where a sequential reader reads next: drives readahead
+    seen_error: int = -1  # the inode's error_seq this handle has reported up to (set at open)
+
+    def __post_init__(self) -> None:
+        st = self.inode
+        # As errseq_sample: a failure nobody reported yet is reported to a handle opened after it too.
+        if self.seen_error < 0:
+            self.seen_error = st.error_seq if st.error_seen else st.error_seq - 1
+
+    def unreported(self) -> PxfsError | None:
+        """The file's write-back failure this handle has not reported yet, if any; now reported."""
+        st = self.inode
+        if self.seen_error == st.error_seq:
+            return None
+        self.seen_error = st.error_seq
+        st.error_seen = True
+        return st.error

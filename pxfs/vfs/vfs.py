@@ -21,6 +21,8 @@ from typing import Any
 import trio
 
 from pxfs.errors import FsError, PxfsError
+from pxfs.meta import xattrs
+from pxfs.meta.names import check_length
 from pxfs.model import Attr
 from pxfs.vfs.cache import ChunkCache, run_all
 from pxfs.vfs.dircache import KnownDirs
@@ -66,16 +68,33 @@ class Vfs:
                 self._nursery = self.writeback.tasks = None
 
     async def close(self) -> None:
-        """Flush everything; raises the first failure after trying every inode."""
+        """Flush everything (unmount, and ``pxfs umount``'s flush before it); raises the first failure
+        after trying every inode, whose data stays buffered."""
         failure: PxfsError | None = None
         for st in self.writeback.dirty_inodes():
             try:
                 await self.writeback.sync(st)
             except PxfsError as err:
+                if st.handles == 0 and (err.errno in (errno.ENOENT, errno.ESTALE) or await self._gone(st.ino)):
+                    # Unlinked and closed: its data has nowhere to go, as on a local disk.
+                    log.info("inode=%d is gone; dropping its unflushed blocks", st.ino)
+                    self.writeback.discard(st)
+                    continue
                 log.error("flush of inode=%d at close failed: %s", st.ino, err)
+                st.failed(err)  # handles still open on it hear of it
                 failure = failure or err
         if failure is not None:
             raise failure
+
+    async def _gone(self, ino: int) -> bool:
+        """Whether the metadata says ``ino`` no longer exists (a flush may fail before it asks)."""
+        try:
+            await self.meta.getattr(ino)
+        except FsError as err:
+            return err.errno in (errno.ENOENT, errno.ESTALE)
+        except PxfsError:
+            return False
+        return False
 
     def _forget_if_idle(self, st: OpenInode) -> None:
         if st.handles == 0 and not st.dirty and self._inodes.get(st.ino) is st:
@@ -174,10 +193,22 @@ class Vfs:
         return len(data)
 
     async def flush(self, fh: int) -> None:
-        await self.writeback.flush(self._handle(fh).inode)
+        await self._flush(self._handle(fh))
 
     async def fsync(self, fh: int) -> None:
-        await self.writeback.flush(self._handle(fh).inode)
+        await self._flush(self._handle(fh))
+
+    async def _flush(self, h: Handle) -> None:
+        """Commit the file's data, then raise a write-back failure this handle has not reported: its
+        own, or one another handle's flush or a background upload met (even if this retry went through)."""
+        try:
+            await self.writeback.flush(h.inode)
+        except PxfsError:
+            h.unreported()  # this failure is the report, of it and of any earlier one
+            raise
+        err = h.unreported()
+        if err is not None:
+            raise err
 
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
@@ -185,7 +216,7 @@ class Vfs:
             return
         st = h.inode
         try:
-            await self.writeback.flush(st)
+            await self._flush(h)
         finally:
             # A failed flush keeps the inode (and its dirty blocks) for the timer to retry.
             st.handles -= 1
@@ -218,6 +249,7 @@ class Vfs:
 
     # -- names and metadata: to the metadata, with local sizes of dirty files --------------------
     async def lookup(self, parent: int, name: bytes) -> Attr:
+        check_length(name)  # before the known-names answer: a too long name is never just absent
         if self.known.missing(parent, name):
             raise FsError(errno.ENOENT, f"name {name[:80]!r}", "no such entry")
         return self._patch(await self.meta.lookup(parent, name))
@@ -280,11 +312,15 @@ class Vfs:
     async def readdir(self, ino: int, after: bytes = b"", limit: int = READDIR_PAGE) -> list[tuple[bytes, Attr]]:
         return [(name, self._patch(a)) for name, a in await self.meta.readdir(ino, after, limit)]
 
-    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+    # xattrs: ``privileged`` is the caller's CAP_SYS_ADMIN (uid 0), which only the mount knows.
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, *,
+                       privileged: bool = False) -> None:
+        xattrs.for_caller(ino, name, privileged, writing=True)
         self._no_xattr.pop(ino, None)
         await self.meta.setxattr(ino, name, value, flags)
 
-    async def getxattr(self, ino: int, name: bytes) -> bytes:
+    async def getxattr(self, ino: int, name: bytes, *, privileged: bool = False) -> bytes:
+        xattrs.for_caller(ino, name, privileged, writing=False)
         # The kernel asks for security.capability before every write(2): a known absence saves a
         # round trip per write.
         if name in self._no_xattr.get(ino, ()):
@@ -298,10 +334,11 @@ class Vfs:
                 self._no_xattr.setdefault(ino, set()).add(name)
             raise
 
-    async def listxattr(self, ino: int) -> list[bytes]:
-        return await self.meta.listxattr(ino)
+    async def listxattr(self, ino: int, *, privileged: bool = False) -> list[bytes]:
+        return xattrs.listed(await self.meta.listxattr(ino), privileged)
 
-    async def removexattr(self, ino: int, name: bytes) -> None:
+    async def removexattr(self, ino: int, name: bytes, *, privileged: bool = False) -> None:
+        xattrs.for_caller(ino, name, privileged, writing=True)
         self._no_xattr.pop(ino, None)
         await self.meta.removexattr(ino, name)
 

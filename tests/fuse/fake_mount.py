@@ -56,13 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-size", type=int, default=128 << 10)
     parser.add_argument("--capacity", type=int, default=64 << 20)
     parser.add_argument("--read-only", action="store_true")
+    parser.add_argument("--allow-other", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
     vfs = Vfs(FakeMeta(args.capacity, args.block_size), FakeChunks(), args.block_size)
     ops = Operations(vfs, read_only=args.read_only)
     stopped: list[bool] = []
-    pyfuse3.init(ops, args.mountpoint, MOUNT_OPTIONS)
+    pyfuse3.init(ops, args.mountpoint, MOUNT_OPTIONS | ({"allow_other"} if args.allow_other else set()))
     unmounted_outside = False
     try:
         trio.run(serve, vfs, args.mountpoint, stopped)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.fuse.conftest import FakeMount, start_mount
+from tests.posix_acl import check_acls, needs_acl_tools, reachable_dir
 
 BLOCK = 128 << 10  # the fake mount's default block size
 AT_FDCWD = -100
@@ -110,6 +111,16 @@ def test_xattrs(fake_mount: FakeMount) -> None:
     with pytest.raises(OSError) as info:
         os.getxattr(p, "user.k")
     assert info.value.errno == errno.ENODATA
+    # Namespaces as ext4 answers them (we are root here: trusted.* is ours).
+    os.setxattr(p, "trusted.t", b"1")
+    os.setxattr(p, "security.s", b"2")
+    assert sorted(os.listxattr(p)) == ["security.s", "trusted.t"]
+    os.mkfifo(fake_mount.path / "fifo")
+    for name, target, code in (("foo.bar", p, errno.EOPNOTSUPP), ("system.foo", p, errno.EOPNOTSUPP),
+                               ("user.x", fake_mount.path / "fifo", errno.EPERM)):
+        with pytest.raises(OSError) as info:
+            os.setxattr(target, name, b"v")
+        assert info.value.errno == code, name
 
 
 def test_statfs_and_quota(fake_mount: FakeMount) -> None:
@@ -165,3 +176,13 @@ def test_read_only_mount(tmp_path: Path) -> None:
         assert os.listdir(m.path) == []
     finally:
         m.unmount()
+
+
+def test_posix_acls_as_other_users(tmp_path: Path) -> None:
+    needs_acl_tools()
+    with reachable_dir() as d:
+        m = start_mount(d / "mnt", tmp_path / "mount.log", "--allow-other")
+        try:
+            check_acls(m.path)
+        finally:
+            m.unmount()

@@ -71,3 +71,24 @@ async def test_read_only_refuses_changes() -> None:
                 await call
             assert info.value.errno == errno.EROFS
         assert (await ops.statfs(CTX)).f_bsize == BLOCK
+
+
+async def test_trusted_xattrs_are_for_uid_0_only() -> None:
+    root = SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022)
+    async with running(FakeMeta(1 << 30, BLOCK), FakeChunks()) as vfs:
+        ops = Operations(vfs)
+        fi, entry = await ops.create(ROOT, b"f", 0o644, 0, CTX)
+        await ops.setxattr(entry.st_ino, b"trusted.t", b"1", root)
+        await ops.setxattr(entry.st_ino, b"user.u", b"2", CTX)
+        assert await ops.listxattr(entry.st_ino, root) == [b"trusted.t", b"user.u"]
+        assert await ops.listxattr(entry.st_ino, CTX) == [b"user.u"]
+        assert await ops.getxattr(entry.st_ino, b"trusted.t", root) == b"1"
+        for call, code in ((ops.getxattr(entry.st_ino, b"trusted.t", CTX), errno.ENODATA),
+                           (ops.setxattr(entry.st_ino, b"trusted.t", b"x", CTX), errno.EPERM),
+                           (ops.removexattr(entry.st_ino, b"trusted.t", CTX), errno.EPERM),
+                           (ops.setxattr(entry.st_ino, b"foo.bar", b"x", root), errno.EOPNOTSUPP)):
+            with pytest.raises(pyfuse3.FUSEError) as info:
+                await call
+            assert info.value.errno == code
+        assert await ops.getxattr(entry.st_ino, b"trusted.t", root) == b"1"
+        await ops.release(fi.fh)

@@ -133,6 +133,25 @@ def test_longest_name_is_fine(meta: Meta) -> None:
     assert meta.lookup(ROOT, b"x" * 255).nlink == 1
 
 
+def test_every_path_refuses_a_name_past_255_bytes(meta: Meta) -> None:
+    """ENAMETOOLONG wherever a name enters, whether or not the rest of the request could succeed."""
+    long = b"y" * 256
+    f = mkfile(meta, ROOT, b"f")
+    d = mkdir(meta, ROOT, b"d")
+    seq = meta.kv.seq
+    calls: list[tuple[Callable[..., object], tuple[object, ...]]] = [
+        (meta.lookup, (ROOT, long)), (meta.lookup, (d.ino, long)),
+        (meta.mknod, (ROOT, long, stat.S_IFREG | 0o644, 0, 0, 0)), (meta.mkdir, (ROOT, long, 0o755, 0, 0)),
+        (meta.create, (ROOT, long, stat.S_IFREG | 0o644, 0, 0)), (meta.symlink, (ROOT, long, b"t", 0, 0)),
+        (meta.link, (f.ino, ROOT, long)), (meta.unlink, (ROOT, long)), (meta.rmdir, (ROOT, long)),
+        (meta.rename, (ROOT, long, ROOT, b"g")), (meta.rename, (ROOT, b"f", ROOT, long)),
+        (meta.rename, (ROOT, b"f", d.ino, long, RENAME_EXCHANGE)),
+    ]  # fmt: skip
+    for fn, args in calls:
+        fails(errno.ENAMETOOLONG, fn, *args)
+    assert meta.kv.seq == seq
+
+
 def test_sgid_directory_passes_on_its_group(meta: Meta) -> None:
     d = meta.mkdir(ROOT, b"shared", 0o2775, 1000, 50)
     assert d.mode & stat.S_ISGID

@@ -19,11 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pxfs.errors import FsError
-from pxfs.meta import keys
+from pxfs.meta import keys, snapshots
 from pxfs.meta.fs import Meta
 from pxfs.meta.fsck import LOST_FOUND, FsckReport, fsck
 from pxfs.meta.keys import Attr
 from pxfs.meta.kv import KV, Batch, MemKV, RocksKV
+from pxfs.meta.opids import Op
 
 from .conftest import BLOCK, FakeClock
 
@@ -133,6 +134,38 @@ def test_healthy_tree_is_clean(tree: Tree) -> None:
     assert tree.kv.seq == seq
     out = json.loads(json.dumps(report.to_json()))
     assert out == {"ok": True, "inodes": 7, "entries": 6, "blocks": 4, "chunks": 3, "problems": []}
+
+
+def test_snapshot_op_and_acl_records_are_part_of_a_clean_volume(tree: Tree) -> None:
+    """Every kind of key Meta and the snapshot code write is in the schema fsck reads (issue 13:
+    each ``N<name>`` snapshot key was reported as bad-key)."""
+    snapshots.create(tree.kv, "vol", "before-upgrade", 1)
+    snapshots.create(tree.kv, "vol", "nightly.2026-12-02", 2)
+    tree.meta.setxattr(tree.f, b"trusted.t", b"1", op=Op("mount-1", b"\0" * 8 + (7).to_bytes(8, "big")))
+    access = bytes.fromhex("02000000" "0100" "0600" "ffffffff" "0200" "0400" "e8030000"
+                           "0400" "0000" "ffffffff" "1000" "0400" "ffffffff" "2000" "0000" "ffffffff")
+    tree.meta.setxattr(tree.f, b"system.posix_acl_access", access)  # u::rw- u:1000:r-- g::--- m::r-- o::---
+    report = run(tree)
+    assert report.ok, report.problems
+    assert run(tree, repair=True).ok
+
+
+def test_every_key_meta_writes_decodes(tree: Tree) -> None:
+    snapshots.create(tree.kv, "vol", "s1", 1)
+    decoded = [keys.decode_key(k) for k, _ in tree.kv.scan(b"")]
+    kinds = {type(k).__name__ for k in decoded}
+    assert kinds == {"AttrKey", "DentryKey", "BlockKey", "SymlinkKey", "XattrKey", "CounterKey", "OrphanKey",
+                     "SnapshotKey"}
+    assert keys.SnapshotKey("s1") in decoded and keys.OrphanKey(tree.orphan) in decoded
+    assert keys.BlockKey(tree.f, 1) in decoded and keys.DentryKey(tree.d, b"f2") in decoded
+    op_key = keys.op_key("m", b"\0" * 8 + (5).to_bytes(8, "big"))
+    assert keys.decode_key(op_key) == keys.OpKey(keys.mount_hash("m"), 5)
+    for raw, ino, tag in ((b"Zjunk", 0, b""), (keys.inode_prefix(3) + b"Q", 3, b"Q"),
+                          (keys.block_prefix(4) + b"xx", 4, b"C"), (b"A\0", 0, b""), (b"N\xff", 0, b""),
+                          (b"O\0", 0, b""), (keys.OP_PREFIX + b"short", 0, b""), (keys.attr_key(5) + b"x", 5, b"I")):
+        with pytest.raises(keys.BadKey) as e:
+            keys.decode_key(raw)
+        assert (e.value.ino, e.value.tag) == (ino, tag), raw
 
 
 def test_problem_json(tree: Tree) -> None:

@@ -51,6 +51,10 @@ def test_pool_at_reserve_gives_enospc_and_damages_nothing(small: Cluster, tmp_pa
         assert again.value.errno == errno.ENOSPC
         (m.path / "dir").mkdir()
         assert sorted(os.listdir(m.path))[:2] == ["dir", "f000"]
+        # The two files that did not fit are still buffered, and umount refuses to drop data
+        # write(2) accepted (issue 13): give them up.
+        (m.path / f"f{len(written):03d}").unlink()
+        (m.path / "more").unlink()
     # Pool usage reaches the cluster map with the next heartbeat.
     eventually(lambda: all(p["free"] < (2 << 20) for p in small.json("pool", "list")), timeout=15,
                what="full pools reported")
@@ -60,7 +64,6 @@ def test_pool_at_reserve_gives_enospc_and_damages_nothing(small: Cluster, tmp_pa
     with mounted(small, "fill", tmp_path / "mnt2") as m:
         for name in list(written)[:20]:
             (m.path / name).unlink()
-        (m.path / "more").unlink(missing_ok=True)
     age_chunks(small)  # as an hour of waiting would: no write is in flight
     report = small.json("gc", "--grace", f"{MIN_GC_GRACE:g}")
     assert sum(n["deleted"] for n in report["nodes"]) >= 2 * 20, report

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from pxfs.rpc import pki
-from tests.conftest import PXFS, Cluster, eventually, is_mounted, mounted
+from tests.conftest import PXFS, Cluster, eventually, is_mounted, mount, mounted
+from tests.posix_acl import check_acls, needs_acl_tools, reachable_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and FUSE")
 
@@ -67,9 +68,31 @@ def test_files_dirs_links(shared_cluster: Cluster, vol: str, tmp_path: Path) -> 
         long = "x" * 255
         (d / long).write_bytes(b"1")
         assert long in os.listdir(d)
+        # ENAMETOOLONG on every path, also in t1, a directory this mount made (whose every name
+        # it knows and answers lookups for itself: issue 13, pjdfstest chmod/02.t and others).
+        too_long = d / ("y" * 256)
+        for call in (lambda: too_long.write_bytes(b"1"), lambda: os.stat(too_long),
+                     lambda: os.lstat(m.path / ("y" * 256)), lambda: os.chmod(too_long, 0o600),
+                     lambda: os.chown(too_long, 1, 1), lambda: os.truncate(too_long, 0),
+                     lambda: os.mkdir(too_long), lambda: os.mknod(too_long), lambda: os.mkfifo(too_long),
+                     lambda: os.symlink("t", too_long), lambda: os.link(f, too_long),
+                     lambda: os.link(too_long, d / "z"), lambda: os.rename(f, too_long),
+                     lambda: os.rename(too_long, d / "z"), lambda: os.unlink(too_long),
+                     lambda: os.rmdir(too_long)):
+            with pytest.raises(OSError) as e:
+                call()
+            assert e.value.errno == errno.ENAMETOOLONG
+
+
+def test_posix_acls_and_xattr_namespaces_as_other_users(shared_cluster: Cluster, vol: str) -> None:
+    """setfacl/getfacl through a real pxfs mount (the ACLs go over RPC to the coordinator's Meta),
+    read back as uid 1000 and 1001."""
+    needs_acl_tools()
+    with reachable_dir() as d, mounted(shared_cluster, vol, d / "mnt", "-o", "allow_other") as m:
+        check_acls(m.path)
         with pytest.raises(OSError) as e:
-            (d / ("y" * 256)).write_bytes(b"1")
-        assert e.value.errno == errno.ENAMETOOLONG
+            os.setxattr(m.path / "acl" / "open", "system.foo", b"1")
+        assert e.value.errno == errno.EOPNOTSUPP
 
 
 def test_rename_variants(shared_cluster: Cluster, vol: str, tmp_path: Path) -> None:
@@ -220,6 +243,8 @@ def test_quota_gives_enospc(shared_cluster: Cluster, tmp_path: Path) -> None:
         assert e.value.errno == errno.ENOSPC
         sv = os.statvfs(m.path)
         assert sv.f_blocks * sv.f_frsize == 4 << 20
+        # What did not fit is still buffered, and umount would refuse to drop it: give it up.
+        os.unlink(m.path / "big")
 
 
 def _mount_rc(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
@@ -303,3 +328,34 @@ def test_open_o_trunc_truncates_and_touches(shared_cluster: Cluster, vol: str, t
         st = os.stat(f)
         assert st.st_size == 0
         assert st.st_mtime_ns > 1_000_000_000 and st.st_ctime_ns > 1_000_000_000
+
+
+def test_umount_fails_and_keeps_data_it_could_not_store(shared_cluster: Cluster, tmp_path: Path) -> None:
+    """Issue 13: pxfs umount exited 0 with write(2)-accepted data unstored. Now it flushes first;
+    when that fails it says so, exits 1 and leaves the mount (and the data) in place."""
+    c = shared_cluster
+    c.cli("volume", "create", "tight", "--size", "8M", "--repl", "2", "--block-size", "1M")
+    mp = tmp_path / "mnt"
+    m = mount(c, "tight", mp)
+    try:
+        filler = m.path / "filler"
+        filler.write_bytes(os.urandom(6 << 20))  # stored: its close flushed it
+        data = os.urandom(4 << 20)
+        fd = os.open(m.path / "late", os.O_CREAT | os.O_WRONLY, 0o644)
+        assert os.write(fd, data) == len(data)  # accepted: it is in the mount's buffer
+        with pytest.raises(OSError) as e:
+            os.close(fd)  # the flush at close meets the quota
+        assert e.value.errno == errno.ENOSPC
+        proc = c.cli("umount", str(mp), check=False)
+        assert proc.returncode == 1, proc.stdout
+        assert "could not be stored" in proc.stderr and "still mounted" in proc.stderr, proc.stderr
+        assert is_mounted(mp)
+        os.unlink(filler)  # room again: the kept data can be stored now
+        c.cli("umount", str(mp))
+        assert not is_mounted(mp)
+    finally:
+        if is_mounted(mp):
+            c.cli("umount", str(mp), check=False)
+            subprocess.run(["umount", "-l", str(mp)], capture_output=True)
+    with mounted(c, "tight", tmp_path / "again") as m:
+        assert sha(m.path / "late") == hashlib.sha256(data).hexdigest()

@@ -96,6 +96,9 @@ def test_clone_restore_and_bad_input(shared_cluster: Cluster, tmp_path: Path) ->
         assert (m.path / "small").read_bytes() == b"v1"
         assert not (m.path / "extra").exists()
         assert hashlib.sha256((m.path / "big").read_bytes()).digest() == hashlib.sha256(big).digest()
+    # The snapshot's own record (N<name>) is part of a clean volume (issue 13: it was a bad-key).
+    proc = c.cli("fsck", "orig", "--json", check=False)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["ok"] is True, proc.stdout
     for args, msg in [
         (["snapshot", "delete", "orig@nope"], 'snapshot "orig@nope": no such snapshot'),
         (["snapshot", "create", "orig", "--name", "base"], 'snapshot "orig@base": exists'),

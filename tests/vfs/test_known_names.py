@@ -57,6 +57,19 @@ async def test_lookup_in_a_directory_this_mount_made(vfs: Vfs, meta: FakeMeta) -
     assert lookups.calls == 4  # after a reconnect nothing is known
 
 
+async def test_a_name_past_255_bytes_is_too_long_even_where_every_name_is_known(vfs: Vfs, meta: FakeMeta) -> None:
+    lookups = Counting(meta, "lookup")
+    d = await vfs.mkdir(ROOT, b"d", 0o755, 0, 0)
+    for parent in (d.ino, ROOT):  # known to this mount, and not
+        with pytest.raises(FsError) as e:
+            await vfs.lookup(parent, b"n" * 256)
+        assert e.value.errno == errno.ENAMETOOLONG
+    assert lookups.calls == 0  # refused before any round trip
+    with pytest.raises(FsError) as e:
+        await vfs.lookup(d.ino, b"n" * 255)
+    assert e.value.errno == errno.ENOENT
+
+
 async def test_absent_xattr_is_remembered_until_changed(vfs: Vfs, meta: FakeMeta) -> None:
     gets = Counting(meta, "getxattr")
     fh, a = await vfs.create(ROOT, b"f", 0o644, 0, 0, 0)

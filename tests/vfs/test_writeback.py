@@ -130,3 +130,24 @@ async def test_large_flush_hashes_in_a_thread(meta: FakeMeta, chunks: FakeChunks
         fh = await vfs.open(attr.ino, 0)
         assert await vfs.read(fh, 0, len(data)) == data
         await vfs.release(fh)
+
+
+async def test_unmount_drops_only_the_data_of_files_that_are_gone(meta: FakeMeta, chunks: FakeChunks) -> None:
+    """Close (the unmount flush) fails while data it could store is left; the buffered data of a
+    file unlinked since has nowhere to go and is no reason to fail."""
+    async with running(meta, chunks) as vfs:
+        fh, attr = await vfs.create(ROOT, b"gone", 0o644, 0, 0, 0)
+        await vfs.write(fh, 0, b"never stored")
+        fh2, attr2 = await vfs.create(ROOT, b"kept", 0o644, 0, 0, 0)
+        await vfs.write(fh2, 0, b"precious")
+        chunks.fail = NoSpace("pool", "full")
+        for f in (fh, fh2):
+            with pytest.raises(NoSpace):
+                await vfs.release(f)
+        await vfs.unlink(ROOT, b"gone")
+        with pytest.raises(NoSpace):
+            await vfs.close()  # "kept" is still buffered: the unmount must not pretend otherwise
+        assert [st.ino for st in vfs.writeback.dirty_inodes()] == [attr2.ino]  # "gone" was dropped
+        chunks.fail = None
+    assert meta.meta.getattr(attr2.ino).size == len(b"precious")
+    assert not vfs.writeback.dirty_inodes()

@@ -6,6 +6,8 @@ Puts wait on ``FakeChunks.put_gate`` so a test can look at the mount while an up
 
 from __future__ import annotations
 
+import os
+
 import blake3
 import pytest
 import trio
@@ -221,3 +223,51 @@ async def test_truncate_during_upload_wins(vfs: Vfs, meta: FakeMeta, chunks: Fak
     assert meta.meta.getattr(attr.ino).size == 100
     assert meta.meta.statfs()["used"] == 100
     assert await read_back(meta, chunks, attr.ino, 4 * BLOCK) == data[:100]
+
+
+async def test_a_write_back_failure_reaches_every_handle_once(vfs: Vfs, meta: FakeMeta, chunks: FakeChunks) -> None:
+    """As Linux's errseq: each fd open on the file when writing its data back failed reports it at
+    its next fsync or close, once; an fd opened after it was reported does not."""
+    fh1, attr = await vfs.create(ROOT, b"f", 0o644, 0, 0, 0)
+    fh2 = await vfs.open(attr.ino, os.O_RDWR)
+    fh3 = await vfs.open(attr.ino, os.O_RDONLY)  # a reader: it had no dirty data, and still hears of it
+    chunks.fail = NoSpace("pool", "full")
+    await vfs.write(fh1, 0, pattern(3 * BLOCK))
+    await trio.testing.wait_all_tasks_blocked()  # the background upload failed
+    chunks.fail = None
+    for fh in (fh1, fh2, fh3):
+        with pytest.raises(NoSpace):
+            await vfs.fsync(fh)
+        await vfs.fsync(fh)  # once per handle
+    fh4 = await vfs.open(attr.ino, os.O_RDONLY)
+    await vfs.fsync(fh4)  # opened after every report: nothing to report
+    # A failure met by one handle's own fsync reaches the others too.
+    await vfs.write(fh2, 0, b"again")
+    chunks.fail = NoSpace("pool", "full")
+    with pytest.raises(NoSpace):
+        await vfs.fsync(fh2)
+    chunks.fail = None
+    with pytest.raises(NoSpace):
+        await vfs.flush(fh1)  # close(2) of another fd: its flush commits the data, and reports
+    await vfs.fsync(fh2)
+    for fh in (fh3, fh4):
+        with pytest.raises(NoSpace):
+            await vfs.fsync(fh)
+    for fh in (fh1, fh2, fh3, fh4):
+        await vfs.release(fh)
+    assert (await read_back(meta, chunks, attr.ino, 4 * BLOCK))[:5] == b"again"
+
+
+async def test_an_unreported_failure_reaches_a_handle_opened_after_it(vfs: Vfs, chunks: FakeChunks) -> None:
+    fh1, attr = await vfs.create(ROOT, b"f", 0o644, 0, 0, 0)
+    chunks.fail = NoSpace("pool", "full")
+    await vfs.write(fh1, 0, pattern(2 * BLOCK))
+    await trio.testing.wait_all_tasks_blocked()
+    chunks.fail = None
+    fh2 = await vfs.open(attr.ino, os.O_RDONLY)  # nobody reported it yet (errseq_sample)
+    with pytest.raises(NoSpace):
+        await vfs.fsync(fh2)
+    with pytest.raises(NoSpace):
+        await vfs.fsync(fh1)
+    await vfs.release(fh1)
+    await vfs.release(fh2)
