@@ -160,8 +160,7 @@ class ChunkStoreServer(pxfs_capnp.ChunkStore.Server):
     @served
     async def put(self, hash: Any, data: Any, _context: Any, **_: Any) -> None:  # noqa: A002
         if self._who.role == "mount":
-            held = set(self._volumes.held()) if self._volumes is not None else set()
-            if not any(self._who.may_use(v) for v in held):
+            if self._volumes is None or not await self._b.to_trio(self._volumes.replicates_any, self._who.volumes):
                 raise Unauthorized("chunk put",
                                    f"refused to {self._who}: this node holds no replica of its volumes")
         if len(data) > MAX_CHUNK:

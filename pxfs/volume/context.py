@@ -24,6 +24,7 @@ from pxfs.volume.replica import HostedVolume
 log = logging.getLogger(__name__)
 
 WARN_EVERY = 60.0
+REPLICA_OF_TTL = 30.0
 
 
 class HostContext:
@@ -41,6 +42,7 @@ class HostContext:
         self._nursery: trio.Nursery | None = None
         self.guard: StoreGuard | None = None  # set by the node: no round on a refused store
         self._warned: dict[str, float] = {}
+        self._replica_of: dict[frozenset[str], float] = {}  # mount volumes -> until when "yes" holds
 
     def close(self) -> None:
         for hv in self._volumes.values():
@@ -79,6 +81,26 @@ class HostContext:
             local = hv.local if hv is not None else records.read_local_spec(d)
             out[d.name] = local.uid if local is not None else ""
         return out
+
+    async def replicates_any(self, wanted: frozenset[str] | None) -> bool:
+        """Whether this node is a replica of one of ``wanted`` (None: of any volume): a mount may put
+        chunks only where its volumes live. Copies on disk answer at once; a volume created moments
+        ago (its copy not made yet) is found in its record, remembered for a while."""
+        held = self.held()
+        if any(wanted is None or name in wanted for name in held):
+            return True
+        now = time.monotonic()
+        key = wanted or frozenset()
+        if self._replica_of.get(key, 0.0) > now:
+            return True
+        try:
+            specs = records.volumes(await self._store.range(records.VOLUME_PREFIX))
+        except Unavailable:
+            return False
+        if any(self.node_id in v.replicas and (wanted is None or v.name in wanted) for v in specs):
+            self._replica_of[key] = now + REPLICA_OF_TTL
+            return True
+        return False
 
     def holds_data(self) -> bool:
         return bool(self.held())
