@@ -128,9 +128,10 @@ async def delete_volume(cluster: Cluster, name: str) -> None:
 
 
 @asynccontextmanager
-async def service(cluster: Cluster, index: int) -> AsyncIterator[tuple[Connection, VolumeServiceClient]]:
-    """A logged-in connection to node ``index`` and its raw VolumeService."""
-    async with node_connection(cluster, index) as conn:
+async def service(cluster: Cluster, index: int,
+                  credential: pki.Credential | None = None) -> AsyncIterator[tuple[Connection, VolumeServiceClient]]:
+    """A logged-in connection to node ``index`` (as ``credential``, default admin) and its raw VolumeService."""
+    async with node_connection(cluster, index, credential=credential) as conn:
         vs = VolumeServiceClient(conn.bridge, conn.peer, await conn.volumes_cap())
         try:
             yield conn, vs
@@ -721,8 +722,8 @@ class _Portal:
     thread for the whole test.
     """
 
-    def __init__(self, cluster: Cluster, coordinator: int) -> None:
-        self.cluster, self.coordinator = cluster, coordinator
+    def __init__(self, cluster: Cluster, coordinator: int, credential: pki.Credential | None) -> None:
+        self.cluster, self.coordinator, self.credential = cluster, coordinator, credential
         self.token: trio.lowlevel.TrioToken | None = None
         self.targets: dict[str, Any] = {}
         self._ready = threading.Event()
@@ -739,7 +740,8 @@ class _Portal:
 
     async def _serve(self) -> None:
         self._stop = trio.Event()
-        async with node_connection(self.cluster, 0) as conn0, service(self.cluster, self.coordinator) as (_c, vs):
+        async with node_connection(self.cluster, 0, credential=self.credential) as conn0, \
+                service(self.cluster, self.coordinator, self.credential) as (_c, vs):
             vol, _info = await vs.open("hx-fuzz", "fuzz", False)
             chunks, admin = await conn0.chunks(), await conn0.admin()
             self.targets = {"vol": vol, "vs": vs, "chunks": chunks, "admin": admin}
@@ -785,14 +787,21 @@ class _Portal:
                     self.extra.append(result[0])
 
 
-def test_fuzz_rpc_surface(shared_cluster: Cluster, volumes: dict[str, VolumeInfo]) -> None:
-    """Random calls to Volume / VolumeService / ChunkStore / Admin: typed errors only, no hangs."""
+@pytest.mark.parametrize("role", ["admin", "mount"])
+def test_fuzz_rpc_surface(shared_cluster: Cluster, volumes: dict[str, VolumeInfo], role: str,
+                          tmp_path: Path) -> None:
+    """Random calls to Volume / VolumeService / ChunkStore / Admin: typed errors only, no hangs; as a
+    mount of hx-fuzz, nothing outside what a mount may do changes (no volume made or deleted)."""
     cluster = shared_cluster
     coordinator = node_index(volumes["hx-fuzz"].coordinator)
     watch = LogWatch(cluster)
     examples = 0
+    credential = None
+    if role == "mount":
+        pki.issue(cluster.dir, tmp_path / "mount", "fuzzer", "mount", ["hx-fuzz"])
+        credential = pki.load(tmp_path / "mount")
 
-    with _Portal(cluster, coordinator) as portal:
+    with _Portal(cluster, coordinator, credential) as portal:
         @settings(max_examples=150, deadline=None, derandomize=True, database=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
         @given(calls=st.lists(CALL, min_size=1, max_size=6))
@@ -803,6 +812,9 @@ def test_fuzz_rpc_surface(shared_cluster: Cluster, volumes: dict[str, VolumeInfo
 
         try:
             fuzz()
+            if role == "mount":  # before the clean-up below deletes what an admin fuzz made
+                names = {v.name for v in cluster_volumes(cluster)}
+                assert set(VOLUMES) <= names and not names & set(ADMIN_VOLUMES), names
         finally:
             async def cleanup() -> None:
                 for name in ADMIN_VOLUMES:
@@ -815,6 +827,14 @@ def test_fuzz_rpc_surface(shared_cluster: Cluster, volumes: dict[str, VolumeInfo
         "\n".join(lines[-40:])
     trio.run(assert_serving, cluster)
     trio.run(_still_answers, cluster, coordinator)
+
+
+def cluster_volumes(cluster: Cluster) -> list[VolumeInfo]:
+    async def go() -> list[VolumeInfo]:
+        async with node_connection(cluster, 0) as conn:
+            return await (await conn.admin()).list_volumes()
+
+    return trio.run(go)
 
 
 async def _still_answers(cluster: Cluster, coordinator: int) -> None:
