@@ -52,12 +52,33 @@ def decode(exc: BaseException, peer: str) -> PxfsError:
     return Unavailable(f"node {peer}", f"remote call failed: {first[:200]}")
 
 
+class InFlight:
+    """Calls running at once on one connection: past the limit a call is refused at once (a peer
+    must not make the node hold unbounded work and memory for it)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.running = limit, 0
+
+    def __enter__(self) -> InFlight:
+        if self.running >= self.limit:
+            raise Unavailable("connection", f"more than {self.limit} calls in flight on one connection: refused")
+        self.running += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.running -= 1
+
+
 def served(method: F) -> F:
     """Wrap a capnp server method: PxfsErrors travel typed, anything else is logged once."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        limit: InFlight | None = getattr(self, "in_flight", None)
         try:
+            if limit is not None:
+                with limit:
+                    return await method(self, *args, **kwargs)
             return await method(self, *args, **kwargs)
         except PxfsError as err:
             raise encode(err) from None

@@ -17,13 +17,16 @@ from pxfs.errors import Unauthorized, Unavailable
 from pxfs.rpc import tls
 from pxfs.rpc.auth import require
 from pxfs.rpc.bridge import Bridge
-from pxfs.rpc.errors import served
+from pxfs.rpc.errors import InFlight, served
 from pxfs.rpc.pki import Credential, Identity
 from pxfs.rpc.schema import TRAVERSAL_LIMIT_WORDS, pxfs_capnp
 
 log = logging.getLogger(__name__)
 
 LOGIN_DEADLINE = 10.0
+# Calls one connection may have running at once; a mount keeps well below (its write-back and
+# readahead run tens in parallel).
+MAX_IN_FLIGHT = 256
 
 
 @dataclass
@@ -39,8 +42,13 @@ class Services:
 class SessionServer(pxfs_capnp.Session.Server):
     """The capabilities a peer's role allows (``pxfs.rpc.auth``); each one checks per method too."""
 
-    def __init__(self, bridge: Bridge, services: Services, who: Identity) -> None:
+    def __init__(self, bridge: Bridge, services: Services, who: Identity, in_flight: InFlight) -> None:
         self._bridge, self._services, self._who = bridge, services, who
+        self.in_flight = in_flight  # one budget for every capability of the connection (served)
+
+    def _bounded(self, server: Any) -> Any:
+        server.in_flight = self.in_flight
+        return server
 
     def _need(self, name: str) -> Any:
         svc = getattr(self._services, name)
@@ -52,27 +60,27 @@ class SessionServer(pxfs_capnp.Session.Server):
     async def admin(self, _context: Any, **_: Any) -> None:
         from pxfs.rpc.services import AdminServer
 
-        _context.results.admin = AdminServer(self._bridge, self._need("admin"), self._who)
+        _context.results.admin = self._bounded(AdminServer(self._bridge, self._need("admin"), self._who))
 
     @served
     async def chunks(self, _context: Any, **_: Any) -> None:
         from pxfs.rpc.services import ChunkStoreServer
 
-        _context.results.chunks = ChunkStoreServer(self._bridge, self._need("chunks"), self._who,
-                                                   self._services.volumes)
+        _context.results.chunks = self._bounded(ChunkStoreServer(self._bridge, self._need("chunks"), self._who,
+                                                                 self._services.volumes))
 
     @served
     async def control(self, _context: Any, **_: Any) -> None:
         from pxfs.rpc.services import ControlStoreServer
 
         require(self._who, "control store", "node")
-        _context.results.control = ControlStoreServer(self._bridge, self._need("control"), self._who)
+        _context.results.control = self._bounded(ControlStoreServer(self._bridge, self._need("control"), self._who))
 
     @served
     async def volumes(self, _context: Any, **_: Any) -> None:
         from pxfs.rpc.volume_server import VolumeServiceServer
 
-        _context.results.volumes = VolumeServiceServer(self._bridge, self._need("volumes"), self._who)
+        _context.results.volumes = self._bounded(VolumeServiceServer(self._bridge, self._need("volumes"), self._who))
 
 
 class GatewayServer(pxfs_capnp.Gateway.Server):
@@ -81,6 +89,7 @@ class GatewayServer(pxfs_capnp.Gateway.Server):
     def __init__(self, bridge: Bridge, services: Services, cluster_id: str, node_id: str, who: Identity,
                  revoked: bool) -> None:
         self._bridge, self._services = bridge, services
+        self.in_flight = InFlight(MAX_IN_FLIGHT * (16 if who.role == "node" else 1))  # a node ships for many volumes
         self._cluster_id, self._node_id, self._who, self._revoked = cluster_id, node_id, who, revoked
         self.logged_in = False
 
@@ -90,7 +99,7 @@ class GatewayServer(pxfs_capnp.Gateway.Server):
             raise Unauthorized(f"node {self._node_id}", f"{self._who} is revoked")
         self.logged_in = True
         r = _context.results
-        r.session = SessionServer(self._bridge, self._services, self._who)
+        r.session = SessionServer(self._bridge, self._services, self._who, self.in_flight)
         r.clusterId, r.nodeId, r.version = self._cluster_id, self._node_id, 2
 
 

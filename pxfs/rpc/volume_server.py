@@ -62,6 +62,7 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
             await self._b.to_trio(self._h.call, hv, lambda m: m.reopen(mountId, held))
         # A snapshot is read-only whatever the mount asked for.
         server = VolumeServer(self._b, self._h, hv, mountId, readOnly or "@" in name, "@" in name, self._who)
+        server.in_flight = getattr(self, "in_flight", None)  # the connection's budget (pxfs.rpc.server)
         if _context.params._has("watcher") and "@" not in name:  # scrub, fsck and tools pass none
             server.watch(watcher)
         _context.results.volume = server

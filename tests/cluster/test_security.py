@@ -425,3 +425,30 @@ def test_files_at_rest_are_private(shared_cluster: Cluster, vols: dict[str, Volu
     proc = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
                            "find", str(cluster.dir), "-type", "f", "-readable"], capture_output=True, text=True)
     assert proc.stdout.strip() == "", proc.stdout[:500]
+
+
+async def test_calls_in_flight_per_connection_are_bounded(shared_cluster: Cluster) -> None:
+    """A peer firing a thousand calls at once on one connection gets the excess refused at once, typed,
+    and the connection and the node keep serving."""
+    refused_calls: list[str] = []
+    answered = 0
+    async with node_connection(shared_cluster, 0) as conn:
+        chunks = await conn.chunks()
+        h, data = chunk(MiB, seed=77)
+        await chunks.put(h, data)
+
+        async def one() -> None:
+            nonlocal answered
+            try:
+                await chunks.verify([h] * 8)  # ~8 MiB re-hashed: each call stays a while
+                answered += 1
+            except Unavailable as err:
+                refused_calls.append(str(err))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(600):
+                nursery.start_soon(one)
+        assert refused_calls and answered >= 256, (answered, len(refused_calls))
+        assert all("calls in flight" in r for r in refused_calls), refused_calls[:3]
+        assert await chunks.get(h) == data  # the same connection still serves
+    await assert_serving(shared_cluster)
