@@ -235,7 +235,8 @@ class EtcdStore:
                 if code in _RETRY_CODES or r.status_code >= 500 or "leader" in msg:
                     errors[url] = msg
                     continue
-                if code in _AUTH_CODES or code == 7:  # Unauthenticated, PermissionDenied
+                if code in _AUTH_CODES or code == 7 or "user name is empty" in msg:
+                    # Unauthenticated, PermissionDenied, or no user configured for an etcd with auth on
                     raise Unauthorized(self.what, f"{path}: {msg}")
                 raise EtcdError(self.what, f"{path}: {msg}")
             if trio.current_time() >= deadline:
