@@ -13,13 +13,12 @@ import trio
 from pxfs.chunks.local import LocalChunkStore
 from pxfs.chunks.pool import Pool
 from pxfs.cluster.admin import ClusterAdmin
+from pxfs.cluster.backends import NodeContext, open_node_store
 from pxfs.cluster.config import check_gc_grace, load_config, load_secret
 from pxfs.cluster.gc import Collector
 from pxfs.cluster.guard import StoreGuard
 from pxfs.cluster.manager import Manager, Settings
 from pxfs.cluster.peers import Peers, store_resolver
-from pxfs.cluster.remote_store import RemoteStore
-from pxfs.cluster.store import ControlStore, EmbeddedStore
 from pxfs.durable import replace_file
 from pxfs.errors import PxfsError, Unavailable
 from pxfs.model import NodeInfo, PoolInfo
@@ -108,7 +107,6 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
     state = cfg.state_dir or (cfg.pools[0].path / "node-state")
     state.mkdir(parents=True, exist_ok=True)
     node_id = _node_id(state, cfg.node_id)
-    is_seed = cfg.seed if cfg.seed is not None else cfg.listen == cluster.seed
 
     pools = [Pool(p.path, p.capacity, klass=p.klass) for p in cfg.pools]
     chunks = LocalChunkStore(pools)
@@ -116,27 +114,26 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
     chunk_service = ChunkService(node_id, chunks)
 
     async with open_bridge() as bridge:
-        embedded: EmbeddedStore | None = None
-        store: ControlStore
-        if is_seed:
-            embedded = EmbeddedStore(str(state / "control"))
-            store = embedded
-        else:
-            store = RemoteStore(bridge, cluster.seed, secret, node_id)
+        # The backend cluster.json names: which store, and whether this node serves it (embedded
+        # seed) and may run the manager (the seed; with etcd, whoever holds the election).
+        opened = open_node_store(NodeContext(cluster, cfg.cluster_dir, state, node_id, cfg.listen, bridge, secret,
+                                             cfg.seed))
+        store, is_seed = opened.store, opened.seed
         peers = Peers(bridge, secret, node_id, store_resolver(store))
         admin = ClusterAdmin(store, cluster, peers=peers)
         volumes = VolumeHost(node_id, state, store, peers, repair_rate=cluster.repair_rate)
         guard = StoreGuard(node_id, cluster.id, state, store, is_seed, volumes.holds_data)
         volumes.guard = guard
         chunk_service.collector = Collector(node_id, store, peers, chunks, held=volumes.held, guard=guard)
-        services = Services(admin=admin, chunks=chunk_service, control=embedded, volumes=volumes)
+        services = Services(admin=admin, chunks=chunk_service, control=opened.served, volumes=volumes)
         server = RpcServer(bridge, services, secret, cluster.id, node_id)
         host, port = split_address(cfg.listen)
         try:
             await server.listen(host, port)
         except OSError as exc:
             raise PxfsError(f"node {node_id}", f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
-        log.info("node=%s listening=%s seed=%s pools=%d", node_id, cfg.listen, is_seed, len(pools))
+        log.info("node=%s listening=%s store=%s seed=%s pools=%d", node_id, cfg.listen, cluster.store, is_seed,
+                 len(pools))
 
         async def heartbeat_loop() -> None:
             warned = False
@@ -159,10 +156,10 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
                 nursery.start_soon(heartbeat_loop)
                 await nursery.start(volumes.run)
                 nursery.start_soon(chunk_service.collector.run, cluster.gc_interval, cluster.gc_grace)
-                if embedded is not None:
+                if opened.election is not None:
                     manager = Manager(store, admin, peers, Settings(failover_after=cluster.failover_after,
                                                                    replace_after=cluster.replace_after))
-                    manager.guard = guard
+                    manager.guard, manager.election = guard, opened.election
                     nursery.start_soon(manager.run)
                 if ready is not None:
                     ready.set()
@@ -176,7 +173,5 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
                 await server.close()
                 await peers.close()
                 volumes.close()
-                if isinstance(store, RemoteStore):
-                    await store.close()
-                if embedded is not None:
-                    embedded.close()
+                with trio.move_on_after(5):  # an etcd that does not answer must not hold up the stop
+                    await opened.close()

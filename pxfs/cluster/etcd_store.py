@@ -38,6 +38,8 @@ from pxfs.errors import Invalid, PxfsError, Unauthorized, Unavailable
 from pxfs.model import NodeInfo
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO: with a keepalive a second per node that would drown the node's log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 DEFAULT_PREFIX = "/pxfs/"
 LEASE_TTL = 3          # seconds: the heartbeat window of the embedded store (DOWN_AFTER)

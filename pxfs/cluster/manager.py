@@ -1,4 +1,6 @@
-"""The cluster manager, run by the seed next to the embedded control store.
+"""The cluster manager: on the seed next to the embedded control store, or with etcd on whichever
+node holds the manager election (so any node may die: another takes the election once the lease of
+the dead one expires, and goes on from the records in the store).
 
 Once a second it compares every volume's record with node liveness and acts:
 * **failover**: the coordinator has been down for ``failover_after`` seconds (or was removed): the
@@ -12,7 +14,9 @@ Once a second it compares every volume's record with node liveness and acts:
   and copies the chunks (repair).
 * **replication factor**: fewer replicas than ``repl`` (``ha-update`` up) get new ones; more
   (``ha-update`` down) lose followers, down ones first.
-pxfs grows no consensus of its own: the control store's compare-and-swap orders these changes.
+pxfs grows no consensus of its own: the control store's compare-and-swap orders these changes, so
+even two nodes that both believe they lead for a moment (a lease expiring mid-round) cannot
+interleave a change: each one is made only if the record is still the one it was computed from.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 import trio
 
 from pxfs.cluster import placement, records
-from pxfs.cluster.store import ControlStore
+from pxfs.cluster.store import ControlStore, Election
 from pxfs.errors import PxfsError
 from pxfs.model import NodeInfo, VolumeInfo
 
@@ -46,6 +50,7 @@ class Manager:
         self._down_since: dict[str, float] = {}
         self._started = time.monotonic()
         self.guard: Any = None  # pxfs.cluster.guard.StoreGuard: no failover on a store it refuses
+        self.election: Election | None = None  # None: this node always runs it (the embedded seed)
 
     async def run(self) -> None:
         while True:
@@ -53,6 +58,11 @@ class Manager:
             if time.monotonic() - self._started < self.settings.startup_grace:
                 continue
             try:
+                if self.election is not None and not await self.election.lead():
+                    # Another node manages. What this one saw go down is stale by the time it leads:
+                    # it counts down time again from its own first round.
+                    self._down_since.clear()
+                    continue
                 if self.guard is not None and await self.guard.check():
                     continue  # the guard logged why; re-placing volumes on its say-so could lose them
                 await self.round()
