@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,17 @@ import trio
 from pxfs.cli import etcd_local
 from pxfs.cluster.backends import MANAGER_ELECTION, direct_store
 from pxfs.cluster.config import load_config
-from tests.conftest import eventually, free_port_block, mounted, stop_and_check
+from tests.conftest import (
+    PXFS,
+    Cluster,
+    _leftover_pids,
+    _stray_mounts,
+    eventually,
+    free_port_block,
+    mounted,
+    pxfs_env,
+    stop_and_check,
+)
 from tests.system.faults import FaultCluster, healthy, inspect, wait_volume
 from tests.system.manifest import Entry, ManifestWriter, max_stall, verify_on_replicas, verify_through_mount
 
@@ -51,7 +62,7 @@ def ecluster(tmp_path: Path) -> Iterator[FaultCluster]:
         stop_and_check(c)  # fails on any process left behind, etcd members included
 
 
-def _on_store(c: FaultCluster, fn: Callable[[Any], Any]) -> Any:
+def _on_store(c: Cluster, fn: Callable[[Any], Any]) -> Any:
     """``fn(store)`` on the cluster's etcd, as a client reaches it."""
     async def go() -> Any:
         store = direct_store(load_config(c.dir), c.dir)
@@ -63,7 +74,7 @@ def _on_store(c: FaultCluster, fn: Callable[[Any], Any]) -> Any:
     return trio.run(go)
 
 
-def manager(c: FaultCluster) -> str:
+def manager(c: Cluster) -> str:
     return _on_store(c, lambda s: s.holder(MANAGER_ELECTION))
 
 
@@ -177,3 +188,56 @@ def test_kill_one_etcd_member(ecluster: FaultCluster, tmp_path: Path) -> None:
     assert all(n["state"] == "up" for n in status["nodes"]), status["nodes"]
     back_and_verified(c, tmp_path, "em", entries)
     eventually(lambda: all(m["healthy"] for m in members(c)), what="the etcd member healthy again")
+
+
+def test_cluster_init_on_etcd_and_nodes_started_by_hand(tmp_path: Path) -> None:
+    """The several-machine set-up on one host: an etcd run apart from pxfs, `pxfs cluster init
+    --store etcd://...`, `pxfs node start` per node; cluster.json lists no node, so the CLI and the
+    mount find the nodes in etcd."""
+    base = free_port_block(2 + 2)
+    etcd_dir = tmp_path / "etcd-host"
+    member = etcd_local.plan(etcd_dir, 1, base + 2)
+    procs: list[subprocess.Popen] = []
+    c = Cluster(dir=tmp_path / "cluster", base_port=base, nodes=2)
+    url = f"etcd://{member[0].endpoint}/prod"
+    try:
+        etcd_proc = etcd_local.spawn(member[0], member, "test")
+        trio.run(etcd_local.wait_healthy, member, {"e1": etcd_proc})
+        out = subprocess.run([*PXFS, "cluster", "init", "--dir", str(c.dir), "--store", url, "--json"],
+                             capture_output=True, text=True, env=pxfs_env(), timeout=60)
+        assert out.returncode == 0, out.stderr
+        cfg = load_config(c.dir)
+        assert (cfg.store, cfg.seed, cfg.nodes) == (url, "", [])
+        # The same prefix again: refused, naming the store and the cluster it holds.
+        again = subprocess.run([*PXFS, "cluster", "init", "--dir", str(tmp_path / "other"), "--store", url],
+                               capture_output=True, text=True, env=pxfs_env(), timeout=60)
+        assert again.returncode == 1 and f"control store {url}: already holds cluster {cfg.id}" in again.stderr
+        assert again.stderr.count("\n") == 1, again.stderr  # one line, no traceback
+        for i in (1, 2):
+            nd = tmp_path / f"host{i}"
+            log = open(tmp_path / f"n{i}.log", "wb")
+            procs.append(subprocess.Popen(
+                [*PXFS, "node", "start", "--cluster", str(c.dir), "--listen", f"127.0.0.1:{base + i - 1}",
+                 "--id", f"n{i}", "--pool", f"{nd / 'pool'},size=1G", "--state", str(nd / "state")],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=pxfs_env(), cwd="/"))
+
+        def both_up() -> dict[str, Any] | None:
+            status = c.json("status")
+            assert isinstance(status, dict)
+            return status if sum(n["state"] == "up" for n in status["nodes"]) == 2 else None
+
+        status = eventually(both_up, what="both nodes up")
+        assert [m["healthy"] for m in status["store"]["members"]] == [True]
+        eventually(lambda: manager(c), what="a manager elected")
+        c.cli("volume", "create", "v", "--size", "1G", "--repl", "2")
+        with mounted(c, "v", tmp_path / "mnt") as m:
+            (m.path / "hello").write_text("from a host without a node\n")
+            assert (m.path / "hello").read_text() == "from a host without a node\n"
+    finally:
+        _stray_mounts(c.dir)
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+        etcd_local.stop(etcd_dir)
+    assert _leftover_pids(tmp_path) == []
