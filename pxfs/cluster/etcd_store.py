@@ -45,6 +45,7 @@ DEFAULT_PREFIX = "/pxfs/"
 LEASE_TTL = 3          # seconds: the heartbeat window of the embedded store (DOWN_AFTER)
 CALL_TIMEOUT = 5.0     # one store call, over every endpoint: the same bound as RemoteStore
 ATTEMPT_TIMEOUT = 1.5  # one endpoint: past an etcd election (1 s by default), short of the lease TTL
+NODE_REFRESH = 60.0    # seconds between writes of an unchanged node record
 ALIVE_PREFIX = "alive/"
 ELECTION_PREFIX = "election/"
 _REV_CACHE_MAX = 10000
@@ -153,8 +154,9 @@ class EtcdStore:
     """The ``ControlStore`` protocol on etcd; also the node's lease (heartbeats, election)."""
 
     def __init__(self, settings: EtcdSettings, *, ttl: int = LEASE_TTL, call_timeout: float = CALL_TIMEOUT,
-                 attempt_timeout: float = ATTEMPT_TIMEOUT) -> None:
+                 attempt_timeout: float = ATTEMPT_TIMEOUT, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings, self.ttl = settings, ttl
+        self._transport = transport  # tests: answers that a real etcd cannot be made to give
         self.call_timeout, self.attempt_timeout = call_timeout, attempt_timeout
         self._urls = settings.urls()
         self._current = 0             # the endpoint that answered last: tried first
@@ -167,6 +169,7 @@ class EtcdStore:
         self._lease_lock = trio.Lock()
         self._alive_on: str | None = None  # the lease the alive key was put under
         self._node_raw: bytes | None = None  # the node record as last written
+        self._node_put = 0.0
         self.what = f"control store {settings.describe()}"
 
     # -- transport ------------------------------------------------------------------------------
@@ -181,7 +184,8 @@ class EtcdStore:
                 verify = ctx
             # httpx's own timeout is a backstop; trio.fail_after bounds each attempt.
             self._client = httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(self.call_timeout),
-                                             limits=httpx.Limits(max_keepalive_connections=4))
+                                             limits=httpx.Limits(max_keepalive_connections=4),
+                                             transport=self._transport)
         return self._client
 
     async def aclose(self) -> None:
@@ -195,9 +199,15 @@ class EtcdStore:
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """One gateway call: the first endpoint that answers, within ``call_timeout``."""
+        return (await self._post_noting(path, body))[0]
+
+    async def _post_noting(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """``_post``, and whether an earlier attempt of this call may have been applied (it was sent
+        and its answer lost): a retried transaction then finds its own write as "changed"."""
         deadline = trio.current_time() + self.call_timeout
         errors: dict[str, str] = {}
         reauthed = False
+        maybe_applied = False
         while True:
             for i in self._order():
                 url = self._urls[i]
@@ -217,16 +227,19 @@ class EtcdStore:
                         data = r.json() if r.content else {}
                 except trio.TooSlowError:
                     errors[url] = f"no answer in {min(left, self.attempt_timeout):g}s"
+                    maybe_applied = True
                     continue
                 except httpx.HTTPError as exc:
                     errors[url] = str(exc) or type(exc).__name__
+                    # Only a failed connect is known not to have reached etcd.
+                    maybe_applied |= not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
                     continue
                 except ValueError:
                     errors[url] = f"HTTP {r.status_code}: not JSON"
                     continue
                 if r.status_code == 200 and "error" not in data:
                     self._current = i
-                    return data
+                    return data, maybe_applied
                 code = int(data.get("code", 0))
                 msg = data.get("message") or data.get("error") or f"HTTP {r.status_code}"
                 if code in _AUTH_CODES and self.settings.user and not reauthed:
@@ -307,7 +320,7 @@ class EtcdStore:
             compare = {"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": str(self._revs[key][1])}
         else:
             compare = {"key": k, "target": "VALUE", "result": "EQUAL", "value": _b64(expected)}
-        data = await self._post("/v3/kv/txn", {
+        data, maybe_applied = await self._post_noting("/v3/kv/txn", {
             "compare": [compare],
             "success": [{"request_put": {"key": k, "value": _b64(value)}}],
             "failure": [{"request_range": {"key": k}}],
@@ -317,11 +330,12 @@ class EtcdStore:
             self._revs[key] = (value, rev)  # a txn's header revision is the one its put made
             return True
         kvs = (data.get("responses") or [{}])[0].get("response_range", {}).get("kvs") or []
-        if kvs:
-            self._remember(kvs[0])
-        else:
+        if not kvs:
             self._revs.pop(key, None)
-        return False
+            return False
+        _key, current = self._remember(kvs[0])
+        # The key holds our value after an attempt whose answer was lost: that attempt made it.
+        return maybe_applied and current == value
 
     # -- the node's lease: heartbeats, liveness, election ----------------------------------------
 
@@ -360,9 +374,11 @@ class EtcdStore:
                                             "lease": lease})
             self._alive_on = lease
         raw = records.encode_node(node)
-        if raw != self._node_raw:
+        now = trio.current_time()
+        # Written when it changes, and once a minute in case the record went (a restored etcd).
+        if raw != self._node_raw or now - self._node_put >= NODE_REFRESH:
             await self.put(f"nodes/{node.id}", raw)
-            self._node_raw = raw
+            self._node_raw, self._node_put = raw, now
 
     async def liveness(self) -> list[NodeInfo]:
         # One transaction: the node records and the alive keys from one revision.

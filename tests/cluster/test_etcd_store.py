@@ -3,6 +3,7 @@ leases (liveness drops when keepalives stop), the election, endpoint failover, a
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -256,3 +257,32 @@ async def test_tls_with_client_certificates(tmp_path: Path) -> None:
         await nocert.aclose()
     finally:
         _stop(proc)
+
+
+async def test_cas_whose_answer_was_lost() -> None:
+    """A txn applied by etcd whose answer never came back, retried: the retry finds the key holding
+    the value this very call wrote, which is success, not a conflict. (A real etcd cannot be made to
+    drop just that answer: an httpx mock transport plays it.)"""
+    state: dict[str, str] = {}
+    calls: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        calls.append(request.url.host)
+        key = body["compare"][0]["key"]
+        if key not in state and body["compare"][0]["target"] == "CREATE":
+            state[key] = body["success"][0]["request_put"]["value"]
+            if len(calls) == 1:
+                raise httpx.ReadTimeout("answer lost", request=request)
+            return httpx.Response(200, json={"succeeded": True, "header": {"revision": "5"}})
+        kv = {"key": key, "value": state[key], "mod_revision": "5"}
+        return httpx.Response(200, json={"responses": [{"response_range": {"kvs": [kv]}}]})
+
+    s = EtcdStore(EtcdSettings(("a:1", "b:1")), transport=httpx.MockTransport(handle))
+    try:
+        assert await s.cas("k", None, b"mine") is True
+        assert calls == ["a", "b"]
+        # Without a lost answer the same reply is another writer's: a conflict.
+        assert await s.cas("k", None, b"mine") is False
+    finally:
+        await s.aclose()
