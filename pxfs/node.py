@@ -12,13 +12,16 @@ import trio
 
 from pxfs.chunks.local import LocalChunkStore
 from pxfs.chunks.pool import Pool
+from pxfs.cluster import records
 from pxfs.cluster.admin import ClusterAdmin
 from pxfs.cluster.backends import NodeContext, open_node_store
 from pxfs.cluster.config import check_gc_grace, load_config, load_secret
+from pxfs.cluster.etcd_store import ALIVE_PREFIX
 from pxfs.cluster.gc import Collector
 from pxfs.cluster.guard import StoreGuard
 from pxfs.cluster.manager import Manager, Settings
 from pxfs.cluster.peers import Peers, store_resolver
+from pxfs.cluster.wakeup import Wakeups
 from pxfs.durable import replace_file
 from pxfs.errors import PxfsError, Unavailable
 from pxfs.model import NodeInfo, PoolInfo
@@ -151,15 +154,24 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
                     warned = True
                 await trio.sleep(HEARTBEAT_INTERVAL)
 
+        wakeups = Wakeups()
+        if opened.watch is not None:
+            # Supervision acts on its volume records (a new coordinator starts serving at once); the
+            # manager on liveness and the records (a round as soon as a lease expires).
+            volumes.wakeup = wakeups.subscribe(records.VOLUME_PREFIX, records.TOMBSTONE_PREFIX)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(heartbeat_loop)
+                if opened.watch is not None:
+                    nursery.start_soon(opened.watch, "", wakeups.changed)
                 await nursery.start(volumes.run)
                 nursery.start_soon(chunk_service.collector.run, cluster.gc_interval, cluster.gc_grace)
                 if opened.election is not None:
                     manager = Manager(store, admin, peers, Settings(failover_after=cluster.failover_after,
                                                                    replace_after=cluster.replace_after))
                     manager.guard, manager.election = guard, opened.election
+                    if opened.watch is not None:
+                        manager.wakeup = wakeups.subscribe(ALIVE_PREFIX, records.VOLUME_PREFIX, "removed/")
                     nursery.start_soon(manager.run)
                 if ready is not None:
                     ready.set()

@@ -51,6 +51,8 @@ class NodeStore:
     served: EmbeddedStore | None = None   # served to the other nodes over the ControlStore RPC
     seed: bool = False                    # holds the embedded store: names an empty one, kept out of placement
     election: Election | None = None      # the manager runs here while it leads; None: never here
+    # Calls back with the keys that change under a prefix (etcd's watch); None: rounds only poll.
+    watch: Callable[[str, Callable[[list[str]], None]], Awaitable[None]] | None = None
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -158,7 +160,7 @@ def _open_etcd(ctx: NodeContext) -> NodeStore:
         raise Invalid(f"node {ctx.node_id} --seed", f"the control store is {ctx.cluster.store}: no node holds it")
     store = _etcd(ctx.cluster, ctx.cluster_dir)
     # revoke first: a node that stops cleanly is down at once, and its election free for the next.
-    return NodeStore(store, election=EtcdElection(store, MANAGER_ELECTION, ctx.node_id),
+    return NodeStore(store, election=EtcdElection(store, MANAGER_ELECTION, ctx.node_id), watch=store.watch,
                      closers=[store.revoke, store.aclose])
 
 

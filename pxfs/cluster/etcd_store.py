@@ -25,7 +25,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -423,38 +423,45 @@ class EtcdStore:
 
     # -- watches ----------------------------------------------------------------------------------
 
-    async def watch(self, prefix: str) -> AsyncIterator[list[str]]:
-        """Keys under ``prefix`` as they change (batches of keys), reconnecting and resuming after the
-        last revision seen. Runs until cancelled."""
+    async def watch(self, prefix: str, changed: Callable[[list[str]], None]) -> None:
+        """Call ``changed(keys)`` with the keys under ``prefix`` as they change, and ``changed([])``
+        each time the watch is (re)established (changes may have been missed meanwhile). Reconnects,
+        to the next endpoint after a failure, resuming after the last revision seen. Runs until
+        cancelled. A frozen member stalls it unnoticed: callers keep polling as a backstop."""
         p = self._key(prefix)
         next_rev = 0
+        at = self._current
         while True:
-            body: dict[str, Any] = {"create_request": {"key": _b64(p), "range_end": _b64(_range_end(p))}}
+            create: dict[str, Any] = {"key": _b64(p), "range_end": _b64(_range_end(p))}
             if next_rev:
-                body["create_request"]["start_revision"] = str(next_rev)
-            url = self._urls[self._current]
+                create["start_revision"] = str(next_rev)
+            url = self._urls[at]
             try:
                 headers = {}
                 if self.settings.user:
                     headers["Authorization"] = await self._auth_token(url, self.attempt_timeout)
-                async with self._http().stream("POST", url + "/v3/watch", json=body, headers=headers,
+                async with self._http().stream("POST", url + "/v3/watch", json={"create_request": create},
+                                               headers=headers,
                                                timeout=httpx.Timeout(self.attempt_timeout, read=None)) as r:
+                    if r.status_code != 200:
+                        raise ValueError(f"HTTP {r.status_code}")
                     async for line in r.aiter_lines():
                         if not line.strip():
                             continue
                         result = json.loads(line).get("result", {})
                         if result.get("canceled") or result.get("compact_revision"):
-                            next_rev = 0  # compacted past our revision: start from now (callers re-read)
+                            next_rev = 0  # compacted past our revision: from now on (callers re-read)
                             break
                         events = result.get("events") or []
                         if events:
                             next_rev = max(int(e["kv"].get("mod_revision", 0)) for e in events) + 1
-                            yield [_unb64(e["kv"].get("key")).decode()[len(self.settings.prefix):] for e in events]
+                            changed([_unb64(e["kv"].get("key")).decode()[len(self.settings.prefix):]
+                                     for e in events])
                         elif result.get("created"):
-                            yield []  # the watch is in place: a caller may re-read what changed before it
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
-                log.debug("%s: watch of %s at %s broke: %s", self.what, prefix, url, exc)
-                self._current = (self._current + 1) % len(self._urls)
+                            changed([])
+            except (httpx.HTTPError, ValueError, KeyError, PxfsError) as exc:
+                log.debug("%s: watch of %r at %s broke: %s", self.what, prefix, url, exc)
+                at = (at + 1) % len(self._urls)
             await trio.sleep(0.2)
 
     # -- members ----------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import trio
 
 from pxfs.cluster import placement, records
 from pxfs.cluster.store import ControlStore, Election
+from pxfs.cluster.wakeup import Wakeup
 from pxfs.errors import PxfsError
 from pxfs.model import NodeInfo, VolumeInfo
 
@@ -51,10 +52,14 @@ class Manager:
         self._started = time.monotonic()
         self.guard: Any = None  # pxfs.cluster.guard.StoreGuard: no failover on a store it refuses
         self.election: Election | None = None  # None: this node always runs it (the embedded seed)
+        self.wakeup: Wakeup | None = None  # a store that watches: a round as soon as a node goes down
 
     async def run(self) -> None:
         while True:
-            await trio.sleep(self.settings.interval)
+            if self.wakeup is not None:
+                await self.wakeup.sleep(self.settings.interval)
+            else:
+                await trio.sleep(self.settings.interval)
             if time.monotonic() - self._started < self.settings.startup_grace:
                 continue
             try:
