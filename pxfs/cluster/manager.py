@@ -127,6 +127,13 @@ class Manager:
             if s.coordinator == old and s.epoch == epoch and best[1] in s.in_sync:
                 s.coordinator = best[1]
                 s.epoch += 1
+                # The down members (the old coordinator first) leave the set with the same swap: the
+                # new coordinator would otherwise hold its first write for the 5 s acknowledgement
+                # timeout of each. Dropping a member never breaks "in sync holds every acknowledged
+                # batch"; it rejoins once caught up. Kept when min_replicas forbids it.
+                live = [r for r in s.in_sync if r not in gone]
+                if len(live) >= s.min_replicas:
+                    s.in_sync = live
 
         new = await self._admin.update_volume(spec.name, change)
         log.warning("volume=%s failover: coordinator %s -> %s (seq %d), epoch %d", spec.name, old, new.coordinator,
