@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pxfs.cluster import records
 from pxfs.cluster.config import ClusterConfig
@@ -64,7 +63,7 @@ class NodeStore:
 class Backend:
     open_node: Callable[[NodeContext], NodeStore]
     # A store a client (CLI, mount) reads itself, or None when only the nodes reach it.
-    direct: Callable[[ClusterConfig, Path], Any]
+    direct: Callable[[ClusterConfig, Path], EtcdStore | None]
 
 
 _BACKENDS: dict[str, Backend] = {}
