@@ -413,6 +413,19 @@ class EtcdStore:
         kvs = (data.get("responses") or [{}])[0].get("response_range", {}).get("kvs") or []
         return bool(kvs) and _unb64(kvs[0].get("value")) == mine
 
+    async def resign(self, name: str, holder: str) -> bool:
+        """Give election ``name`` up if ``holder`` holds it under this store's lease (the lease, and
+        so the node's liveness, stays)."""
+        if self._lease is None:
+            return False
+        k = _b64(self._key(ELECTION_PREFIX + name))
+        mine = json.dumps({"node": holder, "lease": self._lease}, sort_keys=True).encode()
+        data = await self._post("/v3/kv/txn", {
+            "compare": [{"key": k, "target": "VALUE", "result": "EQUAL", "value": _b64(mine)}],
+            "success": [{"request_delete_range": {"key": k}}],
+        })
+        return bool(data.get("succeeded"))
+
     async def holder(self, name: str) -> str:
         """The node holding election ``name``, "" when none."""
         raw = await self.get(ELECTION_PREFIX + name)
@@ -517,3 +530,11 @@ class EtcdElection:
                         else "lost the election: another node runs it")
         self._held = held
         return held
+
+    async def resign(self) -> None:
+        try:
+            if await self._store.resign(self.name, self.node_id):
+                log.warning("node=%s %s: resigned: another node may run it", self.node_id, self.name)
+        except PxfsError as err:
+            log.info("node=%s %s: not resigned (%s); it frees itself with the lease", self.node_id, self.name, err)
+        self._held = False

@@ -63,13 +63,17 @@ class Manager:
             if time.monotonic() - self._started < self.settings.startup_grace:
                 continue
             try:
+                if self.guard is not None and await self.guard.check():
+                    # The guard logged why; re-placing volumes on its say-so could lose them. Nor may
+                    # this node hold the election meanwhile: a node that accepts the store would manage.
+                    if self.election is not None:
+                        await self.election.resign()
+                    continue
                 if self.election is not None and not await self.election.lead():
                     # Another node manages. What this one saw go down is stale by the time it leads:
                     # it counts down time again from its own first round.
                     self._down_since.clear()
                     continue
-                if self.guard is not None and await self.guard.check():
-                    continue  # the guard logged why; re-placing volumes on its say-so could lose them
                 await self.round()
             except PxfsError as err:
                 log.warning("manager round failed: %s", err)

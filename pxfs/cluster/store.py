@@ -35,6 +35,7 @@ class Election(Protocol):
     """Who runs a cluster-wide duty (the manager): ``lead()`` says whether this node does now."""
 
     async def lead(self) -> bool: ...
+    async def resign(self) -> None: ...
 
 
 class LeadAlways:
@@ -42,6 +43,9 @@ class LeadAlways:
 
     async def lead(self) -> bool:
         return True
+
+    async def resign(self) -> None:
+        return None
 
 
 class EmbeddedStore:

@@ -139,6 +139,14 @@ async def test_lease_expiry_makes_a_node_down(etcd: str, request: pytest.Fixture
         await node.heartbeat(NodeInfo(id="n1", address="127.0.0.1:1"))
         assert {n.id: n.state for n in await watcher.liveness()}["n1"] == "up"
         assert await node.campaign("manager", "n1") is False
+        # Resigning frees the election and keeps the node up; only the holder can resign it.
+        assert await node.resign("manager", "n1") is False
+        assert await watcher.resign("manager", "n2") is True
+        assert await node.campaign("manager", "n1") is True
+        assert await watcher.campaign("manager", "n2") is False
+        assert await node.resign("manager", "n1") is True
+        assert {n.id: n.state for n in await watcher.liveness()}["n1"] == "up"
+        assert await watcher.campaign("manager", "n2") is True
         # A clean stop revokes the lease: down and the election free at once.
         await watcher.revoke()
         assert {n.id: n.state for n in await node.liveness()}["n2"] == "down"
