@@ -16,13 +16,15 @@ from pxfs.chunks.local import LocalChunkStore
 from pxfs.chunks.pool import Pool
 from pxfs.cluster import records
 from pxfs.cluster.admin import ClusterAdmin
+from pxfs.cluster.backends import NodeContext, open_node_store
 from pxfs.cluster.config import check_gc_grace, load_config
+from pxfs.cluster.etcd_store import ALIVE_PREFIX
 from pxfs.cluster.gc import Collector
 from pxfs.cluster.guard import StoreGuard
 from pxfs.cluster.manager import Manager, Settings
 from pxfs.cluster.peers import Peers, store_resolver
-from pxfs.cluster.remote_store import RemoteStore
-from pxfs.cluster.store import ControlStore, EmbeddedStore
+from pxfs.cluster.store import ControlStore
+from pxfs.cluster.wakeup import Wakeups
 from pxfs.durable import replace_file
 from pxfs.errors import PxfsError, Unavailable
 from pxfs.model import NodeInfo, PoolInfo
@@ -165,7 +167,6 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
     for path, what in [(state, "state directory"), *((p.path, "pool") for p in cfg.pools)]:
         private_dir(path, what)
     raise_fd_limit()
-    is_seed = cfg.seed if cfg.seed is not None else cfg.listen == cluster.seed
 
     pools = [Pool(p.path, p.capacity, klass=p.klass) for p in cfg.pools]
     chunks = LocalChunkStore(pools)
@@ -173,27 +174,26 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
     chunk_service = ChunkService(node_id, chunks)
 
     async with open_bridge() as bridge:
-        embedded: EmbeddedStore | None = None
-        store: ControlStore
-        if is_seed:
-            embedded = EmbeddedStore(str(state / "control"))
-            store = embedded
-        else:
-            store = RemoteStore(bridge, cluster.seed, credential, node_id)
+        # The backend cluster.json names: which store, and whether this node serves it (embedded
+        # seed) and may run the manager (the seed; with etcd, whoever holds the election).
+        opened = open_node_store(NodeContext(cluster, cfg.cluster_dir, state, node_id, cfg.listen, bridge, credential,
+                                             cfg.seed))
+        store, is_seed = opened.store, opened.seed
         peers = Peers(bridge, credential, node_id, store_resolver(store))
         admin = ClusterAdmin(store, cluster, peers=peers)
         volumes = VolumeHost(node_id, state, store, peers, repair_rate=cluster.repair_rate)
         guard = StoreGuard(node_id, cluster.id, state, store, is_seed, volumes.holds_data)
         volumes.guard = guard
         chunk_service.collector = Collector(node_id, store, peers, chunks, held=volumes.held, guard=guard)
-        services = Services(admin=admin, chunks=chunk_service, control=embedded, volumes=volumes)
+        services = Services(admin=admin, chunks=chunk_service, control=opened.served, volumes=volumes)
         server = RpcServer(bridge, services, credential, cluster.id, node_id)
         host, port = split_address(cfg.listen)
         try:
             await server.listen(host, port)
         except OSError as exc:
             raise PxfsError(f"node {node_id}", f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
-        log.info("node=%s listening=%s seed=%s pools=%d", node_id, cfg.listen, is_seed, len(pools))
+        log.info("node=%s listening=%s store=%s seed=%s pools=%d", node_id, cfg.listen, cluster.store, is_seed,
+                 len(pools))
 
         async def heartbeat_loop() -> None:
             warned = False
@@ -211,16 +211,25 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
                     warned = True
                 await trio.sleep(HEARTBEAT_INTERVAL)
 
+        wakeups = Wakeups()
+        if opened.watch is not None:
+            # Supervision acts on its volume records (a new coordinator starts serving at once); the
+            # manager on liveness and the records (a round as soon as a lease expires).
+            volumes.wakeup = wakeups.subscribe(records.VOLUME_PREFIX, records.TOMBSTONE_PREFIX)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(heartbeat_loop)
                 nursery.start_soon(watch_revocations, store, server)
+                if opened.watch is not None:
+                    nursery.start_soon(opened.watch, "", wakeups.changed)
                 await nursery.start(volumes.run)
                 nursery.start_soon(chunk_service.collector.run, cluster.gc_interval, cluster.gc_grace)
-                if embedded is not None:
+                if opened.election is not None:
                     manager = Manager(store, admin, peers, Settings(failover_after=cluster.failover_after,
                                                                    replace_after=cluster.replace_after))
-                    manager.guard = guard
+                    manager.guard, manager.election = guard, opened.election
+                    if opened.watch is not None:
+                        manager.wakeup = wakeups.subscribe(ALIVE_PREFIX, records.VOLUME_PREFIX, "removed/")
                     nursery.start_soon(manager.run)
                 if ready is not None:
                     ready.set()
@@ -234,7 +243,5 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
                 await server.close()
                 await peers.close()
                 volumes.close()
-                if isinstance(store, RemoteStore):
-                    await store.close()
-                if embedded is not None:
-                    embedded.close()
+                with trio.move_on_after(5):  # an etcd that does not answer must not hold up the stop
+                    await opened.close()

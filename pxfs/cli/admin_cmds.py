@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
 from pxfs.cli.sizes import format_size, parse_size
-from pxfs.errors import Invalid, Unavailable
+from pxfs.cluster.backends import direct_store
+from pxfs.cluster.config import load_config
+from pxfs.errors import Invalid, PxfsError, Unavailable
 from pxfs.model import NodeInfo, VolumeInfo
 
 
@@ -36,6 +39,7 @@ def _node_rows(nodes: list[NodeInfo]) -> list[list[str]]:
     return rows
 
 
+MEMBER_COLUMNS = ["MEMBER", "HEALTH", "ROLE", "VERSION", "ERROR"]
 NODE_COLUMNS = ["NODE", "ADDRESS", "STATE", "LABELS", "POOLS", "CAPACITY", "USED"]
 VOLUME_COLUMNS = ["VOLUME", "SIZE", "USED", "REPL", "STATE", "REPLICAS", "COORDINATOR"]
 
@@ -45,25 +49,59 @@ def _volume_rows(vols: list[VolumeInfo]) -> list[list[str]]:
              v.coordinator] for v in vols]
 
 
+async def _store_members(cluster_dir: Path) -> list[dict[str, Any]] | None:
+    """The health of each member of a store the CLI reaches itself (etcd), None for embedded."""
+    store = direct_store(load_config(cluster_dir), cluster_dir)
+    if store is None:
+        return None
+    try:
+        return await store.members()
+    finally:
+        await store.aclose()
+
+
+def _member_rows(members: list[dict[str, Any]]) -> list[list[str]]:
+    return [[m["endpoint"], "healthy" if m["healthy"] else "unhealthy", "leader" if m.get("leader") else "-",
+             m.get("version", "") or "-", m.get("error", "") or "-"] for m in members]
+
+
 async def cmd_status(args: argparse.Namespace) -> int:
-    async with cluster_admin(args.cluster) as (admin, conn, _b, cfg):
-        info = await admin.cluster_info()
-        nodes = await admin.list_nodes()
-        vols = await admin.list_volumes()
-        store = await admin.store_check()
+    # Asked first and by the CLI itself: when the store is what is broken, its members' health is
+    # what the operator needs, and no node could report it then.
+    members = await _store_members(args.cluster)
+    try:
+        async with cluster_admin(args.cluster) as (admin, conn, _b, cfg):
+            info = await admin.cluster_info()
+            nodes = await admin.list_nodes()
+            vols = await admin.list_volumes()
+            store = await admin.store_check()
+    except PxfsError:
+        if members is not None and not args.json:
+            line(f"control store {load_config(args.cluster).store}: "
+                 f"{sum(m['healthy'] for m in members)} of {len(members)} member(s) healthy")
+            table(None, MEMBER_COLUMNS, _member_rows(members))
+        raise
     up = sum(1 for n in nodes if n.state == "up")
     degraded = [v.name for v in vols if v.state != "healthy"]
-    health = "healthy" if up == len(nodes) and not degraded else "degraded"
+    sick = [m["endpoint"] for m in members or [] if not m["healthy"]]
+    health = "healthy" if up == len(nodes) and not degraded and not sick else "degraded"
     problem = store.get("problem", "")
     if problem:
         health = "needs recovery"
+    if members is not None:
+        store["members"] = members
     if args.json:
         emit_json({"cluster": info, "health": health, "store": store, "nodes": [n.to_json() for n in nodes],
                    "volumes": [v.to_json() for v in vols]})
         return 1 if problem else 0
-    line(f'cluster "{info["name"]}" ({info["id"]}), store {info["store"]} at {info["seed"]}: {health}')
+    where = f" at {info['seed']}" if members is None else ""
+    line(f'cluster "{info["name"]}" ({info["id"]}), store {info["store"]}{where}: {health}')
     if problem:
         line(problem)
+    if members is not None:
+        line(f"store members: {len(members) - len(sick)} of {len(members)} healthy")
+        table(None, MEMBER_COLUMNS, _member_rows(members))
+        line("")
     line(f"nodes: {up} up of {len(nodes)}; volumes: {len(vols)}" + (f", degraded: {', '.join(degraded)}"
                                                                        if degraded else ""))
     table(None, NODE_COLUMNS, _node_rows(nodes))

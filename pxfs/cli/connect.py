@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from pxfs.cluster.backends import node_addresses
 from pxfs.cluster.config import ClusterConfig, load_config, load_credential
 from pxfs.errors import PxfsError, Unauthorized, Unavailable
 from pxfs.rpc.bridge import Bridge, open_bridge
@@ -19,14 +20,26 @@ async def cluster_admin(cluster_dir: Path) -> AsyncIterator[tuple[AdminClient, C
     async with open_bridge() as bridge:
         errors: list[str] = []
         conn: Connection | None = None
-        for address in cfg.addresses():
-            try:
-                conn = await Connection.open(bridge, address, credential, peer="cli", timeout=3)
-                break
-            except Unauthorized:
-                raise
-            except PxfsError as err:
-                errors.append(str(err))
+        tried: set[str] = set()
+
+        async def first(addresses: list[str]) -> Connection | None:
+            for address in addresses:
+                if address in tried:
+                    continue
+                tried.add(address)
+                try:
+                    return await Connection.open(bridge, address, credential, peer="cli", timeout=3)
+                except Unauthorized:
+                    raise
+                except PxfsError as err:
+                    errors.append(str(err))
+            return None
+
+        conn = await first(cfg.addresses())
+        if conn is None:
+            # With etcd the store itself knows where the nodes are (a host without a node may have
+            # a cluster.json that lists none of them).
+            conn = await first(await node_addresses(cfg, cluster_dir))
         if conn is None:
             raise Unavailable(f'cluster "{cfg.name}"', "no node answers (" + "; ".join(errors) + ")")
         try:

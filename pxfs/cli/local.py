@@ -10,15 +10,18 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import trio
 
+from pxfs.cli import etcd_local
 from pxfs.cli.output import line
 from pxfs.cli.procs import alive
 from pxfs.cli.sizes import parse_size
-from pxfs.cluster.config import check_gc_grace, init_cluster, load_config, load_credential, save_config
-from pxfs.errors import Invalid, PxfsError, Unavailable
+from pxfs.cluster.backends import check_store, direct_store, kind_of, name_store
+from pxfs.cluster.config import ClusterConfig, check_gc_grace, init_cluster, load_config, load_credential, save_config
+from pxfs.errors import Exists, Invalid, PxfsError, Unavailable
 from pxfs.node import NodeConfig, PoolSpec, run_node
 from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import Connection, split_address
@@ -52,16 +55,54 @@ def parse_pool(text: str) -> PoolSpec:
     return PoolSpec(path=p, capacity=size, klass=klass)
 
 
+def _etcd_settings(args: argparse.Namespace) -> dict[str, str]:
+    """cluster.json's ``etcd`` block from ``--etcd-ca`` and friends (paths kept as given)."""
+    out = {}
+    for name in ("ca", "cert", "key", "user", "password_file"):
+        value = getattr(args, f"etcd_{name}", None)
+        if value:
+            out[name] = value if name == "user" else str(Path(value).resolve())
+    return out
+
+
+def _name_new_store(d: Path, cfg: ClusterConfig) -> None:
+    """A new cluster on etcd: write its identity there first. No node is a seed that would do it,
+    and a node that finds an empty store later cannot tell a new cluster from a lost store."""
+
+    async def go() -> None:
+        store = direct_store(cfg, d)
+        assert store is not None
+        try:
+            await name_store(store, cfg.id, f"control store {cfg.store}")
+        finally:
+            await store.aclose()
+
+    trio.run(go)
+
+
 def cmd_cluster_init(args: argparse.Namespace) -> int:
     d = Path(args.dir).resolve()
-    split_address(args.seed)
-    cfg = init_cluster(d, args.name or d.name, args.seed)
+    store = args.store or "embedded"
+    kind = kind_of(store)
+    seed = args.seed if args.seed is not None else ("127.0.0.1:7700" if kind == "embedded" else "")
+    if seed:
+        split_address(seed)
+    if (d / "cluster.json").exists():
+        raise Exists(f"cluster directory {str(d)!r}", "already initialised (cluster.json exists)")
+    probe = ClusterConfig(id=str(uuid.uuid4()), name=args.name or d.name, seed=seed, store=store,
+                          etcd=_etcd_settings(args))
+    if kind != "embedded":
+        check_store(probe, d)
+        _name_new_store(d, probe)
+    cfg = init_cluster(d, probe.name, seed, store, cluster_id=probe.id, etcd=probe.etcd)
     if args.json:
         from pxfs.cli.output import emit_json
 
-        emit_json({"id": cfg.id, "name": cfg.name, "seed": cfg.seed, "dir": str(d)})
-    else:
+        emit_json({"id": cfg.id, "name": cfg.name, "seed": cfg.seed, "store": cfg.store, "dir": str(d)})
+    elif kind == "embedded":
         line(f'cluster "{cfg.name}" ({cfg.id}) initialised in {d}; seed node address {cfg.seed}')
+    else:
+        line(f'cluster "{cfg.name}" ({cfg.id}) initialised in {d}; control store {cfg.store}')
     return 0
 
 
@@ -166,6 +207,47 @@ async def _settle(bridge: object, seed: str, credential: Credential) -> None:
             await trio.sleep(0.5)
 
 
+def _holds_replicas(d: Path) -> bool:
+    """Whether any local node of DIR keeps a replica (its state has a volume directory)."""
+    return any(v.is_dir() for v in d.glob("nodes/*/state/volumes/*"))
+
+
+def _start_etcd(d: Path, members: list[etcd_local.Member], cluster_id: str) -> None:
+    procs = {}
+    for m in members:
+        if etcd_local.running(m) is None:
+            procs[m.name] = etcd_local.spawn(m, members, f"pxfs-{cluster_id}")
+            line(f"started etcd member {m.name} on {m.endpoint} (pid {procs[m.name].pid})")
+        else:
+            line(f"etcd member {m.name} already running")
+    trio.run(etcd_local.wait_healthy, members, procs)
+
+
+def _store_choice(args: argparse.Namespace, d: Path) -> tuple[str, list[etcd_local.Member]]:
+    """(the store URL, the local etcd members to run) for `pxfs up`, from --store and DIR."""
+    wanted = args.store
+    if (d / "cluster.json").exists():
+        cfg = load_config(d)
+        members = etcd_local.load(d) if kind_of(cfg.store) == "etcd" else []
+        same = (wanted is None or wanted == cfg.store or (wanted == "etcd" and bool(members)
+                                                          and cfg.store == etcd_local.store_url(members)))
+        if not same:
+            raise Invalid(f"--store {wanted}", f"the cluster in {d} uses the control store {cfg.store}; "
+                          "a cluster cannot change its store")
+        if members and args.etcd_members != len(members) and args.etcd_members_given:
+            raise Invalid(f"--etcd-members {args.etcd_members}", f"the local etcd cluster in {d / 'etcd'} has "
+                          f"{len(members)} member(s)")
+        return cfg.store, members
+    if wanted in (None, "embedded"):
+        return "embedded", []
+    if wanted == "etcd":
+        base = args.etcd_base_port if args.etcd_base_port is not None else args.base_port + 100
+        members = etcd_local.plan(d, args.etcd_members, base)
+        return etcd_local.store_url(members), members
+    kind_of(wanted)  # an etcd:// URL of an etcd cluster run elsewhere, or Invalid naming it
+    return wanted, []
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     d = Path(args.dir).resolve()
     if not 1 <= args.nodes <= 16:
@@ -178,9 +260,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise Invalid(f"--gc-interval {args.gc_interval:g}", "must be 0 (no automatic GC) to 30 days")
     if args.gc_grace is not None:
         check_gc_grace(args.gc_grace, f"--gc-grace {args.gc_grace:g}")
-    if not (d / "cluster.json").exists():
-        init_cluster(d, args.name or d.name, f"127.0.0.1:{args.base_port}")
-        line(f"initialised cluster in {d}")
+    args.etcd_members_given = args.etcd_members is not None
+    args.etcd_members = args.etcd_members if args.etcd_members is not None else 3
+    store, members = _store_choice(args, d)
+    fresh = not (d / "cluster.json").exists()
+    cluster_id = str(uuid.uuid4()) if fresh else load_config(d).id
+    if members:
+        _start_etcd(d, members, cluster_id)
+    if fresh:
+        probe = ClusterConfig(id=cluster_id, name=args.name or d.name, seed=f"127.0.0.1:{args.base_port}",
+                              store=store)
+        if kind_of(store) != "embedded":
+            _name_new_store(d, probe)
+        init_cluster(d, probe.name, probe.seed, store, cluster_id=cluster_id)
+        line(f"initialised cluster in {d}" + (f" on control store {store}" if store != "embedded" else ""))
+    elif kind_of(store) != "embedded" and not _holds_replicas(d):
+        # An earlier `up` may have stopped between init and naming the store: no node holds data
+        # here, so an empty store is this cluster's new one, not a lost one.
+        _name_new_store(d, load_config(d))
     cfg = load_config(d)
     if args.failover_after is not None:
         cfg.failover_after = args.failover_after
@@ -221,6 +318,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     d = Path(args.dir).resolve()
+    if not (d / "cluster.json").exists() and etcd_local.load(d):
+        # An `up` that failed before initialising the cluster may have started its etcd members.
+        stopped, _killed = etcd_local.stop(d)
+        line(f"stopped etcd member(s) {', '.join(stopped)}" if stopped else "nothing running")
+        return 0
     load_config(d)
     unmounted = _unmount_all(d)
     pids: dict[str, int] = {}
@@ -237,6 +339,11 @@ def cmd_down(args: argparse.Namespace) -> int:
     if unmounted:
         line(f"unmounted {', '.join(unmounted)}")
     line(f"stopped {len(pids)} node(s)" + (f"; killed {', '.join(stuck)} after {DOWN_TIMEOUT:g}s" if stuck else ""))
+    # The local etcd last: the nodes give their leases back to it as they stop.
+    stopped, killed = etcd_local.stop(d)
+    if stopped:
+        line(f"stopped etcd member(s) {', '.join(stopped)}" + (f"; killed {', '.join(killed)} after "
+                                                                f"{etcd_local.STOP_TIMEOUT:g}s" if killed else ""))
     return 0
 
 

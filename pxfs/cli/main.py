@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair-rate", help="repair throttle per coordinator, e.g. 100M (bytes/s)")
     p.add_argument("--gc-interval", type=float, help="seconds between automatic GC rounds (0: only `pxfs gc`)")
     p.add_argument("--gc-grace", type=float, help=f"seconds a new chunk is safe from GC (at least {MIN_GC_GRACE:g})")
+    p.add_argument("--store", help="control store of a new cluster: embedded (default), etcd (a local etcd "
+                   "cluster under DIR/etcd) or etcd://HOST:PORT[,HOST:PORT...] (one run elsewhere)")
+    p.add_argument("--etcd-members", type=int, help="members of the local etcd cluster (default 3)")
+    p.add_argument("--etcd-base-port", type=int, help="first port of the local etcd members, two each "
+                   "(default: base port + 100)")
     p.set_defaults(run=local.cmd_up, sync=True)
 
     p = sub.add_parser("down", help="stop the nodes of a local cluster")
@@ -50,7 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = cl.add_parser("init", help="new cluster: id, credential and client config in DIR")
     p.add_argument("--dir", required=True)
     p.add_argument("--name", default="")
-    p.add_argument("--seed", default="127.0.0.1:7700", help="address of the seed node (HOST:PORT)")
+    p.add_argument("--seed", help="address of the seed node (HOST:PORT; default 127.0.0.1:7700); with etcd "
+                   "only an address clients try first")
+    p.add_argument("--store", help="embedded (default: the seed holds it) or etcd://HOST:PORT[,HOST:PORT...]"
+                   "[/PREFIX] (an etcd v3 cluster every node talks to)")
+    p.add_argument("--etcd-ca", metavar="PEM", help="CA certificate of the etcd cluster (https)")
+    p.add_argument("--etcd-cert", metavar="PEM", help="client certificate for etcd")
+    p.add_argument("--etcd-key", metavar="PEM", help="key of the client certificate")
+    p.add_argument("--etcd-user", help="etcd user (with --etcd-password-file)")
+    p.add_argument("--etcd-password-file", metavar="FILE", help="file holding the etcd user's password")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=local.cmd_cluster_init, sync=True)
     p = _client(cl.add_parser("recover", help="rebuild volume records a lost control store no longer has, "

@@ -1,7 +1,12 @@
 """The cluster directory: what a client or node needs to find and join a cluster.
 
 Layout of DIR (``pxfs cluster init`` / ``pxfs up``):
-  cluster.json   {"id", "name", "seed": "HOST:PORT", "nodes": ["HOST:PORT", ...], "store": "embedded"}
+  cluster.json   {"id", "name", "seed": "HOST:PORT", "nodes": ["HOST:PORT", ...], "store": "embedded",
+                  "etcd": {}}
+                 ``store`` is ``embedded`` (the seed holds it) or ``etcd://H1:2379,H2:2379[/PREFIX]``
+                 (see pxfs.cluster.backends); ``etcd`` may name ``ca``, ``cert``, ``key`` (PEM files),
+                 ``user`` and ``password_file``, paths relative to DIR. With etcd ``seed`` is only an
+                 address clients try first, and may be empty
   ca.pem ca.key  the cluster CA (pxfs.rpc.pki); ca.key (0600) issues every credential: keep it here only
   admin/         the admin credential the CLI uses by default (``--credential`` / PXFS_CREDENTIAL override)
   nodes/<id>/    (``pxfs up`` only) node.json with its start arguments, pid, node.log, pool/, state/
@@ -40,6 +45,7 @@ class ClusterConfig:
     seed: str
     nodes: list[str] = field(default_factory=list)
     store: str = "embedded"
+    etcd: dict[str, str] = field(default_factory=dict)  # TLS and login for an etcd store
     # Fault handling (seconds; bytes/s): see pxfs.cluster.manager and pxfs.cluster.repair.
     failover_after: float = 2.0
     replace_after: float = 600.0
@@ -49,16 +55,18 @@ class ClusterConfig:
 
     def addresses(self) -> list[str]:
         """Where a client tries to connect: the seed first, then every known node."""
-        out = [self.seed]
+        out = [self.seed] if self.seed else []
         out += [a for a in self.nodes if a != self.seed]
         return out
 
 
-def init_cluster(directory: Path, name: str, seed: str) -> ClusterConfig:
+def init_cluster(directory: Path, name: str, seed: str, store: str = "embedded", cluster_id: str = "",
+                 etcd: dict[str, str] | None = None) -> ClusterConfig:
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / "cluster.json").exists():
         raise Exists(f"cluster directory {str(directory)!r}", "already initialised (cluster.json exists)")
-    cfg = ClusterConfig(id=str(uuid.uuid4()), name=name, seed=seed, nodes=[seed])
+    cfg = ClusterConfig(id=cluster_id or str(uuid.uuid4()), name=name, seed=seed, nodes=[seed] if seed else [],
+                        store=store, etcd=dict(etcd or {}))
     os.chmod(directory, 0o700)
     pki.make_ca(directory, name)
     pki.issue(directory, directory / "admin", "admin", "admin")

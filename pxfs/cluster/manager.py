@@ -1,4 +1,6 @@
-"""The cluster manager, run by the seed next to the embedded control store.
+"""The cluster manager: on the seed next to the embedded control store, or with etcd on whichever
+node holds the manager election (so any node may die: another takes the election once the lease of
+the dead one expires, and goes on from the records in the store).
 
 Once a second it compares every volume's record with node liveness and acts:
 * **failover**: the coordinator has been down for ``failover_after`` seconds (or was removed): the
@@ -12,7 +14,9 @@ Once a second it compares every volume's record with node liveness and acts:
   and copies the chunks (repair).
 * **replication factor**: fewer replicas than ``repl`` (``ha-update`` up) get new ones; more
   (``ha-update`` down) lose followers, down ones first.
-pxfs grows no consensus of its own: the control store's compare-and-swap orders these changes.
+pxfs grows no consensus of its own: the control store's compare-and-swap orders these changes, so
+even two nodes that both believe they lead for a moment (a lease expiring mid-round) cannot
+interleave a change: each one is made only if the record is still the one it was computed from.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from typing import Any
 import trio
 
 from pxfs.cluster import placement, records
-from pxfs.cluster.store import ControlStore
+from pxfs.cluster.store import ControlStore, Election
+from pxfs.cluster.wakeup import Wakeup
 from pxfs.errors import PxfsError
 from pxfs.model import NodeInfo, VolumeInfo
 
@@ -46,15 +51,29 @@ class Manager:
         self._down_since: dict[str, float] = {}
         self._started = time.monotonic()
         self.guard: Any = None  # pxfs.cluster.guard.StoreGuard: no failover on a store it refuses
+        self.election: Election | None = None  # None: this node always runs it (the embedded seed)
+        self.wakeup: Wakeup | None = None  # a store that watches: a round as soon as a node goes down
 
     async def run(self) -> None:
         while True:
-            await trio.sleep(self.settings.interval)
+            if self.wakeup is not None:
+                await self.wakeup.sleep(self.settings.interval)
+            else:
+                await trio.sleep(self.settings.interval)
             if time.monotonic() - self._started < self.settings.startup_grace:
                 continue
             try:
                 if self.guard is not None and await self.guard.check():
-                    continue  # the guard logged why; re-placing volumes on its say-so could lose them
+                    # The guard logged why; re-placing volumes on its say-so could lose them. Nor may
+                    # this node hold the election meanwhile: a node that accepts the store would manage.
+                    if self.election is not None:
+                        await self.election.resign()
+                    continue
+                if self.election is not None and not await self.election.lead():
+                    # Another node manages. What this one saw go down is stale by the time it leads:
+                    # it counts down time again from its own first round.
+                    self._down_since.clear()
+                    continue
                 await self.round()
             except PxfsError as err:
                 log.warning("manager round failed: %s", err)
@@ -112,6 +131,13 @@ class Manager:
             if s.coordinator == old and s.epoch == epoch and best[1] in s.in_sync:
                 s.coordinator = best[1]
                 s.epoch += 1
+                # The down members (the old coordinator first) leave the set with the same swap: the
+                # new coordinator would otherwise hold its first write for the 5 s acknowledgement
+                # timeout of each. Dropping a member never breaks "in sync holds every acknowledged
+                # batch"; it rejoins once caught up. Kept when min_replicas forbids it.
+                live = [r for r in s.in_sync if r not in gone]
+                if len(live) >= s.min_replicas:
+                    s.in_sync = live
 
         new = await self._admin.update_volume(spec.name, change)
         log.warning("volume=%s failover: coordinator %s -> %s (seq %d), epoch %d", spec.name, old, new.coordinator,

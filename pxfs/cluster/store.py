@@ -1,10 +1,11 @@
 """The control store: the cluster map as a small key-value store, behind one interface.
 
-Backends: ``EmbeddedStore`` (RocksDB inside the seed node, served to the other nodes over the
-``ControlStore`` RPC) and, later, etcd. The keys and their records are in ``pxfs.cluster.records``.
+Backends (registered by name in ``pxfs.cluster.backends``): ``EmbeddedStore`` here (RocksDB inside
+the seed node, served to the other nodes over the ``ControlStore`` RPC) and ``EtcdStore``
+(``pxfs.cluster.etcd_store``). The keys and their records are in ``pxfs.cluster.records``.
 
-Liveness is not persisted: a node is up when the store heard its heartbeat within ``down_after``
-seconds (an etcd backend will use leases for the same thing).
+Embedded liveness is not persisted: a node is up when the store heard its heartbeat within
+``down_after`` seconds. etcd uses a lease per node for the same thing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,23 @@ class ControlStore(Protocol):
     async def cas(self, key: str, expected: bytes | None, value: bytes) -> bool: ...
     async def heartbeat(self, node: NodeInfo) -> None: ...
     async def liveness(self) -> list[NodeInfo]: ...
+
+
+class Election(Protocol):
+    """Who runs a cluster-wide duty (the manager): ``lead()`` says whether this node does now."""
+
+    async def lead(self) -> bool: ...
+    async def resign(self) -> None: ...
+
+
+class LeadAlways:
+    """The embedded store's seed: it holds the store, so it is the one manager there can be."""
+
+    async def lead(self) -> bool:
+        return True
+
+    async def resign(self) -> None:
+        return None
 
 
 class EmbeddedStore:

@@ -21,6 +21,7 @@ import trio
 
 from pxfs.chunks.local_read import LocalPools, is_local_address
 from pxfs.chunks.replicas import ReplicaChunks
+from pxfs.cluster.backends import node_addresses
 from pxfs.cluster.config import load_config
 from pxfs.cluster.peers import Peers
 from pxfs.errors import Conflict, NotFound, PxfsError, Unauthorized, Unavailable
@@ -78,28 +79,18 @@ class VolumeSession:
     async def _lookup(self) -> VolumeInfo:
         """The volume's record and the node addresses, from the first node that answers."""
         cfg = load_config(self._cluster_dir)
-        errors = []
-        for address in list(dict.fromkeys(list(self._addresses.values()) + cfg.addresses())):
-            try:
-                conn = await Connection.open(self._bridge, address, self._credential, peer=f"mount:{self.mount_id}",
-                                             timeout=3)
-            except Unauthorized:
-                raise
-            except PxfsError as err:
-                errors.append(str(err))
-                continue
-            try:
-                admin = await conn.admin()
-                info = await admin.get_volume(self.volume.partition("@")[0])  # VOLUME@SNAPSHOT: its volume
-                nodes = await admin.list_nodes()
-                self._addresses.update({n.id: n.address for n in nodes})
-                if self.local is None:
-                    self.local = await trio.to_thread.run_sync(local_pools, nodes)
+        errors: list[str] = []
+        known = list(dict.fromkeys(list(self._addresses.values()) + cfg.addresses()))
+        for address in known:
+            info = await self._ask(address, errors)
+            if info is not None:
                 return info
-            except (Unavailable, Conflict) as err:
-                errors.append(str(err))
-            finally:
-                await conn.close()
+        # Nodes only the store knows (etcd: a host without a node whose cluster.json lists none).
+        for address in await node_addresses(cfg, self._cluster_dir):
+            if address not in known:
+                info = await self._ask(address, errors)
+                if info is not None:
+                    return info
         if self.info is not None:
             # No node can read the cluster map (the embedded store's seed is down): the coordinator
             # this mount knows serves from the record it holds, so try it again rather than fail.
@@ -107,6 +98,31 @@ class VolumeSession:
                         "; ".join(errors), self.info.coordinator)
             return self.info
         raise Unavailable(f'volume "{self.volume}"', "no node answers (" + "; ".join(errors) + ")")
+
+    async def _ask(self, address: str, errors: list[str]) -> VolumeInfo | None:
+        """The volume's record from the node at ``address`` (and the node addresses it knows), or None
+        with why not appended to ``errors``."""
+        try:
+            conn = await Connection.open(self._bridge, address, self._credential, peer=f"mount:{self.mount_id}",
+                                         timeout=3)
+        except Unauthorized:
+            raise
+        except PxfsError as err:
+            errors.append(str(err))
+            return None
+        try:
+            admin = await conn.admin()
+            info = await admin.get_volume(self.volume.partition("@")[0])  # VOLUME@SNAPSHOT: its volume
+            nodes = await admin.list_nodes()
+            self._addresses.update({n.id: n.address for n in nodes})
+            if self.local is None:
+                self.local = await trio.to_thread.run_sync(local_pools, nodes)
+            return info
+        except (Unavailable, Conflict) as err:
+            errors.append(str(err))
+            return None
+        finally:
+            await conn.close()
 
     async def connect(self) -> None:
         """First open: errors (unknown volume, wrong credential) go straight to the caller."""

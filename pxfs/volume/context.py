@@ -16,6 +16,7 @@ from pxfs.cluster.admin import check_volume_name
 from pxfs.cluster.guard import StoreGuard
 from pxfs.cluster.peers import Peers
 from pxfs.cluster.store import ControlStore
+from pxfs.cluster.wakeup import Wakeup
 from pxfs.errors import Conflict, NotFound, Unavailable
 from pxfs.model import VolumeInfo
 from pxfs.paths import is_name, under
@@ -41,6 +42,7 @@ class HostContext:
         self._volumes: dict[str, HostedVolume] = {}
         self._nursery: trio.Nursery | None = None
         self.guard: StoreGuard | None = None  # set by the node: no round on a refused store
+        self.wakeup: Wakeup | None = None  # set by the node on a store that watches: rounds start early
         self._warned: dict[str, float] = {}
         self._replica_of: dict[frozenset[str], float] = {}  # mount volumes -> until when "yes" holds
 

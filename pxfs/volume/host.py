@@ -46,7 +46,10 @@ class VolumeHost(Health, Follower):
                     await self._supervise()
                 except PxfsError as err:
                     log.info("node=%s volume supervision skipped a round: %s", self.node_id, err)
-                await trio.sleep(SUPERVISE_INTERVAL)
+                if self.wakeup is not None:
+                    await self.wakeup.sleep(SUPERVISE_INTERVAL)
+                else:
+                    await trio.sleep(SUPERVISE_INTERVAL)
 
     # -- supervision: role changes, repair, health -----------------------------------------------
 
