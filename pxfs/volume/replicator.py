@@ -52,6 +52,9 @@ class Replicator:
         self.acked: dict[str, int | None] = {f: None for f in followers}
         self.lagging: set[str] = set()  # unreachable or refusing: shown by inspect
         self.in_sync: set[str] = set(followers)  # the followers wait_acked waits for
+        # Followers whose last call failed (refused, reset, unreachable): a wait does not sit out
+        # its whole timeout for them, the answer is already in.
+        self.failing: set[str] = set()
         self._kick = trio.Event()
         self._progress = trio.Event()
         self._scope = trio.CancelScope()
@@ -86,6 +89,7 @@ class Replicator:
                         await self._peers.reset(follower, self.volume, self.epoch)
                         seq = 0
                     self.acked[follower] = seq
+                    self.failing.discard(follower)
                     self._notify_progress()
                 acked = self.acked[follower]
                 assert acked is not None
@@ -117,6 +121,7 @@ class Replicator:
                 if follower not in self.lagging:
                     log.warning("volume=%s follower=%s unreachable, volume degraded: %s", self.volume, follower, err)
                 self.lagging.add(follower)
+                self.failing.add(follower)
                 self.acked[follower] = None
                 self._notify_progress()
                 await trio.sleep(delay)
@@ -141,7 +146,7 @@ class Replicator:
             return {f for f in self.followers if f in self.in_sync and (self.acked[f] or 0) < seq}
 
         with trio.move_on_after(timeout):
-            while pending() and not self.deposed:
+            while pending() - self.failing and not self.deposed:
                 await self._progress.wait()
         slow = pending()
         for f in slow:
