@@ -33,10 +33,11 @@ class NodeInfo:
     pools: list[PoolInfo] = field(default_factory=list)
     last_seen_ms: int = 0
     seed: bool = False
+    http: str = ""  # HOST:PORT of its /metrics, /api/status and cluster page ("" when it serves none)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "address": self.address, "labels": dict(self.labels), "state": self.state,
-                "seed": self.seed, "last_seen_ms": self.last_seen_ms,
+                "seed": self.seed, "last_seen_ms": self.last_seen_ms, "http": self.http,
                 "pools": [p.to_json() for p in self.pools]}
 
 

@@ -14,7 +14,7 @@ import trio
 
 from pxfs.chunks.local import LocalChunkStore
 from pxfs.chunks.pool import Pool
-from pxfs.cluster import records
+from pxfs.cluster import records, status
 from pxfs.cluster.admin import ClusterAdmin
 from pxfs.cluster.backends import NodeContext, open_node_store
 from pxfs.cluster.config import check_gc_grace, load_config
@@ -28,6 +28,7 @@ from pxfs.cluster.wakeup import Wakeups
 from pxfs.durable import replace_file
 from pxfs.errors import PxfsError, Unavailable
 from pxfs.model import NodeInfo, PoolInfo
+from pxfs.observe import metrics, web
 from pxfs.rpc import pki
 from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import split_address
@@ -57,6 +58,7 @@ class NodeConfig:
     state_dir: Path | None = None
     seed: bool | None = None  # None: seed when listening on the cluster's seed address
     credential: Path | None = None  # None: STATE/credential, issued at first start where the CA key is
+    http: str | None = None  # HOST:PORT for /metrics and the page; None: the listen host, any port; "": none
 
 
 class ChunkService:
@@ -74,16 +76,24 @@ class ChunkService:
         return await self.collector.collect(dry_run, grace)
 
     async def put(self, h: bytes, data: bytes) -> bool:
-        return await self.store.put(h, data)
+        with metrics.CHUNK_PUT_SECONDS.time():
+            stored = await self.store.put(h, data)
+        metrics.CHUNK_PUT_BYTES.inc(len(data))
+        return stored
 
     async def get(self, h: bytes) -> bytes:
-        return await self.store.get(h)
+        with metrics.CHUNK_GET_SECONDS.time():
+            data = await self.store.get(h)
+        metrics.CHUNK_GET_BYTES.inc(len(data))
+        return data
 
     async def has_many(self, hashes: list[bytes]) -> list[bool]:
         return await self.store.has_many(hashes)
 
     async def verify(self, hashes: list[bytes]) -> list[int]:
-        return await self.store.verify(hashes)
+        found = await self.store.verify(hashes)
+        metrics.VERIFY_FAILURES.inc(sum(1 for s in found if s))
+        return found
 
     async def list_hashes(self, after: bytes, limit: int) -> list[bytes]:
         return await self.store.list_hashes(after, limit)
@@ -151,6 +161,45 @@ async def watch_revocations(store: ControlStore, server: RpcServer) -> None:
         await trio.sleep(REVOCATION_INTERVAL)
 
 
+Gauge = tuple[str, str, list[str], list[tuple[list[str], float]]]
+
+
+def node_gauges(node_id: str, chunks: ChunkService, volumes: VolumeHost) -> list[Gauge]:
+    """Scrape-time gauges: this node's pools, and the volumes it coordinates."""
+    pools = chunks.store.pools
+    out: list[Gauge] = [
+        ("pxfs_pool_capacity_bytes", "Pool capacity", ["node", "pool"], [([node_id, str(p.path)], p.capacity)
+                                                                          for p in pools]),
+        ("pxfs_pool_used_bytes", "Bytes of chunks stored in the pool", ["node", "pool"],
+         [([node_id, str(p.path)], p.used) for p in pools]),
+        ("pxfs_pool_chunks", "Chunks stored in the pool", ["node", "pool"],
+         [([node_id, str(p.path)], p.chunk_count) for p in pools]),
+    ]
+    size, used, state, in_sync, missing, lag = [], [], [], [], [], []
+    for name, hv in volumes.coordinated():
+        spec = hv.spec
+        assert spec is not None and hv.meta is not None
+        st = hv.meta.statfs()
+        size.append(([name], spec.size))
+        used.append(([name], st["used"]))
+        members = hv.insync.members if hv.insync is not None else set(spec.replicas)
+        now = "healthy" if set(spec.replicas) <= members else "degraded"
+        state += [([name, s], 1.0 if s == now else 0.0) for s in metrics.VOLUME_STATES]
+        in_sync.append(([name], len(members & set(spec.replicas))))
+        missing.append(([name], max(0, spec.repl - len(members & set(spec.replicas)))))
+        if hv.replicator is not None:
+            for f, acked in hv.replicator.acked.items():
+                lag.append(([name, f], max(0, hv.kv.seq - (acked or 0))))
+    out += [("pxfs_volume_size_bytes", "Volume size", ["volume"], size),
+            ("pxfs_volume_used_bytes", "Bytes of file data in the volume", ["volume"], used),
+            ("pxfs_volume_state", "Volume state, one-hot", ["volume", "state"], state),
+            ("pxfs_volume_replicas_in_sync", "Replicas holding every acknowledged write", ["volume"], in_sync),
+            ("pxfs_volume_replicas_missing", "Replicas short of the replication factor in sync", ["volume"],
+             missing),
+            ("pxfs_volume_follower_lag_batches", "Metadata batches a follower lacks", ["volume", "node"], lag)]
+    return out
+
+
 async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT. Raises PxfsError on a configuration problem at start."""
     cluster = load_config(cfg.cluster_dir)
@@ -195,11 +244,13 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
         log.info("node=%s listening=%s store=%s seed=%s pools=%d", node_id, cfg.listen, cluster.store, is_seed,
                  len(pools))
 
+        http_address = ""
+
         async def heartbeat_loop() -> None:
             warned = False
             while True:
                 info = NodeInfo(id=node_id, address=cfg.listen, labels=cfg.labels, pools=await chunk_service.stats(),
-                                seed=is_seed)
+                                seed=is_seed, http=http_address)
                 try:
                     await store.heartbeat(info)
                     if warned:
@@ -218,6 +269,12 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
             volumes.wakeup = wakeups.subscribe(records.VOLUME_PREFIX, records.TOMBSTONE_PREFIX)
         try:
             async with trio.open_nursery() as nursery:
+                if cfg.http != "":
+                    web_host, web_port = split_address(cfg.http) if cfg.http else (host, 0)
+                    http_address = await nursery.start(web.serve, web_host, web_port,
+                                                       lambda: status.of_admin(admin))
+                    metrics.register(lambda: node_gauges(node_id, chunk_service, volumes))
+                    log.info("node=%s http=%s (/metrics, /api/status, /)", node_id, http_address)
                 nursery.start_soon(heartbeat_loop)
                 nursery.start_soon(watch_revocations, store, server)
                 if opened.watch is not None:

@@ -31,6 +31,7 @@ struct NodeInfo {
   pools @4 :List(PoolInfo);
   lastSeenMs @5 :UInt64;     # milliseconds since the control store last heard from the node
   seed @6 :Bool;
+  http @7 :Text;             # HOST:PORT of its /metrics, /api/status and cluster page
 }
 
 struct VolumeInfo {

@@ -9,6 +9,7 @@ from typing import Any
 from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
 from pxfs.cli.sizes import format_size, parse_size
+from pxfs.cluster import status
 from pxfs.cluster.backends import direct_store
 from pxfs.cluster.config import load_config
 from pxfs.errors import Invalid, PxfsError, Unavailable
@@ -81,18 +82,13 @@ async def cmd_status(args: argparse.Namespace) -> int:
                  f"{sum(m['healthy'] for m in members)} of {len(members)} member(s) healthy")
             table(None, MEMBER_COLUMNS, _member_rows(members))
         raise
+    doc = status.report(info, nodes, vols, store, members)
+    health, problem = doc["health"], store.get("problem", "")
     up = sum(1 for n in nodes if n.state == "up")
     degraded = [v.name for v in vols if v.state != "healthy"]
     sick = [m["endpoint"] for m in members or [] if not m["healthy"]]
-    health = "healthy" if up == len(nodes) and not degraded and not sick else "degraded"
-    problem = store.get("problem", "")
-    if problem:
-        health = "needs recovery"
-    if members is not None:
-        store["members"] = members
     if args.json:
-        emit_json({"cluster": info, "health": health, "store": store, "nodes": [n.to_json() for n in nodes],
-                   "volumes": [v.to_json() for v in vols]})
+        emit_json(doc)
         return 1 if problem else 0
     where = f" at {info['seed']}" if members is None else ""
     line(f'cluster "{info["name"]}" ({info["id"]}), store {info["store"]}{where}: {health}')

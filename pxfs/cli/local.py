@@ -118,7 +118,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     cfg = NodeConfig(cluster_dir=args.cluster, listen=args.listen, pools=[parse_pool(p) for p in args.pool],
                      labels=labels, node_id=args.id or "", state_dir=Path(args.state).resolve() if args.state else None,
                      seed=True if args.seed else None,
-                     credential=Path(args.credential).resolve() if args.credential else None)
+                     credential=Path(args.credential).resolve() if args.credential else None,
+                     http=None if not args.http else "" if args.http == "off" else args.http)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     trio.run(run_node, cfg)

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", default="")
     p.add_argument("--state", default="", help="node state directory (default: FIRST_POOL/node-state)")
     p.add_argument("--seed", action="store_true", help="hold the embedded control store")
+    p.add_argument("--http", metavar="HOST:PORT", help="serve /metrics, /api/status and the cluster page here "
+                   "(default: the --listen host, any free port, recorded in the cluster map; 'off': none)")
     p.add_argument("--credential", metavar="DIR", help="this node's credential (default: STATE/credential, "
                    "issued at first start when the cluster directory holds the CA key)")
     p.set_defaults(run=local.cmd_node_start, sync=True, needs_cluster=True)

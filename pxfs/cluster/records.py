@@ -139,7 +139,7 @@ def decode_node(key: str, raw: bytes) -> NodeInfo:
         pools = [PoolInfo(node=p["node"], path=p["path"], klass=p["class"], capacity=p["capacity"],
                           used=p["used"], free=p["free"], chunks=p.get("chunks", 0)) for p in d.get("pools", [])]
         n = NodeInfo(id=d["id"], address=d["address"], labels=dict(d.get("labels", {})), pools=pools,
-                     seed=bool(d.get("seed", False)))
+                     seed=bool(d.get("seed", False)), http=str(d.get("http", "")))
     except (KeyError, TypeError, AttributeError) as err:
         raise Corrupt(f"control store record {key!r}", f"not a node record: {err!r}") from None
     if not isinstance(n.id, str) or key != f"nodes/{n.id}" or not isinstance(n.address, str):

@@ -29,7 +29,7 @@ def pool_from(r: Any) -> PoolInfo:
 
 
 def node_to(b: Any, n: NodeInfo) -> None:
-    b.id, b.address, b.state, b.lastSeenMs, b.seed = n.id, n.address, n.state, n.last_seen_ms, n.seed
+    b.id, b.address, b.state, b.lastSeenMs, b.seed, b.http = n.id, n.address, n.state, n.last_seen_ms, n.seed, n.http
     labels_to(b.init("labels", len(n.labels)), n.labels)
     pools = b.init("pools", len(n.pools))
     for i, p in enumerate(n.pools):
@@ -38,7 +38,7 @@ def node_to(b: Any, n: NodeInfo) -> None:
 
 def node_from(r: Any) -> NodeInfo:
     return NodeInfo(id=r.id, address=r.address, labels=labels_from(r.labels), state=r.state,
-                    pools=[pool_from(p) for p in r.pools], last_seen_ms=r.lastSeenMs, seed=r.seed)
+                    pools=[pool_from(p) for p in r.pools], last_seen_ms=r.lastSeenMs, seed=r.seed, http=r.http)
 
 
 def volume_to(b: Any, v: VolumeInfo) -> None:

@@ -104,6 +104,11 @@ class HostContext:
             return True
         return False
 
+    def coordinated(self) -> list[tuple[str, HostedVolume]]:
+        """The volumes this node coordinates now (what its metrics describe)."""
+        return [(n, hv) for n, hv in sorted(self._volumes.items())
+                if hv.meta is not None and hv.spec is not None and hv.spec.coordinator == self.node_id]
+
     def holds_data(self) -> bool:
         return bool(self.held())
 

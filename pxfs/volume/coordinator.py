@@ -22,6 +22,7 @@ from pxfs.meta.fs import Meta, Op
 from pxfs.meta.fsck import fsck
 from pxfs.meta.kv import Batch
 from pxfs.model import Attr, Changed, VolumeInfo
+from pxfs.observe import metrics
 from pxfs.volume import mounts
 from pxfs.volume.context import HostContext
 from pxfs.volume.insync import MIN_REPLICAS_WAIT, Deposed, InSync
@@ -151,7 +152,8 @@ class Coordinator(HostContext):
         # An answer from an op record (a retry) is owed the same guarantee as the first run: the
         # batch that holds it may so far be on this replica only, so wait for the in-sync set too.
         if hv.kv.seq != before or meta.replays != replays:
-            await self._acknowledge(hv, hv.kv.seq)
+            with metrics.METADATA_BATCH_SECONDS.labels(hv.name.split("@", 1)[0]).time():
+                await self._acknowledge(hv, hv.kv.seq)
         return result
 
     async def _acknowledge(self, hv: Served, seq: int) -> None:

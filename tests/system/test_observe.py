@@ -1,0 +1,126 @@
+"""Observability (issue 15): every node's /metrics scraped during writes, its /api/status, and the
+live cluster page loaded in headless Chromium (a screenshot is left as a test artefact) for a
+degraded volume after a node is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Cluster, eventually, mounted
+from tests.system.faults import wait_volume
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and FUSE")
+
+MiB = 1 << 20
+ARTEFACTS = Path(os.environ.get("PXFS_ARTEFACTS", "/tmp/pxfs-artefacts"))
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+
+
+def scrape(http: str) -> tuple[dict[str, str], dict[str, float]]:
+    """(metric family -> type, 'name{labels}' -> value) of one /metrics page."""
+    text = httpx.get(f"http://{http}/metrics", timeout=10).text
+    types, values = {}, {}
+    for ln in text.splitlines():
+        if ln.startswith("# TYPE "):
+            _, _, name, kind = ln.split(" ", 3)
+            types[name] = kind
+        elif ln and not ln.startswith("#"):
+            m = SAMPLE.match(ln)
+            assert m, ln
+            values[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return types, values
+
+
+def total(values: dict[str, float], name: str) -> float:
+    return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
+
+
+def nodes_http(cluster: Cluster) -> dict[str, str]:
+    nodes = cluster.json("node", "list")
+    assert isinstance(nodes, list)
+    return {n["id"]: n["http"] for n in nodes}
+
+
+def test_metrics_move_with_writes(shared_cluster: Cluster, tmp_path: Path) -> None:
+    cluster = shared_cluster
+    vol = f"obs-{uuid.uuid4().hex[:6]}"
+    cluster.cli("volume", "create", vol, "--size", "1G", "--repl", "3")
+    info = cluster.json("volume", "inspect", vol)
+    http = nodes_http(cluster)
+    assert all(re.fullmatch(r"[\d.]+:\d+", h) for h in http.values()), http
+    before = {n: scrape(h)[1] for n, h in http.items()}
+    with mounted(cluster, vol, tmp_path / "mnt") as m:
+        for i in range(4):
+            with open(m.path / f"f{i}", "wb") as f:
+                f.write(os.urandom(2 * MiB))
+                f.flush()
+                os.fsync(f.fileno())
+    types, coord = scrape(http[info["coordinator"]])
+    for name, kind in {"pxfs_chunk_put_seconds": "histogram", "pxfs_chunk_get_seconds": "histogram",
+                       "pxfs_chunk_put_bytes_total": "counter", "pxfs_metadata_batch_seconds": "histogram",
+                       "pxfs_pool_capacity_bytes": "gauge", "pxfs_pool_used_bytes": "gauge",
+                       "pxfs_pool_chunks": "gauge",
+                       "pxfs_volume_size_bytes": "gauge", "pxfs_volume_used_bytes": "gauge",
+                       "pxfs_volume_state": "gauge", "pxfs_volume_replicas_in_sync": "gauge",
+                       "pxfs_volume_replicas_missing": "gauge", "pxfs_verify_failures_total": "counter",
+                       "pxfs_process_resident_memory_bytes": "gauge",
+                       "pxfs_process_cpu_seconds_total": "counter"}.items():
+        assert types.get(name) == kind, (name, types.get(name))
+    assert not [k for k in coord if k.endswith("_created") or "_created{" in k]
+    for node, h in http.items():
+        after = scrape(h)[1]
+        # Every replica took the 8 MiB (4 files x 2 MiB in 1 MiB blocks), and its pool grew.
+        assert total(after, "pxfs_chunk_put_bytes_total") - total(before[node], "pxfs_chunk_put_bytes_total") >= 8 * MiB
+        assert total(after, "pxfs_pool_used_bytes") >= total(before[node], "pxfs_pool_used_bytes") + 8 * MiB
+    assert coord[f'pxfs_volume_size_bytes{{volume="{vol}"}}'] == 1 << 30
+    assert coord[f'pxfs_volume_used_bytes{{volume="{vol}"}}'] == 8 * MiB
+    assert coord[f'pxfs_volume_state{{state="healthy",volume="{vol}"}}'] == 1.0
+    assert coord[f'pxfs_volume_replicas_in_sync{{volume="{vol}"}}'] == 3.0
+    assert coord[f'pxfs_metadata_batch_seconds_count{{volume="{vol}"}}'] >= 8
+    status = httpx.get(f"http://{http[info['coordinator']]}/api/status", timeout=10).json()
+    cli = cluster.json("status")
+    assert status.keys() == cli.keys() and status["health"] == cli["health"]
+    assert {v["name"] for v in status["volumes"]} == {v["name"] for v in cli["volumes"]}
+    assert httpx.get(f"http://{http['n1']}/nope", timeout=10).status_code == 404
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
+def test_cluster_page_shows_a_degraded_volume(cluster: Cluster, tmp_path: Path) -> None:
+    vol = f"page-{uuid.uuid4().hex[:6]}"
+    cluster.cli("volume", "create", vol, "--size", "1G", "--repl", "3")
+    info = cluster.json("volume", "inspect", vol)
+    victim = next(r for r in info["replicas"] if r not in ("n1", info["coordinator"]))
+    cluster.kill(victim)
+    wait_volume(cluster, vol, lambda v: v["state"] != "healthy", "the volume degraded")
+    page_of = nodes_http(cluster)["n1"]
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTEFACTS / "cluster-page.png"
+    shot.unlink(missing_ok=True)
+    base = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / 'chromium'}"]
+    dom = subprocess.run([*base, "--dump-dom", f"http://{page_of}/"], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert vol in html and "degraded" in html, html[:2000]
+    row = next(ln for ln in html.splitlines() if vol in ln and "<td" in ln and "class=\"m\"" not in ln)
+    assert "degraded" in row, row
+    assert 'class="down"' in html  # the killed node is shown down
+    # The replica matrix marks the dead replica missing (M) or lagging (L) on the volume's row.
+    matrix = [ln for ln in html.splitlines() if ln.startswith(f"<tr><td>{vol}</td>") and "&#9679;" in ln
+              or ln.startswith(f"<tr><td>{vol}</td>") and ">C<" in ln]
+    assert matrix and any(">M<" in ln or ">L<" in ln for ln in matrix), matrix
+    proc = subprocess.run([*base, "--window-size=1280,900", f"--screenshot={shot}", f"http://{page_of}/"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and shot.stat().st_size > 10_000, proc.stderr[-2000:]
+    print(f"\n[page] screenshot: {shot}")
+    eventually(lambda: json.loads(httpx.get(f"http://{page_of}/api/status", timeout=10).text)["health"] == "degraded",
+               30, "api/status degraded")
