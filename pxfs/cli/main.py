@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from pxfs.cli import admin_cmds, credential_cmds, local
+from pxfs.cli import admin_cmds, credential_cmds, local, top_cmd
 from pxfs.cli.output import error
 from pxfs.cluster.config import CREDENTIAL_ENV, MIN_GC_GRACE
 from pxfs.errors import Invalid, PxfsError
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=fsck_cmd.cmd_fsck)
 
     credential_cmds.register(sub, _client)
+    top_cmd.register(sub, _client)
     _extend(sub, _client)
     return ap
 

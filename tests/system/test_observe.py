@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -124,3 +125,38 @@ def test_cluster_page_shows_a_degraded_volume(cluster: Cluster, tmp_path: Path) 
     print(f"\n[page] screenshot: {shot}")
     eventually(lambda: json.loads(httpx.get(f"http://{page_of}/api/status", timeout=10).text)["health"] == "degraded",
                30, "api/status degraded")
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_pxfs_top_in_a_terminal(shared_cluster: Cluster) -> None:
+    """`pxfs top` driven in tmux: the screen shows the nodes, a volume and its replica matrix, and refreshes."""
+    cluster = shared_cluster
+    vol = f"top-{uuid.uuid4().hex[:6]}"
+    cluster.cli("volume", "create", vol, "--size", "1G", "--repl", "3")
+    session = f"pxfs-top-{uuid.uuid4().hex[:6]}"
+    env = " ".join(f"{k}={v}" for k, v in {"PXFS_CLUSTER": str(cluster.dir),
+                                           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}.items())
+    cmd = f"env {env} {sys.executable} -m pxfs top --every 1"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "50", cmd], check=True)
+    try:
+        def screen() -> str:
+            return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
+                                  text=True).stdout
+
+        def drawn() -> str | None:
+            s = screen()
+            return s if vol in s and "replicas:" in s else None
+
+        first = eventually(drawn, 30, "pxfs top drew")
+        assert 'pxfs cluster "' in first and all(f"n{i}" in first for i in (1, 2, 3)), first
+        row = next(ln for ln in first.splitlines() if ln.startswith(vol) and "C" in ln)
+        assert row.count("*") == 2, row  # two followers in sync beside the coordinator
+        stamp = re.search(r"\d\d:\d\d:\d\d", first)
+        assert stamp
+        def refreshed() -> bool:
+            m = re.search(r"\d\d:\d\d:\d\d", screen())
+            return bool(m) and m.group(0) != stamp.group(0)
+
+        eventually(refreshed, 10, "pxfs top refreshed")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
