@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
 from pxfs.cli.sizes import format_size, parse_size
+from pxfs.client.connect import cluster_admin
 from pxfs.cluster.backends import direct_store
 from pxfs.cluster.config import load_config
 from pxfs.errors import Invalid, PxfsError, Unavailable

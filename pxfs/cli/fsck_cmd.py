@@ -13,8 +13,8 @@ import os
 import uuid
 from typing import Any
 
-from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
+from pxfs.client.connect import cluster_admin
 from pxfs.cluster.config import load_credential
 from pxfs.cluster.volume_session import VolumeSession
 

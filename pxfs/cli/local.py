@@ -17,8 +17,8 @@ import trio
 
 from pxfs.cli import etcd_local
 from pxfs.cli.output import line
-from pxfs.cli.procs import alive
 from pxfs.cli.sizes import parse_size
+from pxfs.client.procs import alive
 from pxfs.cluster.backends import check_store, direct_store, kind_of, name_store
 from pxfs.cluster.config import ClusterConfig, check_gc_grace, init_cluster, load_config, load_credential, save_config
 from pxfs.errors import Exists, Invalid, PxfsError, Unavailable

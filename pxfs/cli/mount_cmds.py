@@ -73,7 +73,7 @@ def _registry(mountpoint: Path) -> Path:
 
 
 def _check_mountpoint(mp: Path) -> None:
-    from pxfs.cli.procs import holds_fuse
+    from pxfs.client.procs import holds_fuse
     from pxfs.mountd import mount_state
 
     try:

@@ -15,8 +15,8 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pxfs.cli.admin_cmds import _wait_healthy
-from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
+from pxfs.client.connect import cluster_admin
 from pxfs.cluster.config import load_credential
 from pxfs.cluster.volume_session import VolumeSession
 from pxfs.errors import Invalid, PxfsError

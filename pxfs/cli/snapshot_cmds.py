@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
 from pxfs.cli.sizes import format_size
-from pxfs.cluster.config import load_credential
-from pxfs.cluster.volume_session import VolumeSession
+from pxfs.client.connect import cluster_admin
+from pxfs.client.tools import volume_tool
 from pxfs.errors import Invalid
-from pxfs.rpc.volume_client import VolumeClient
 
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -36,19 +30,6 @@ def split_ref(ref: str) -> tuple[str, str]:
     if not sep or not volume or not snap:
         raise Invalid(f"snapshot {ref!r}", "expected VOLUME@SNAPSHOT")
     return volume, snap
-
-
-@asynccontextmanager
-async def volume_tool(cluster: Path, bridge: Any, volume: str, read_only: bool = False) -> AsyncIterator[VolumeClient]:
-    """A session at the volume's coordinator that does not count as a mount."""
-    session = VolumeSession(bridge, cluster, load_credential(cluster), volume,
-                            f"tool:cli-{os.getpid()}-{uuid.uuid4().hex[:6]}", read_only)
-    try:
-        await session.connect()
-        assert session.meta is not None
-        yield session.meta
-    finally:
-        await session.close()
 
 
 def _when(ns: int) -> str:

@@ -1,4 +1,4 @@
-"""Reaching a cluster from the CLI: read the cluster directory, log in to the first node that answers."""
+"""Reaching a cluster: read the cluster directory, log in to the first node that answers."""
 
 from __future__ import annotations
 
