@@ -349,7 +349,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def _unmount_all(d: Path) -> list[str]:
     """Unmount this cluster's mounts first: stopping nodes under a live mount would strand its writes."""
-    from pxfs.cli.mount_cmds import RUN_DIR
+    from pxfs.client.mounts import RUN_DIR
 
     done = []
     pids: dict[str, int] = {}
