@@ -2,9 +2,9 @@
 
 Each mount daemon (``pxfs.mountd``) is its own session leader and outlives whoever started it; the
 registry (one JSON file per mountpoint under ``RUN_DIR``) says which daemon serves which mountpoint,
-of which volume and cluster, and where its control socket is (``pxfs.mountctl``). ``spawn`` forks
-once the arguments are checked: the child mounts and serves; the parent waits on a pipe for "ok" or
-the child's error (mount(8) waits for its helper to exit).
+of which volume and cluster, and where its control socket is (``pxfs.mountctl``). ``spawn`` starts
+the daemon once the arguments are checked and waits on a pipe for "ok" or the daemon's error
+(mount(8) waits for its helper to exit).
 """
 
 from __future__ import annotations
@@ -75,39 +75,76 @@ def write_registry(mp: Path, pid: int, volume: str, cluster: Path, control: Path
                                              "mountpoint": str(mp), "control": str(control or "")}))
 
 
-def spawn(cfg: MountConfig, log_path: Path) -> int:
-    """Fork the mount daemon and return its pid once the mount is usable; its error otherwise."""
+def spawn(cfg: MountConfig, log_path: Path, env: dict[str, str] | None = None, timeout: float = 120.0) -> int:
+    """Start the mount daemon (``pxfs.client.mount_main``) and return its pid once the mount is
+    usable; raise its error otherwise. It is a fresh process (fork and exec, so that a caller with
+    threads, such as the CSI driver, can spawn safely) that detaches at once: it outlives the caller
+    and is never the caller's child to reap."""
     r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+    try:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            argv = [sys.executable, "-m", "pxfs.client.mount_main", "--ready-fd", str(w), json.dumps(config_json(cfg))]
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, cwd="/", pass_fds=(w,),
+                                    start_new_session=True, env=_same_code(env))
+        finally:
+            os.close(fd)
+        os.close(w)
+        w = -1
+        proc.wait()  # the first process only forks the daemon off and exits
+        msg = _read_all(r, timeout, cfg)
+    finally:
         os.close(r)
-        os._exit(_child(cfg, w, log_path))
-    os.close(w)
-    chunks = []
-    while True:
-        data = os.read(r, 4096)
-        if not data:
-            break
-        chunks.append(data)
-    os.close(r)
-    msg = b"".join(chunks).decode(errors="replace").strip()
-    if msg == "ok":
-        return pid
-    os.waitpid(pid, 0)
+        if w >= 0:
+            os.close(w)
+    word, _, pid = msg.partition(" ")
+    if word == "ok" and pid.isdigit():
+        return int(pid)
     raise PxfsError("", msg or f"mount process exited before the mount was ready (see {log_path})")
 
 
-def _child(cfg: MountConfig, w: int, log_path: Path) -> int:
+def _same_code(env: dict[str, str] | None) -> dict[str, str]:
+    """The daemon imports the pxfs its caller runs, wherever that came from (mount(8) runs its
+    helper with an empty environment, and cwd "/" of the daemon finds no checkout)."""
+    import pxfs
+
+    out = dict(os.environ if env is None else env)
+    root = str(Path(pxfs.__file__).resolve().parents[1])
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (root, out.get("PYTHONPATH", "")) if p)
+    return out
+
+
+def _read_all(r: int, timeout: float, cfg: MountConfig) -> str:
+    chunks = []
+    while True:
+        ready, _, _ = select.select([r], [], [], timeout)
+        if not ready:
+            raise Unavailable(f'volume "{cfg.volume}"', f"mount at {cfg.mountpoint} not ready after {timeout:g}s")
+        data = os.read(r, 4096)
+        if not data:
+            return b"".join(chunks).decode(errors="replace").strip()
+        chunks.append(data)
+
+
+def config_json(cfg: MountConfig) -> dict[str, object]:
+    return {"cluster_dir": str(cfg.cluster_dir), "volume": cfg.volume, "mountpoint": str(cfg.mountpoint),
+            "fuse_options": sorted(cfg.fuse_options), "read_only": cfg.read_only, "attr_timeout": cfg.attr_timeout}
+
+
+def config_from(data: dict[str, object]) -> MountConfig:
+    from pxfs.mountd import MountConfig
+
+    return MountConfig(cluster_dir=Path(str(data["cluster_dir"])), volume=str(data["volume"]),
+                       mountpoint=Path(str(data["mountpoint"])),
+                       fuse_options=set(data.get("fuse_options") or []),  # type: ignore[call-overload]
+                       read_only=bool(data.get("read_only")), attr_timeout=float(data["attr_timeout"]))  # type: ignore[arg-type]
+
+
+def serve_detached(cfg: MountConfig, w: int) -> int:
+    """The daemon's side of ``spawn``: serve the mount, telling ``w`` "ok PID" once it is usable or
+    the error that stopped it; its registry entry lives as long as it serves."""
     from pxfs.mountd import serve_mount
 
-    os.setsid()
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    os.close(null)
     os.chdir("/")
     faulthandler.enable()  # a native abort in a C library still leaves Python stacks in the log
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
@@ -125,7 +162,7 @@ def _child(cfg: MountConfig, w: int, log_path: Path) -> int:
 
     def ready() -> None:
         write_registry(cfg.mountpoint, os.getpid(), cfg.volume, cfg.cluster_dir, cfg.control)
-        report("ok")
+        report(f"ok {os.getpid()}")
 
     cfg.control = control_path(os.getpid())
 
