@@ -16,6 +16,7 @@ import os
 import select
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,67 @@ def check_mountpoint(mp: Path) -> None:
         reg.unlink(missing_ok=True)
     if not mp.is_dir():
         raise Invalid(f"mountpoint {str(mp)!r}", "not a directory")
+
+
+@dataclass
+class MountRecord:
+    """One registry entry: the daemon ``pid`` serves ``volume`` of ``cluster`` at ``mountpoint``."""
+
+    pid: int
+    volume: str
+    cluster: Path
+    mountpoint: Path
+    control: Path | None
+
+    def serving(self) -> bool:
+        """The daemon still has /dev/fuse open and the kernel still has the mount."""
+        from pxfs.client.procs import holds_fuse
+
+        return holds_fuse(self.pid) and os.path.ismount(self.mountpoint)
+
+
+def read_registry(mp: Path) -> MountRecord | None:
+    return _record(registry_path(mp))
+
+
+def _record(reg: Path) -> MountRecord | None:
+    try:
+        d = json.loads(reg.read_text())
+        return MountRecord(int(d["pid"]), str(d["volume"]), Path(d["cluster"]), Path(d["mountpoint"]),
+                           Path(d["control"]) if d.get("control") else None)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def registered(cluster: Path | None = None) -> list[MountRecord]:
+    """Every mount this host's registry holds (of ``cluster`` when given), by mountpoint."""
+    out = []
+    for reg in sorted(RUN_DIR.iterdir()) if RUN_DIR.exists() else []:
+        rec = _record(reg)
+        if rec is not None and (cluster is None or rec.cluster == cluster):
+            out.append(rec)
+    return out
+
+
+def mount(cluster: Path, volume: str, mountpoint: Path, read_only: bool = False,
+          fuse_options: set[str] | None = None, attr_timeout: float | None = None, log_path: Path | None = None,
+          env: dict[str, str] | None = None) -> MountRecord:
+    """Mount ``volume`` at ``mountpoint`` in a daemon of its own and return once it serves (a dead
+    mount left there is cleared first; a live one is an error)."""
+    from pxfs.cluster.config import load_config
+    from pxfs.mountd import ATTR_TIMEOUT, MountConfig
+
+    mp = mountpoint.resolve()
+    check_mountpoint(mp)
+    load_config(cluster)
+    cfg = MountConfig(cluster_dir=cluster, volume=volume, mountpoint=mp, fuse_options=set(fuse_options or ()),
+                      read_only=read_only, attr_timeout=ATTR_TIMEOUT if attr_timeout is None else attr_timeout)
+    if log_path is None:
+        log_dir = cluster / "logs"
+        log_dir.mkdir(exist_ok=True)
+        log_path = log_dir / f"mount-{volume.replace('@', '_at_')}.log"
+    pid = spawn(cfg, log_path, env)
+    return MountRecord(pid, volume, cluster, mp, control_path(pid))
 
 
 def control_path(pid: int) -> Path:
