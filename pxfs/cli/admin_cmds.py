@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from pxfs.cli.output import emit_json, line, table
-from pxfs.cli.sizes import format_size, parse_size
 from pxfs.client import volumes
 from pxfs.client.connect import cluster_admin, open_cluster
 from pxfs.cluster.backends import direct_store
 from pxfs.cluster.config import load_config
 from pxfs.errors import Invalid, PxfsError, Unavailable
 from pxfs.model import NodeInfo, VolumeInfo
+from pxfs.sizes import format_size, parse_size
 
 
 def _labels(items: list[str] | None) -> dict[str, str]:

@@ -17,7 +17,6 @@ import trio
 
 from pxfs.cli import etcd_local
 from pxfs.cli.output import line
-from pxfs.cli.sizes import parse_size
 from pxfs.client.procs import alive
 from pxfs.cluster.backends import check_store, direct_store, kind_of, name_store
 from pxfs.cluster.config import ClusterConfig, check_gc_grace, init_cluster, load_config, load_credential, save_config
@@ -26,6 +25,7 @@ from pxfs.node import NodeConfig, PoolSpec, run_node
 from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import Connection, split_address
 from pxfs.rpc.pki import Credential
+from pxfs.sizes import parse_size
 
 CLASSES = ("high", "medium", "low")
 UP_TIMEOUT = 30.0

@@ -8,11 +8,11 @@ import time
 from collections.abc import Callable
 
 from pxfs.cli.output import emit_json, line, table
-from pxfs.cli.sizes import format_size
 from pxfs.client import volumes
 from pxfs.client.connect import cluster_admin, open_cluster
 from pxfs.client.volumes import split_ref
 from pxfs.errors import Invalid
+from pxfs.sizes import format_size
 
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
