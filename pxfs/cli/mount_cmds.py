@@ -17,11 +17,9 @@ import trio
 
 from pxfs.cli.output import line
 from pxfs.client import mounts
+from pxfs.client.mounts import FUSE_FLAGS
 from pxfs.errors import Invalid
 
-# Passed to the kernel/libfuse as they are.
-FUSE_FLAGS = {"allow_other", "auto_unmount", "nodev", "nosuid", "noexec", "dev", "suid", "exec", "noatime",
-              "atime", "relatime", "strictatime", "nodiratime", "sync", "async", "dirsync"}
 # Accepted for fstab/mount(8) compatibility and ignored here.
 IGNORED = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "default_permissions"}
 

@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # the daemon (pyfuse3) is imported only where a mount is made
 RUN_DIR = Path("/run/pxfs/mounts")  # one registry file per mountpoint
 CONTROL_DIR = Path("/run/pxfs/control")  # the daemons' control sockets (pxfs.mountctl), by pid
 UMOUNT_TIMEOUT = 60.0
+# Passed to the kernel/libfuse as they are.
+FUSE_FLAGS = {"allow_other", "auto_unmount", "nodev", "nosuid", "noexec", "dev", "suid", "exec", "noatime",
+              "atime", "relatime", "strictatime", "nodiratime", "sync", "async", "dirsync"}
 
 
 def registry_path(mountpoint: Path) -> Path:
