@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=fsck_cmd.cmd_fsck)
 
     credential_cmds.register(sub, _client)
+    from pxfs.cli import driver_cmds
+
+    driver_cmds.register(sub)
     _extend(sub, _client)
     return ap
 
