@@ -349,21 +349,15 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def _unmount_all(d: Path) -> list[str]:
     """Unmount this cluster's mounts first: stopping nodes under a live mount would strand its writes."""
-    from pxfs.client.mounts import RUN_DIR
+    from pxfs.client.mounts import registered
 
     done = []
     pids: dict[str, int] = {}
-    for reg in sorted(RUN_DIR.iterdir()) if RUN_DIR.exists() else []:
-        try:
-            info = json.loads(reg.read_text())
-        except (OSError, ValueError):
-            continue
-        if info.get("cluster") != str(d):
-            continue
-        mp = info["mountpoint"]
+    for rec in registered(d):
+        mp = str(rec.mountpoint)
         if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", mp], capture_output=True)
-        pids[mp] = int(info["pid"])
+        pids[mp] = rec.pid
         done.append(mp)
     for mp in trio.run(_wait_exit, pids):
         # Still trying to store buffered writes, against a cluster about to stop: the whole cluster
