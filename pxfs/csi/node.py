@@ -32,9 +32,10 @@ CAPABILITIES = [Rpc.STAGE_UNSTAGE_VOLUME, Rpc.GET_VOLUME_STATS, Rpc.EXPAND_VOLUM
 
 
 def _state(path: Path) -> str:
-    """``missing``, ``free``, ``mounted`` or ``stale`` (a dead FUSE daemon: ENOTCONN)."""
+    """``missing``, ``free``, ``mounted`` or ``stale`` (a dead FUSE daemon: ENOTCONN). statvfs, not
+    stat: the kernel may answer stat of a dead mount's root from its attribute cache."""
     try:
-        os.stat(path)
+        os.statvfs(path)
     except FileNotFoundError:
         return "missing"
     except OSError as exc:

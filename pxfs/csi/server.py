@@ -8,6 +8,7 @@ the worker thread. Every failure becomes one status code and one line naming obj
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -70,6 +71,11 @@ def _answer(context: grpc.ServicerContext, what: str, fn: Callable[[], Any]) -> 
     except PxfsError as err:
         log.info("%s: %s", what, err)
         context.abort(code_of(err), str(err))
+    except OSError as err:  # the host said no (a path, a dead mount): name it, no traceback
+        code = grpc.StatusCode.UNAVAILABLE if err.errno in (errno.ENOTCONN, errno.EIO) else grpc.StatusCode.INTERNAL
+        message = f"{err.filename or what}: {err.strerror or err}"
+        log.warning("%s: %s", what, message)
+        context.abort(code, message)
 
 
 class Identity(rpc.IdentityServicer):

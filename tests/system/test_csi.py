@@ -7,6 +7,7 @@ driver is killed with SIGKILL and started again."""
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import grpc
 import pytest
 
 from pxfs.client.mounts import read_registry
+from pxfs.cluster.admin import MOUNT_TTL
 from pxfs.csi import NAME
 from pxfs.csi import csi_pb2 as pb
 from pxfs.csi import csi_pb2_grpc as rpc
@@ -490,3 +492,45 @@ def test_sandbox_writes_as_another_uid_while_the_driver_is_killed(shared_cluster
             writer.wait()
         s.cleanup()
     driver.ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id="csi-pod"))
+
+
+def test_a_killed_mount_daemon_is_restaged(driver: Driver, workdir: Path) -> None:
+    s = Staged(driver, workdir, "csi-restage")
+    fails(Code.NOT_FOUND, driver.node.NodeStageVolume, pb.NodeStageVolumeRequest(
+        volume_id="csi-restage", staging_target_path=str(s.staging), volume_capability=cap()))
+    create(driver, "csi-restage", 32 * MiB)
+    try:
+        s.stage()
+        (s.staging / "kept").write_bytes(b"fsync'd before the kill\n")
+        with open(s.staging / "kept", "rb+") as f:
+            os.fsync(f.fileno())
+        pid = registry_pid(s.staging)
+        fd = os.pidfd_open(pid)
+        os.kill(pid, signal.SIGKILL)
+        select.select([fd], [], [], 30)
+        os.close(fd)
+        # Its staging path is dead (ENOTCONN): stats say so, a publish is refused, a stage mounts again.
+        fails(Code.UNAVAILABLE, driver.node.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(
+            volume_id="csi-restage", volume_path=str(s.staging)))
+        fails(Code.FAILED_PRECONDITION, driver.node.NodePublishVolume, pb.NodePublishVolumeRequest(
+            volume_id="csi-restage", staging_target_path=str(s.staging), target_path=str(workdir / "dead"),
+            volume_capability=cap()))
+        s.stage()
+        assert registry_pid(s.staging) != pid
+        assert (s.staging / "kept").read_bytes() == b"fsync'd before the kill\n"
+        s.unstage()
+    finally:
+        s.cleanup()
+    # The killed daemon counts as a mount until its registration expires (MOUNT_TTL): DeleteVolume
+    # says FAILED_PRECONDITION meanwhile, and the provisioner retries, as here.
+    eventually(lambda: _try_delete_volume(driver, "csi-restage"), "delete once the dead mount expired",
+               timeout=MOUNT_TTL + 30)
+
+
+def _try_delete_volume(d: Driver, volume_id: str) -> bool:
+    try:
+        d.ctl.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))
+    except grpc.RpcError as err:
+        assert err.code() == Code.FAILED_PRECONDITION, err.details()
+        return False
+    return True
