@@ -93,7 +93,7 @@ def check_capability(cap: Any) -> str:
     if cap.mount.fs_type not in FS_TYPES:
         return f"fs_type {cap.mount.fs_type!r}: a pxfs volume is fuse.pxfs"
     if cap.access_mode.mode not in MODES:
-        return f"access mode {Mode.Name(cap.access_mode.mode)}: not supported"
+        return f"access mode {Mode.Mode.Name(cap.access_mode.mode)}: not supported"
     return ""
 
 
