@@ -6,14 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
-from pxfs.cli.sizes import format_size, parse_size
+from pxfs.client import volumes
+from pxfs.client.connect import cluster_admin, open_cluster
 from pxfs.cluster import status
 from pxfs.cluster.backends import direct_store
 from pxfs.cluster.config import load_config
 from pxfs.errors import Invalid, PxfsError, Unavailable
 from pxfs.model import NodeInfo, VolumeInfo
+from pxfs.sizes import format_size, parse_size
 
 
 def _labels(items: list[str] | None) -> dict[str, str]:
@@ -149,8 +150,9 @@ async def cmd_pool_list(args: argparse.Namespace) -> int:
 async def cmd_volume_create(args: argparse.Namespace) -> int:
     size = parse_size(args.size, "size")
     block = parse_size(args.block_size, "block size") if args.block_size else 0
-    async with cluster_admin(args.cluster) as (admin, *_):
-        vol = await admin.create_volume(args.name, size, args.repl, block, _labels(args.label), args.min_replicas)
+    spec = volumes.VolumeSpec(args.name, size, args.repl, block, _labels(args.label), args.min_replicas)
+    async with open_cluster(args.cluster) as c:
+        vol = await volumes.create_volume(c, spec)
     if args.json:
         emit_json(vol.to_json())
     else:
@@ -229,8 +231,8 @@ async def cmd_volume_inspect(args: argparse.Namespace) -> int:
 
 async def cmd_volume_resize(args: argparse.Namespace) -> int:
     size = parse_size(args.size, "size")
-    async with cluster_admin(args.cluster) as (admin, *_):
-        vol = await admin.resize_volume(args.name, size)
+    async with open_cluster(args.cluster) as c:
+        vol = await volumes.resize_volume(c, args.name, size)
     if args.json:
         emit_json(vol.to_json())
     else:
@@ -239,8 +241,8 @@ async def cmd_volume_resize(args: argparse.Namespace) -> int:
 
 
 async def cmd_volume_delete(args: argparse.Namespace) -> int:
-    async with cluster_admin(args.cluster) as (admin, *_):
-        await admin.delete_volume(args.name, args.force)
+    async with open_cluster(args.cluster) as c:
+        await volumes.delete_volume(c, args.name, args.force)
     if args.json:
         emit_json({"name": args.name, "deleted": True})
     else:

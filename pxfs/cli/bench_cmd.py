@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from pxfs.cli.output import emit_json, error, line, table
-from pxfs.cli.sizes import format_size, parse_size
 from pxfs.errors import Invalid, NoSpace, NotFound, PxfsError, Unauthorized
+from pxfs.sizes import format_size, parse_size
 
 MiB = 1 << 20
 STAMP = 4096  # every 4 KiB of written data carries its own (thread, file, offset) stamp

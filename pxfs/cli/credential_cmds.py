@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
+from pxfs.client.connect import cluster_admin
 from pxfs.errors import Invalid
 from pxfs.rpc import pki
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from pxfs.cli.procs import alive
+from pxfs.client.procs import alive
 from pxfs.errors import Invalid, Unavailable
 
 HEALTH_TIMEOUT = 30.0

@@ -9,32 +9,23 @@ files of those that are not. Exit status: 0 clean (or fully repaired), 1 problem
 from __future__ import annotations
 
 import argparse
-import os
-import uuid
 from typing import Any
 
-from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
-from pxfs.cluster.config import load_credential
-from pxfs.cluster.volume_session import VolumeSession
+from pxfs.client.connect import cluster_admin
+from pxfs.client.tools import tool_session
 
 
 async def cmd_fsck(args: argparse.Namespace) -> int:
-    credential = load_credential(args.cluster)
     async with cluster_admin(args.cluster) as (admin, _conn, bridge, _cfg):
         vol = await admin.get_volume(args.volume)
-        session = VolumeSession(bridge, args.cluster, credential, vol.name,
-                                f"tool:fsck-{os.getpid()}-{uuid.uuid4().hex[:6]}", not args.repair)
-        try:
-            await session.connect()
+        async with tool_session(args.cluster, bridge, vol.name, not args.repair, "fsck") as session:
             assert session.meta is not None
             report: dict[str, Any] = await session.meta.fsck(args.repair)
             refs = await session.meta.chunk_refs()
             present, unreachable = await session.held_by_replicas(vol.replicas, refs)
             missing = [h for h in refs if h not in present]
             places = await session.meta.locate(missing) if missing else []
-        finally:
-            await session.close()
     for h, path, offset, length in places:
         report["problems"].append({"kind": "missing-chunk", "ino": 0, "repaired": False,
                                    "detail": f"{path.decode(errors='replace')} bytes {offset}-{offset + length}: "

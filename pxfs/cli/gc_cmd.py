@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
-from pxfs.cli.sizes import format_size
+from pxfs.client.connect import cluster_admin
 from pxfs.cluster.config import MIN_GC_GRACE, check_gc_grace, load_config, load_credential
 from pxfs.errors import PxfsError
 from pxfs.rpc.client import Connection
+from pxfs.sizes import format_size
 
 
 async def cmd_gc(args: argparse.Namespace) -> int:

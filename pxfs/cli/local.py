@@ -17,8 +17,7 @@ import trio
 
 from pxfs.cli import etcd_local
 from pxfs.cli.output import line
-from pxfs.cli.procs import alive
-from pxfs.cli.sizes import parse_size
+from pxfs.client.procs import alive
 from pxfs.cluster.backends import check_store, direct_store, kind_of, name_store
 from pxfs.cluster.config import ClusterConfig, check_gc_grace, init_cluster, load_config, load_credential, save_config
 from pxfs.errors import Exists, Invalid, PxfsError, Unavailable
@@ -26,6 +25,7 @@ from pxfs.node import NodeConfig, PoolSpec, run_node
 from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import Connection, split_address
 from pxfs.rpc.pki import Credential
+from pxfs.sizes import parse_size
 
 CLASSES = ("high", "medium", "low")
 UP_TIMEOUT = 30.0
@@ -350,21 +350,15 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def _unmount_all(d: Path) -> list[str]:
     """Unmount this cluster's mounts first: stopping nodes under a live mount would strand its writes."""
-    from pxfs.cli.mount_cmds import RUN_DIR
+    from pxfs.client.mounts import registered
 
     done = []
     pids: dict[str, int] = {}
-    for reg in sorted(RUN_DIR.iterdir()) if RUN_DIR.exists() else []:
-        try:
-            info = json.loads(reg.read_text())
-        except (OSError, ValueError):
-            continue
-        if info.get("cluster") != str(d):
-            continue
-        mp = info["mountpoint"]
+    for rec in registered(d):
+        mp = str(rec.mountpoint)
         if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", mp], capture_output=True)
-        pids[mp] = int(info["pid"])
+        pids[mp] = rec.pid
         done.append(mp)
     for mp in trio.run(_wait_exit, pids):
         # Still trying to store buffered writes, against a cluster about to stop: the whole cluster

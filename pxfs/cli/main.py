@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     credential_cmds.register(sub, _client)
     top_cmd.register(sub, _client)
+    from pxfs.cli import driver_cmds
+
+    driver_cmds.register(sub)
     _extend(sub, _client)
     return ap
 

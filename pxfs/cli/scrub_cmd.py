@@ -8,17 +8,15 @@ reported as the files and byte ranges that use them: content addressing makes th
 from __future__ import annotations
 
 import argparse
-import os
-import uuid
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pxfs.cli.admin_cmds import _wait_healthy
-from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
+from pxfs.client.connect import cluster_admin
+from pxfs.client.tools import tool_session
 from pxfs.cluster.config import load_credential
-from pxfs.cluster.volume_session import VolumeSession
 from pxfs.errors import Invalid, PxfsError
 from pxfs.rpc.client import Connection
 from pxfs.rpc.pki import Credential
@@ -78,14 +76,9 @@ async def cmd_scrub(args: argparse.Namespace) -> int:
                 volumes = [v.name for v in await admin.list_volumes() if args.node in v.replicas]
             else:
                 vol = await admin.get_volume(args.volume)
-                session = VolumeSession(bridge, args.cluster, credential, vol.name,
-                                        f"tool:scrub-{os.getpid()}-{uuid.uuid4().hex[:6]}", True)
-                try:
-                    await session.connect()
+                async with tool_session(args.cluster, bridge, vol.name, True, "scrub") as session:
                     assert session.meta is not None
                     refs = await session.meta.chunk_refs()
-                finally:
-                    await session.close()
                 for r in vol.replicas:
                     task = bar.add_task(f"scrub {vol.name} on {r}", total=len(refs))
                     address = nodes[r].address if r in nodes else ""
@@ -122,16 +115,11 @@ async def cmd_scrub(args: argparse.Namespace) -> int:
 async def _lost(bridge: Any, cluster: Any, credential: Credential, name: str,
                 replicas: list[str]) -> list[dict[str, Any]]:
     """Chunks no replica holds after repair, as files and byte ranges."""
-    session = VolumeSession(bridge, cluster, credential, name, f"tool:scrub-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-                            True)
-    try:
-        await session.connect()
+    async with tool_session(cluster, bridge, name, True, "scrub") as session:
         assert session.meta is not None
         refs = await session.meta.chunk_refs()
         present, _unreachable = await session.held_by_replicas(replicas, refs)
         lost = [h for h in refs if h not in present]
         places = await session.meta.locate(lost) if lost else []
-    finally:
-        await session.close()
     return [{"path": p.decode(errors="replace"), "offset": off, "length": ln, "hash": h.hex()}
             for h, p, off, ln in places]

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
-from pxfs.cli.connect import cluster_admin
 from pxfs.cli.output import emit_json, line, table
-from pxfs.cli.sizes import format_size
-from pxfs.cluster.config import load_credential
-from pxfs.cluster.volume_session import VolumeSession
+from pxfs.client import volumes
+from pxfs.client.connect import cluster_admin, open_cluster
+from pxfs.client.volumes import split_ref
 from pxfs.errors import Invalid
-from pxfs.rpc.volume_client import VolumeClient
+from pxfs.sizes import format_size
 
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -31,70 +25,39 @@ def parse_duration(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 
-def split_ref(ref: str) -> tuple[str, str]:
-    volume, sep, snap = ref.partition("@")
-    if not sep or not volume or not snap:
-        raise Invalid(f"snapshot {ref!r}", "expected VOLUME@SNAPSHOT")
-    return volume, snap
-
-
-@asynccontextmanager
-async def volume_tool(cluster: Path, bridge: Any, volume: str, read_only: bool = False) -> AsyncIterator[VolumeClient]:
-    """A session at the volume's coordinator that does not count as a mount."""
-    session = VolumeSession(bridge, cluster, load_credential(cluster), volume,
-                            f"tool:cli-{os.getpid()}-{uuid.uuid4().hex[:6]}", read_only)
-    try:
-        await session.connect()
-        assert session.meta is not None
-        yield session.meta
-    finally:
-        await session.close()
-
-
 def _when(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
 
 
 async def cmd_snapshot_create(args: argparse.Namespace) -> int:
-    name = args.name or "snap-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    async with cluster_admin(args.cluster) as (_admin, _conn, bridge, _cfg):
-        async with volume_tool(args.cluster, bridge, args.volume) as vol:
-            start = time.monotonic()
-            await vol.snapshot_create(name)
-            took = time.monotonic() - start
+    async with open_cluster(args.cluster) as c:
+        start = time.monotonic()
+        snap = await volumes.create_snapshot(c, args.volume, args.name)
+        took = time.monotonic() - start
     if args.json:
-        emit_json({"volume": args.volume, "name": name, "seconds": round(took, 3)})
+        emit_json({"volume": args.volume, "name": snap.name, "seconds": round(took, 3)})
     else:
-        line(f'snapshot "{args.volume}@{name}" created in {took:.2f}s')
+        line(f'snapshot "{snap.ref}" created in {took:.2f}s')
     return 0
 
 
 async def cmd_snapshot_list(args: argparse.Namespace) -> int:
-    rows: list[dict[str, Any]] = []
-    async with cluster_admin(args.cluster) as (admin, _conn, bridge, _cfg):
-        vols = [await admin.get_volume(args.volume)] if args.volume else await admin.list_volumes()
-        for v in vols:
-            sizes = {s["name"]: s for s in v.detail.get("snapshots", [])} if v.detail else {}
-            async with volume_tool(args.cluster, bridge, v.name, read_only=True) as vol:
-                for name, created in await vol.snapshot_list():
-                    s = sizes.get(name, {})
-                    rows.append({"volume": v.name, "name": name, "created_ns": created,
-                                 "logical": s.get("logical"), "unique": s.get("unique")})
+    async with open_cluster(args.cluster) as c:
+        snaps = await volumes.list_snapshots(c, args.volume)
     if args.json:
-        emit_json(rows)
+        emit_json([{"volume": s.volume, "name": s.name, "created_ns": s.created_ns, "logical": s.logical,
+                    "unique": s.unique} for s in snaps])
     else:
         table(None, ["SNAPSHOT", "CREATED", "LOGICAL", "UNIQUE"],
-              [[f'{r["volume"]}@{r["name"]}', _when(r["created_ns"]),
-                format_size(r["logical"]) if r["logical"] is not None else "-",
-                format_size(r["unique"]) if r["unique"] is not None else "-"] for r in rows])
+              [[s.ref, _when(s.created_ns), format_size(s.logical) if s.logical is not None else "-",
+                format_size(s.unique) if s.unique is not None else "-"] for s in snaps])
     return 0
 
 
 async def cmd_snapshot_delete(args: argparse.Namespace) -> int:
     volume, snap = split_ref(args.ref)
-    async with cluster_admin(args.cluster) as (_admin, _conn, bridge, _cfg):
-        async with volume_tool(args.cluster, bridge, volume) as vol:
-            await vol.snapshot_delete(snap)
+    async with open_cluster(args.cluster) as c:
+        await volumes.delete_snapshot(c, volume, snap)
     if args.json:
         emit_json({"volume": volume, "name": snap, "deleted": True})
     else:
@@ -115,12 +78,8 @@ async def cmd_snapshot_schedule(args: argparse.Namespace) -> int:
 
 
 async def cmd_volume_clone(args: argparse.Namespace) -> int:
-    volume, snap = split_ref(args.ref)
-    async with cluster_admin(args.cluster) as (admin, _conn, bridge, _cfg):
-        async with volume_tool(args.cluster, bridge, volume, read_only=True) as vol:
-            if snap not in {n for n, _c in await vol.snapshot_list()}:
-                raise Invalid(f'snapshot "{args.ref}"', "no such snapshot")
-        new = await admin.clone_volume(args.ref, args.name)
+    async with open_cluster(args.cluster) as c:
+        new = await volumes.clone_volume(c, args.ref, args.name)
     if args.json:
         emit_json(new.to_json())
     else:
@@ -130,13 +89,8 @@ async def cmd_volume_clone(args: argparse.Namespace) -> int:
 
 async def cmd_volume_restore(args: argparse.Namespace) -> int:
     volume, snap = split_ref(args.ref)
-    async with cluster_admin(args.cluster) as (admin, _conn, bridge, _cfg):
-        v = await admin.get_volume(volume)
-        if v.mounts and not args.force:
-            raise Invalid(f'volume "{volume}"', f"mounted {v.mounts} time(s): unmount it first or use --force "
-                          "(open files would see their data change under them)")
-        async with volume_tool(args.cluster, bridge, volume) as vol:
-            await vol.restore(snap)
+    async with open_cluster(args.cluster) as c:
+        await volumes.restore_volume(c, args.ref, args.force)
     if args.json:
         emit_json({"volume": volume, "restored_to": snap})
     else:

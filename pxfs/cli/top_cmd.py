@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pxfs.cli.admin_cmds import NODE_COLUMNS, VOLUME_COLUMNS, _node_rows, _volume_rows
-from pxfs.cli.connect import cluster_admin
+from pxfs.client.connect import cluster_admin
 from pxfs.cluster import status
 from pxfs.errors import PxfsError
 

@@ -22,9 +22,9 @@ import pytest
 import trio
 from rocksdict import Options, Rdict
 
-from pxfs.cli.connect import cluster_admin
-from pxfs.cli.procs import alive
-from pxfs.cli.snapshot_cmds import volume_tool
+from pxfs.client.connect import cluster_admin
+from pxfs.client.procs import alive
+from pxfs.client.tools import volume_tool
 from pxfs.cluster.config import MIN_GC_GRACE
 from pxfs.errors import Invalid, PxfsError
 from tests.conftest import eventually, mounted, node_connection
