@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import ParamSpec, TypeVar
 
-from pxfs.errors import FsError, Invalid, NoSpace
-from pxfs.meta import dirs, handles, keys, opids, xattrs
+from pxfs.errors import FsError, Invalid
+from pxfs.meta import dirs, handles, keys, opids, quota, xattrs
 from pxfs.meta.dirs import RENAME_EXCHANGE, RENAME_NOREPLACE
 from pxfs.meta.handles import OpenHandles, PendingPurge
 from pxfs.meta.keys import HASH_LEN, ROOT_INO, Attr
@@ -67,12 +67,15 @@ class Meta:
     """
 
     def __init__(
-        self, kv: KV, capacity: int, block_size: int, clock: Callable[[], int] = time.time_ns
+        self, kv: KV, capacity: int, block_size: int, clock: Callable[[], int] = time.time_ns,
+        max_inodes: int = 0,
     ) -> None:
         if block_size <= 0:
             raise Invalid("meta", f"block size {block_size} must be positive")
         self.kv = kv
-        self.capacity = capacity  # writable: a volume resize changes the quota in place
+        # Both writable: a volume resize changes the quota in place (pxfs.meta.quota).
+        self.capacity = capacity
+        self.max_inodes = max_inodes  # 0: no limit
         self.block_size = block_size
         self.clock = clock
         # Open counts are per coordinator process on purpose (see pxfs.meta.handles): after a
@@ -82,8 +85,12 @@ class Meta:
         # acknowledged by the replicas before it gives it (the batch may be only on this one yet).
         self.replays = 0
 
+    @property
+    def limits(self) -> quota.Limits:
+        return quota.Limits(self.capacity, self.max_inodes)
+
     def _txn(self) -> Txn:
-        return Txn(self.kv, self.clock())
+        return Txn(self.kv, self.clock(), self.limits)
 
     def _is_open(self, ino: int) -> bool:
         return self.handles.is_open(ino)
@@ -96,15 +103,24 @@ class Meta:
 
     # -- inodes ---------------------------------------------------------------------------------
     def init_root(self, uid: int = 0, gid: int = 0, mode: int = 0o755) -> Attr:
-        """Create the root directory of a new volume; an existing root is returned untouched."""
+        """Create the root directory of a new volume; an existing root is returned untouched.
+
+        A keyspace written before metadata counted against the quota gets its ``metaBytes``
+        counted here, once (one scan), so that later frees have something to subtract from.
+        """
         txn = self._txn()
         root = txn.find(ROOT_INO)
         if root is not None:
+            if self.kv.get(keys.counter_key(keys.META_BYTES)) is None:
+                counted = quota.recount(self.kv.scan(keys.INODE_PREFIX))
+                txn.put(keys.counter_key(keys.META_BYTES), keys.encode_u64(counted))
+                txn.commit()
             return root
         now = txn.now
         root = Attr(ROOT_INO, stat.S_IFDIR | (mode & 0o7777), 2, uid, gid, 0, 0, now, now, now, ROOT_INO)
         txn.save(root)
         txn.put(keys.counter_key(keys.NEXT_INODE), keys.encode_u64(ROOT_INO + 1))
+        txn.put(keys.counter_key(keys.META_BYTES), keys.encode_u64(0))
         txn.add_counter(keys.INODES, 1)
         txn.commit()
         return root
@@ -355,9 +371,8 @@ class Meta:
                 txn.delete(key)
             delta += length
         if delta > 0:
-            used = keys.decode_u64(txn.get(keys.counter_key(keys.USED_BYTES)))
-            if used + delta > self.capacity:
-                raise NoSpace(f"inode {ino}", f"quota: {used} + {delta} bytes > capacity {self.capacity}")
+            quota.check_space(self.limits, txn.counter(keys.USED_BYTES), txn.counter(keys.META_BYTES),
+                              delta, 0, f"inode {ino}")
         if delta:
             txn.add_counter(keys.USED_BYTES, delta)
         a.size = new_size
@@ -401,9 +416,11 @@ class Meta:
 
         return {
             "capacity": self.capacity,
-            "used": counter(keys.USED_BYTES),
+            "used": counter(keys.USED_BYTES),  # file data; metadata is meta_bytes, both count
             "inodes": counter(keys.INODES),
             "block_size": self.block_size,
+            "max_inodes": self.max_inodes,
+            "meta_bytes": counter(keys.META_BYTES),
         }
 
     # -- open files (counts in memory, see pxfs.meta.handles) -----------------------------------

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pxfs.errors import Corrupt
-from pxfs.meta import keys
+from pxfs.meta import keys, quota
 from pxfs.meta.keys import ROOT_INO, Attr
 from pxfs.meta.kv import KV, Batch
 
@@ -106,6 +106,7 @@ class _Fsck:
         self.max_ino = 0  # highest inode number with any key (grows if /lost+found is created)
         self.scanned_max = 0
         self.used_before = 0
+        self.meta_before = 0  # metadata bytes as found (pxfs.meta.quota)
         # The tree after repair: who names each inode, and what the repairs change on the way.
         self.refs: dict[int, list[_Entry]] = {}
         self.implied: dict[int, int] = {}  # nlink change a repair causes (not a problem of its own)
@@ -206,6 +207,7 @@ class _Fsck:
         ino = key.ino
         self.max_ino = max(self.max_ino, ino)
         self.inode_keys.setdefault(ino, []).append(raw)
+        self.meta_before += quota.record_bytes(raw, value)
         if isinstance(key, keys.AttrKey):
             try:
                 self.attrs[ino] = keys.decode_attr(ino, value)
@@ -414,9 +416,11 @@ class _Fsck:
     def _check_counters(self) -> None:
         """Counters are judged against the keyspace as found; the repair writes the repaired totals."""
         inodes = self.report.inodes
+        meta_after = self.meta_before + quota.meta_delta(self.ops, self.kv.get)[0]
         checks = [
             (keys.USED_BYTES, "counter-used", self.used_before, self.used_before - self.used_removed),
             (keys.INODES, "counter-inodes", inodes, inodes + self.inodes_delta),
+            (keys.META_BYTES, "counter-meta", self.meta_before, meta_after),
         ]
         for name, kind, found, after in checks:
             stored = self.counters.get(name, 0)

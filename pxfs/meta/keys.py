@@ -10,7 +10,9 @@ inode starts with ``A<ino>``, so purging an inode is one prefix scan.
                                 followed by zeros up to the block end; a missing entry is a hole
     A<ino>S            symlink: target bytes
     A<ino>X<name>      xattr:   value bytes
-    C<name>            counter: value:8 (nextInode, usedBytes, inodes)
+    C<name>            counter: value:8 (nextInode, usedBytes, inodes, metaBytes: bytes of entry
+                                names, xattr names and values and symlink targets, the metadata
+                                charged against the quota; see pxfs.meta.quota)
     O<ino>             orphan:  empty; nlink is 0 but the file is still open
     N<name>            snapshot: JSON {"created_ns"}; every replica takes a checkpoint of the
                                 keyspace when it commits the batch that creates this key
@@ -41,6 +43,7 @@ HASH_LEN = 32
 NEXT_INODE = b"nextInode"
 USED_BYTES = b"usedBytes"
 INODES = b"inodes"
+META_BYTES = b"metaBytes"
 
 _U64 = struct.Struct(">Q")
 _ATTR_VERSION = 1

@@ -11,7 +11,7 @@ import errno
 import stat
 
 from pxfs.errors import FsError
-from pxfs.meta import keys
+from pxfs.meta import keys, quota
 from pxfs.meta.keys import Attr
 from pxfs.meta.kv import KV, Batch
 from pxfs.meta.names import check_length
@@ -20,9 +20,10 @@ from pxfs.meta.names import check_length
 class Txn:
     """Pending writes over a KV plus a cache of the attrs read or changed so far."""
 
-    def __init__(self, kv: KV, now: int) -> None:
+    def __init__(self, kv: KV, now: int, limits: quota.Limits | None = None) -> None:
         self.kv = kv
         self.now = now
+        self.limits = limits  # None: no quota (fsck, tools)
         self._pending: dict[bytes, bytes | None] = {}
         self._attrs: dict[int, Attr | None] = {}
         self._dirty: set[int] = set()
@@ -77,8 +78,10 @@ class Txn:
         self.save(a)
 
     def new_inode(self, mode: int, uid: int, gid: int, rdev: int = 0, parent: int = 0) -> Attr:
+        inodes = self.add_counter(keys.INODES, 1)
+        if self.limits is not None:
+            quota.check_inodes(self.limits, inodes, "new inode")
         ino = self.add_counter(keys.NEXT_INODE, 1) - 1
-        self.add_counter(keys.INODES, 1)
         a = Attr(ino, mode, 1, uid, gid, rdev, 0, self.now, self.now, self.now, parent)
         self.save(a)
         return a
@@ -141,14 +144,28 @@ class Txn:
         return all(self._pending.get(k, b"") is None for k, _ in self.kv.scan(prefix))
 
     # -- commit ---------------------------------------------------------------------------------
+    def counter(self, name: bytes) -> int:
+        return keys.decode_u64(self.get(keys.counter_key(name)))
+
     def commit(self) -> int:
-        """Write everything as one batch; returns the KV sequence number (unchanged if no-op)."""
+        """Write everything as one batch; returns the KV sequence number (unchanged if no-op).
+
+        The metadata bytes the batch adds or frees go to their counter here, once for every kind
+        of mutation; growth past the quota is NoSpace with nothing written.
+        """
         for ino in self._dirty:
             a = self._attrs[ino]
             assert a is not None
             self.put(keys.attr_key(ino), keys.encode_attr(a))
         if not self._pending:
             return self.kv.seq
+        grown, what = quota.meta_delta(self._pending, self.kv.get)
+        if grown:
+            meta = self.counter(keys.META_BYTES)
+            if self.limits is not None:
+                quota.check_space(self.limits, self.counter(keys.USED_BYTES), meta, 0, grown, what)
+            # max(): a keyspace from before the counter; Meta.init_root counts it, this is only a guard.
+            self.put(keys.counter_key(keys.META_BYTES), keys.encode_u64(max(0, meta + grown)))
         batch = Batch()
         for key, value in self._pending.items():
             if value is None:
