@@ -53,6 +53,7 @@ struct VolumeInfo {
   uid @16 :Text;             # unique per volume ever created (tombstones name it)
   waiting @17 :Text;         # why no coordinator serves the volume ("" when one does)
   cloneDone @18 :Bool;       # a clone whose coordinator copied its source snapshot in
+  maxInodes @19 :UInt64;     # --max-inodes; 0: one inode per 4 KiB of the size
 }
 
 struct SnapshotInfo {
@@ -109,12 +110,14 @@ interface Session {
 interface Admin {
   clusterInfo @0 () -> (id :Text, name :Text, seed :Text, store :Text);
   listNodes @1 () -> (nodes :List(NodeInfo));
+  # maxInodes 0: the default for the size (one inode per 4 KiB).
   createVolume @2 (name :Text, size :UInt64, repl :UInt8, blockSize :UInt32, labels :List(Label),
-                   minReplicas :UInt8)
+                   minReplicas :UInt8, maxInodes :UInt64)
       -> (volume :VolumeInfo);
   listVolumes @3 () -> (volumes :List(VolumeInfo));
   getVolume @4 (name :Text) -> (volume :VolumeInfo);
-  resizeVolume @5 (name :Text, size :UInt64) -> (volume :VolumeInfo);
+  # size 0 keeps the size, maxInodes 0 the inode limit; neither may go below what is in use.
+  resizeVolume @5 (name :Text, size :UInt64, maxInodes :UInt64) -> (volume :VolumeInfo);
   deleteVolume @6 (name :Text, force :Bool) -> ();
   # Replication factor of a live volume: replicas are added (placement rules hold) or dropped.
   haUpdate @7 (name :Text, repl :UInt8) -> (volume :VolumeInfo);
@@ -221,7 +224,10 @@ interface Volume {
   # an in-sync replica lacks, or takes it out of the in-sync set, before it acknowledges.
   commit @18 (ino :UInt64, blocks :List(BlockRef), size :UInt64, mtimeNs :Int64, held :List(Text),
               opId :Data) -> (attr :Attr);
-  statfs @19 () -> (capacity :UInt64, used :UInt64, inodes :UInt64, blockSize :UInt32);
+  # used: bytes of file data; metaBytes: of names, xattrs and symlink targets (both count against
+  # capacity); maxInodes: the inode limit, 0 for none.
+  statfs @19 () -> (capacity :UInt64, used :UInt64, inodes :UInt64, blockSize :UInt32,
+                    maxInodes :UInt64, metaBytes :UInt64);
   info @20 () -> (info :VolumeInfo);
   # Every chunk the volume's block maps name (scrub), and where given chunks are used (its report).
   chunkRefs @21 () -> (hashes :List(Data));

@@ -116,7 +116,8 @@ async def cmd_volume_create(args: argparse.Namespace) -> int:
     size = parse_size(args.size, "size")
     block = parse_size(args.block_size, "block size") if args.block_size else 0
     async with cluster_admin(args.cluster) as (admin, *_):
-        vol = await admin.create_volume(args.name, size, args.repl, block, _labels(args.label), args.min_replicas)
+        vol = await admin.create_volume(args.name, size, args.repl, block, _labels(args.label), args.min_replicas,
+                                        args.max_inodes)
     if args.json:
         emit_json(vol.to_json())
     else:
@@ -156,8 +157,11 @@ async def cmd_volume_inspect(args: argparse.Namespace) -> int:
         emit_json(v.to_json())
         return 0
     line(f'volume "{v.name}"')
+    meta = v.detail.get("meta_bytes", 0)
     table(None, ["FIELD", "VALUE"], [
         ["size", f"{format_size(v.size)} ({v.size} bytes)"], ["used", f"{format_size(v.used)} ({v.used} bytes)"],
+        ["metadata", f"{format_size(meta)} ({meta} bytes of names, xattrs, symlinks; counted in the size)"],
+        ["inodes", f"{v.detail.get('inodes', 0)} of {v.inode_limit}"],
         ["repl", str(v.repl)], ["block size", format_size(v.block_size)], ["labels", _fmt_labels(v.labels)],
         ["state", v.state], ["epoch", str(v.epoch)], ["mounts", str(v.mounts)],
         ["in sync", ", ".join(v.in_sync) or "none"], ["min replicas", str(v.min_replicas)],
@@ -194,13 +198,15 @@ async def cmd_volume_inspect(args: argparse.Namespace) -> int:
 
 
 async def cmd_volume_resize(args: argparse.Namespace) -> int:
-    size = parse_size(args.size, "size")
+    if not args.size and not args.max_inodes:
+        raise Invalid(f'volume "{args.name}"', "nothing to change: give --size, --max-inodes or both")
+    size = parse_size(args.size, "size") if args.size else 0
     async with cluster_admin(args.cluster) as (admin, *_):
-        vol = await admin.resize_volume(args.name, size)
+        vol = await admin.resize_volume(args.name, size, args.max_inodes)
     if args.json:
         emit_json(vol.to_json())
     else:
-        line(f'volume "{vol.name}" resized to {format_size(vol.size)}')
+        line(f'volume "{vol.name}" resized to {format_size(vol.size)}, {vol.inode_limit} inodes')
     return 0
 
 

@@ -200,7 +200,8 @@ class VolumeClient(_Caller):
     async def statfs(self) -> dict[str, Any]:
         async def go() -> dict[str, Any]:
             r = await self.cap.statfs()
-            return {"capacity": r.capacity, "used": r.used, "inodes": r.inodes, "block_size": r.blockSize}
+            return {"capacity": r.capacity, "used": r.used, "inodes": r.inodes, "block_size": r.blockSize,
+                    "max_inodes": r.maxInodes, "meta_bytes": r.metaBytes}
         return await self.call(go)
 
     async def fsck(self, repair: bool) -> dict[str, Any]:

@@ -318,6 +318,7 @@ class VolumeServer(pxfs_capnp.Volume.Server):
         st = await self._call(lambda m: m.statfs())
         r = _context.results
         r.capacity, r.used, r.inodes, r.blockSize = st["capacity"], st["used"], st["inodes"], st["block_size"]
+        r.maxInodes, r.metaBytes = st["max_inodes"], st["meta_bytes"]
 
     @served
     async def fsck(self, repair: bool, _context: Any, **_: Any) -> None:

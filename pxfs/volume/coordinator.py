@@ -53,7 +53,7 @@ class Coordinator(HostContext):
         if hv.meta is None and spec.source and hv.kv.get(keys.counter_key(CLONE_DONE)) is None:
             self._clone(hv, spec)
         if hv.meta is None:
-            hv.meta = Meta(hv.kv, spec.size, spec.block_size)
+            hv.meta = Meta(hv.kv, spec.size, spec.block_size, max_inodes=spec.inode_limit)
             # Orphans may still be open in mounts that have not reconnected yet: freed once they have
             # (or their registrations expired), by mounts.tend() in the supervision rounds.
             mounts.defer_purge(hv.meta)
@@ -61,6 +61,7 @@ class Coordinator(HostContext):
             hv.repair_wanted = True
             log.info("node=%s coordinates volume=%s epoch=%d seq=%d", self.node_id, name, spec.epoch, hv.kv.seq)
         hv.meta.capacity = spec.size
+        hv.meta.max_inodes = spec.inode_limit
         if hv.known_replicas and set(spec.replicas) - set(hv.known_replicas):
             # Mounts learn of a new replica only at their next refresh: until then the coordinator
             # itself makes sure what they commit reaches it (see commit()).

@@ -70,7 +70,8 @@ class Health(Coordinator):
             await mounts.forget_silent(meta, call, self._store, hv.name, heard=hv.heard)
         st = hv.meta.statfs()
         rep = hv.replicator
-        detail = {"used": st["used"], "inodes": st["inodes"], "seq": hv.kv.seq, "epoch": hv.epoch,
+        detail = {"used": st["used"], "inodes": st["inodes"], "meta_bytes": st["meta_bytes"],
+                  "seq": hv.kv.seq, "epoch": hv.epoch,
                   "coordinator": self.node_id, "replicas": sorted(hv.known_replicas),
                   "lagging": sorted(rep.lagging) if rep else [],
                   "repair": hv.repair.status.to_json(), "ts": time.time(),
