@@ -115,7 +115,8 @@ interface Admin {
                    minReplicas :UInt8, maxInodes :UInt64)
       -> (volume :VolumeInfo);
   listVolumes @3 () -> (volumes :List(VolumeInfo));
-  getVolume @4 (name :Text) -> (volume :VolumeInfo);
+  # replicas: also ask each replica's node for its copy's metadata on disk (detail.replica_meta).
+  getVolume @4 (name :Text, replicas :Bool) -> (volume :VolumeInfo);
   # size 0 keeps the size, maxInodes 0 the inode limit; neither may go below what is in use.
   resizeVolume @5 (name :Text, size :UInt64, maxInodes :UInt64) -> (volume :VolumeInfo);
   deleteVolume @6 (name :Text, force :Bool) -> ();
@@ -189,9 +190,18 @@ interface VolumeService {
   # Wipe a follower's copy (it diverged, e.g. a deposed coordinator) so the coordinator can resend it all.
   reset @3 (name :Text, epoch :UInt64) -> ();
   # Batches first, first+1, ... in one call: catching up costs one round trip per many batches.
-  applyMany @4 (name :Text, epoch :UInt64, first :UInt64, batches :List(Data)) -> (seq :UInt64);
-  # JSON {generation, replicas: [{spec, seq, epoch, last_hash}]}: the copies on this node's disk.
+  # trimmed: the coordinator's log holds nothing up to it; the follower drops those entries too.
+  # No batches: only the trim point.
+  applyMany @4 (name :Text, epoch :UInt64, first :UInt64, batches :List(Data), trimmed :UInt64)
+      -> (seq :UInt64);
+  # JSON {generation, replicas: [{spec, seq, epoch, last_hash, meta_bytes}]}: the copies on this
+  # node's disk (meta_bytes: the size of the keyspace's files).
   localReplicas @5 () -> (replicas :Text);
+  # A full copy, after a reset, for a follower behind the coordinator's trimmed log: parts of the
+  # keyspace of a snapshot (all of them first) or of the volume (snapshot ""); a part with seq > 0
+  # ends that keyspace, which stands at batch seq, whose log entry is lastBatch.
+  load @6 (name :Text, epoch :UInt64, snapshot :Text, items :List(KeyValue), seq :UInt64, lastBatch :Data)
+      -> ();
 }
 
 # One volume's POSIX metadata, served by its coordinator to a mount. Names are raw bytes.

@@ -151,7 +151,7 @@ async def cmd_volume_list(args: argparse.Namespace) -> int:
 
 async def cmd_volume_inspect(args: argparse.Namespace) -> int:
     async with cluster_admin(args.cluster) as (admin, *_):
-        v = await admin.get_volume(args.name)
+        v = await admin.get_volume(args.name, replicas=True)
         nodes = {n.id: n for n in await admin.list_nodes()}
     if args.json:
         emit_json(v.to_json())
@@ -170,11 +170,14 @@ async def cmd_volume_inspect(args: argparse.Namespace) -> int:
     repair = v.detail.get("repair", {})
     missing = repair.get("missing", {})
     line("")
-    table(None, ["REPLICA", "ADDRESS", "STATE", "ROLE", "METADATA", "CHUNKS MISSING"], [
+    on_disk = v.detail.get("replica_meta") or {}
+    table(None, ["REPLICA", "ADDRESS", "STATE", "ROLE", "METADATA", "ON DISK", "LOG", "CHUNKS MISSING"], [
         [r, nodes[r].address if r in nodes else "?", nodes[r].state if r in nodes else "unknown",
          "coordinator" if r == v.coordinator else "follower",
          "lagging" if r in lagging else ("-" if r not in nodes or nodes[r].state != "up" else
                                          "in sync" if r in v.in_sync else "catching up"),
+         format_size(on_disk[r]["disk_bytes"]) if r in on_disk else "?",
+         f"{on_disk[r]['log_entries']} batches" if r in on_disk else "?",
          str(missing.get(r, 0))] for r in v.replicas])
     space = v.detail.get("space") or {}
     if space:

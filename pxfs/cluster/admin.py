@@ -229,6 +229,24 @@ class ClusterAdmin:
         spec, _raw = await self._spec(name)
         return (await self._decorate([spec]))[0]
 
+    async def inspect_volume(self, name: str) -> VolumeInfo:
+        """``get_volume`` and, from each replica's node, its copy's metadata on disk: bytes of its
+        files and batches in its log (``replica_meta``; a node that does not answer is left out)."""
+        v = await self.get_volume(name)
+        if self._peers is None:
+            return v
+        found: dict[str, dict[str, int]] = {}
+        for node in v.replicas:
+            try:
+                _gen, copies = records.decode_local_replicas(node, await self._peers.local_replicas(node))
+            except PxfsError:
+                continue
+            for c in copies:
+                if c.spec.name == name and c.spec.uid == v.uid:
+                    found[node] = {"disk_bytes": c.meta_bytes, "log_entries": c.log_entries, "seq": c.seq}
+        v.detail["replica_meta"] = found
+        return v
+
     def _check_size(self, name: str, size: int) -> None:
         if not MIN_SIZE <= size <= MAX_SIZE:
             raise Invalid(f'volume "{name}"', f"size {size} out of range (1M to 1E bytes)")

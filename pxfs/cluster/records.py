@@ -321,12 +321,15 @@ class LocalReplica:
     seq: int
     epoch: int
     last_hash: str  # hex
+    meta_bytes: int = 0  # size of the keyspace's files on the node's disk (snapshots not counted)
+    log_entries: int = 0  # batches still in its replication log
 
 
 def encode_local_replicas(generation: int, replicas: list[LocalReplica]) -> str:
     return json.dumps({"v": 1, "generation": generation,
                        "replicas": [{"spec": json.loads(encode_volume(r.spec)), "seq": r.seq, "epoch": r.epoch,
-                                     "last_hash": r.last_hash} for r in replicas]}, sort_keys=True)
+                                     "last_hash": r.last_hash, "meta_bytes": r.meta_bytes,
+                                     "log_entries": r.log_entries} for r in replicas]}, sort_keys=True)
 
 
 def decode_local_replicas(node: str, text: str) -> tuple[int, list[LocalReplica]]:
@@ -343,7 +346,9 @@ def decode_local_replicas(node: str, text: str) -> tuple[int, list[LocalReplica]
             spec = decode_volume(volume_key(str(spec_d.get("name", ""))), json.dumps(spec_d).encode())
             out.append(LocalReplica(node=node, spec=spec, seq=_int(what, "seq", item.get("seq")),
                                     epoch=_int(what, "epoch", item.get("epoch")),
-                                    last_hash=str(item.get("last_hash", ""))))
+                                    last_hash=str(item.get("last_hash", "")),
+                                    meta_bytes=_int(what, "meta_bytes", item.get("meta_bytes", 0)),
+                                    log_entries=_int(what, "log_entries", item.get("log_entries", 0))))
         except Corrupt as err:
             skip_bad(f"{what}: {str(item)[:80]}", err)
     return gen, out

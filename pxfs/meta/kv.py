@@ -396,12 +396,18 @@ class RocksKV(KV):
             self._db.flush()
             self._db.compact_range(None, None)
 
+    def estimate_keys(self) -> int:
+        return int(self._db.property_int_value("rocksdb.estimate-num-keys") or 0)
+
     def disk_bytes(self) -> int:
         """Bytes of the files of the database (not of its snapshots: they are elsewhere)."""
         total = 0
-        for entry in os.scandir(self.path):
-            if entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_size
+        try:
+            for entry in os.scandir(self.path):
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:
+            return 0  # moved aside or dropped since it was opened
         return total
 
     def close(self) -> None:

@@ -106,9 +106,10 @@ class AdminClient(_Caller):
             return [convert.volume_from(v) for v in (await self.cap.listVolumes()).volumes]
         return await self.call(go)
 
-    async def get_volume(self, name: str) -> VolumeInfo:
+    async def get_volume(self, name: str, replicas: bool = False) -> VolumeInfo:
+        """``replicas``: with each replica's metadata on disk (``detail["replica_meta"]``)."""
         async def go() -> VolumeInfo:
-            return convert.volume_from((await self.cap.getVolume(name)).volume)
+            return convert.volume_from((await self.cap.getVolume(name, replicas)).volume)
         return await self.call(go)
 
     async def resize_volume(self, name: str, size: int, max_inodes: int = 0) -> VolumeInfo:

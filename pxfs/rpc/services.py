@@ -76,9 +76,10 @@ class AdminServer(pxfs_capnp.Admin.Server):
             convert.volume_to(out[i], v)
 
     @served
-    async def getVolume(self, name: str, _context: Any, **_: Any) -> None:  # noqa: N802
+    async def getVolume(self, name: str, replicas: bool, _context: Any, **_: Any) -> None:  # noqa: N802
         require_volume(self._who, name, f'volume "{name}"')
-        convert.volume_to(_context.results.init("volume"), await self._b.to_trio(self._a.get_volume, name))
+        get = self._a.inspect_volume if replicas else self._a.get_volume
+        convert.volume_to(_context.results.init("volume"), await self._b.to_trio(get, name))
 
     @served
     async def resizeVolume(self, name: str, size: int, maxInodes: int,  # noqa: N802,N803

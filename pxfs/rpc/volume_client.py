@@ -55,10 +55,21 @@ class VolumeServiceClient(_Caller):
             return (await self.cap.apply(name, epoch, seq, batch)).seq
         return await self.call(go)
 
-    async def apply_many(self, name: str, epoch: int, first: int, batches: list[bytes]) -> int:
+    async def apply_many(self, name: str, epoch: int, first: int, batches: list[bytes], trimmed: int = 0) -> int:
         async def go() -> int:
-            return (await self.cap.applyMany(name, epoch, first, batches)).seq
+            return (await self.cap.applyMany(name, epoch, first, batches, trimmed)).seq
         return await self.call(go)
+
+    async def load(self, name: str, epoch: int, snapshot: str, items: list[tuple[bytes, bytes]], seq: int,
+                   last_batch: bytes) -> None:
+        async def go() -> None:
+            req = self.cap.load_request()
+            req.name, req.epoch, req.snapshot, req.seq, req.lastBatch = name, epoch, snapshot, seq, last_batch
+            out = req.init("items", len(items))
+            for i, (key, value) in enumerate(items):
+                out[i].key, out[i].value = key, value
+            await req.send()
+        await self.call(go)
 
     async def last_seq(self, name: str) -> tuple[int, int, bytes]:
         async def go() -> tuple[int, int, bytes]:

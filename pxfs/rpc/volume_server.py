@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 64 << 20
 MAX_RELEASES = 65536
 MAX_BATCHES = 4096
+MAX_LOAD_ITEMS = 1 << 17  # keys in one part of a full copy (the coordinator sends 20000)
 WATCHER_TIMEOUT = 5.0
 MAX_DATA = 1 << 20  # xattr values, symlink targets and names are far smaller; refuse absurd payloads
 MAX_HANDLES = 1 << 20  # open handles a mount re-registers at once: more than a process may hold
@@ -74,15 +75,28 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
                                                       self._peer)
 
     @served
-    async def applyMany(self, name: str, epoch: int, first: int, batches: Any, _context: Any,  # noqa: N802
-                        **_: Any) -> None:
+    async def applyMany(self, name: str, epoch: int, first: int, batches: Any, trimmed: int,  # noqa: N802
+                        _context: Any, **_: Any) -> None:
         self._node("replication")
         if len(batches) > MAX_BATCHES:
             raise Invalid("applyMany", f"{len(batches)} batches at once is more than {MAX_BATCHES}")
         todo = [bytes(b) for b in batches]
         if sum(map(len, todo)) > MAX_BATCH:
             raise Invalid("applyMany", f"batches of more than {MAX_BATCH} bytes in one call")
-        _context.results.seq = await self._b.to_trio(self._h.apply_many, name, epoch, first, todo, self._peer)
+        _context.results.seq = await self._b.to_trio(self._h.apply_many, name, epoch, first, todo, self._peer,
+                                                      trimmed)
+
+    @served
+    async def load(self, name: str, epoch: int, snapshot: str, items: Any, seq: int, lastBatch: Any,  # noqa: N803
+                   _context: Any, **_: Any) -> None:
+        self._node("replication")
+        if len(items) > MAX_LOAD_ITEMS:
+            raise Invalid("load", f"{len(items)} keys in one part is more than {MAX_LOAD_ITEMS}")
+        pairs = [(bytes(kv.key), bytes(kv.value)) for kv in items]
+        if sum(len(k) + len(v) for k, v in pairs) > MAX_BATCH:
+            raise Invalid("load", f"a part of more than {MAX_BATCH} bytes")
+        await self._b.to_trio(self._h.load, name, epoch, snapshot, pairs, seq,
+                              _data(lastBatch, "last batch", MAX_BATCH), self._peer)
 
     @served
     async def lastSeq(self, name: str, _context: Any, **_: Any) -> None:  # noqa: N802

@@ -87,7 +87,8 @@ class Coordinator(HostContext):
             hv.converged_round_started = -1.0
             assert self._nursery is not None
             hv.replicator = Replicator(name, hv.kv, spec.epoch, followers, self._peers,
-                                       on_caught_up=lambda _f, hv=hv: setattr(hv, "repair_wanted", True))
+                                       on_caught_up=lambda _f, hv=hv: setattr(hv, "repair_wanted", True),
+                                       copy_view=hv.copy_view)
             self._nursery.start_soon(hv.replicator.run)
         hv.replicator.set_in_sync(hv.insync.followers())
         hv.insync.on_change = hv.replicator.set_in_sync
