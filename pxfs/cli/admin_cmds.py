@@ -177,7 +177,7 @@ async def cmd_volume_inspect(args: argparse.Namespace) -> int:
          "lagging" if r in lagging else ("-" if r not in nodes or nodes[r].state != "up" else
                                          "in sync" if r in v.in_sync else "catching up"),
          format_size(on_disk[r]["disk_bytes"]) if r in on_disk else "?",
-         f"{on_disk[r]['log_entries']} batches" if r in on_disk else "?",
+         str(on_disk[r]['log_entries']) if r in on_disk else "?",
          str(missing.get(r, 0))] for r in v.replicas])
     space = v.detail.get("space") or {}
     if space:
