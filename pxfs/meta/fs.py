@@ -508,3 +508,39 @@ class Meta:
     def purge_orphans(self) -> int:
         """Free every orphan no handle counted here holds; returns how many."""
         return handles.purge_orphans(self._txn(), self.handles)
+
+    # -- the purge list: block entries of freed inodes, PURGE_BATCH per batch -------------------
+    def purging(self) -> bool:
+        """Block entries of freed inodes wait on the purge list (``purge_step`` deletes them)."""
+        return any(True for _ in self.kv.scan(keys.PURGE_PREFIX, limit=1))
+
+    def purge_step(self, limit: int = 0) -> int:
+        """Delete up to ``limit`` block entries of inodes on the purge list, as one batch; returns
+        the keys it deleted (0: the list is empty). The coordinator calls it until it returns 0,
+        through its call path, so that each batch replicates like any other."""
+        limit = limit or keys.PURGE_BATCH
+        txn = self._txn()
+        done = freed = 0
+        for raw, _ in self.kv.scan(keys.PURGE_PREFIX):
+            key = keys.decode_key(raw)
+            assert isinstance(key, keys.PurgeKey)
+            if txn.find(key.ino) is not None:
+                # A live inode is never purged: a mark beside an attr is damage (fsck reports it).
+                log.warning("inode %d is on the purge list but has an attr: mark dropped, blocks kept", key.ino)
+                txn.delete(raw)
+                done += 1
+                continue
+            entries = list(self.kv.scan(keys.block_prefix(key.ino), limit=limit - done))
+            for bkey, value in entries:
+                freed += keys.decode_block(value)[1]
+                txn.delete(bkey)
+            done += len(entries)
+            if done < limit:
+                txn.delete(raw)  # none left
+                done += 1
+            if done >= limit:
+                break
+        if freed:
+            txn.add_counter(keys.USED_BYTES, -freed)
+        txn.commit()
+        return done

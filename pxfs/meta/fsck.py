@@ -32,6 +32,13 @@ from pxfs.meta.kv import KV, Batch
 LOST_FOUND = b"lost+found"
 
 
+def _is_block(raw: bytes) -> bool:
+    try:
+        return isinstance(keys.decode_key(raw), keys.BlockKey)
+    except keys.BadKey:
+        return False
+
+
 @dataclass
 class Problem:
     """One inconsistency; ``repaired`` means the repair batch that fsck wrote fixes it."""
@@ -102,6 +109,7 @@ class _Fsck:
         self.blocks: dict[int, list[tuple[int, bytes, int]]] = {}
         self.inode_keys: dict[int, list[bytes]] = {}
         self.orphans: set[int] = set()
+        self.purging: set[int] = set()  # on the purge list: block entries without attr are expected
         self.counters: dict[bytes, int | None] = {}
         self.max_ino = 0  # highest inode number with any key (grows if /lost+found is created)
         self.scanned_max = 0
@@ -176,6 +184,8 @@ class _Fsck:
                     self.counters[key.name] = None
             elif isinstance(key, keys.OrphanKey):
                 self.orphans.add(key.ino)  # a mark alone claims no inode number
+            elif isinstance(key, keys.PurgeKey):
+                self.purging.add(key.ino)
             elif isinstance(key, keys.OpKey):
                 self._scan_op_record(raw, value)
             # A SnapshotKey names a checkpoint of the replicas, nothing in this tree to check.
@@ -239,9 +249,15 @@ class _Fsck:
 
         A missing root is left alone: its entries still hold the tree, nothing is repaired anyway.
         """
+        for ino in sorted(self.purging & set(self.attrs)):
+            # purge_step would drop the mark and keep the blocks; fsck says so and does the same.
+            if self.problem("purge-live", ino, "on the purge list but has an attr"):
+                self.ops[keys.purge_key(ino)] = None
         for ino, inode_keys in self.inode_keys.items():
             if ino in self.attrs or ino in self.bad_attrs or ino == ROOT_INO:
                 continue
+            if ino in self.purging and all(_is_block(raw) for raw in inode_keys):
+                continue  # block entries the purge steps have yet to delete
             if self.problem("stray-key", ino, f"{len(inode_keys)} keys of an inode without attr"):
                 for key in inode_keys:
                     self.ops[key] = None

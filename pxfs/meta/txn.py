@@ -87,21 +87,37 @@ class Txn:
         return a
 
     def purge(self, a: Attr) -> None:
-        """Delete every key of the inode, its orphan mark, and its share of the counters."""
+        """Delete every key of the inode, its orphan mark, and its share of the counters.
+
+        An inode with more than PURGE_BATCH block entries loses everything but them here, and goes
+        on the purge list: its block entries go in later batches (``Meta.purge_step``), so that no
+        batch (and no stall of the coordinator's loop) grows with the size of a file.
+        """
         prefix = keys.inode_prefix(a.ino)
+        blocks = keys.block_prefix(a.ino)
+        if sum(1 for _ in self.kv.scan(blocks, limit=keys.PURGE_BATCH + 1)) > keys.PURGE_BATCH:
+            for key, _ in self.kv.scan(prefix, start=prefix + b"D"):  # past the C range: not the blocks
+                self.delete(key)
+            self.put(keys.purge_key(a.ino), b"")
+            self._forget(a)
+            return
         used = 0
         for key, value in self.kv.scan(prefix):
-            if key.startswith(keys.block_prefix(a.ino)):
+            if key.startswith(blocks):
                 used += keys.decode_block(value)[1]
             self.delete(key)
+        self._forget(a)
+        if used:
+            self.add_counter(keys.USED_BYTES, -used)
+
+    def _forget(self, a: Attr) -> None:
+        prefix = keys.inode_prefix(a.ino)
         for key in [k for k in self._pending if k.startswith(prefix)]:
             self.delete(key)
         self.delete(keys.orphan_key(a.ino))
         self._attrs[a.ino] = None
         self._dirty.discard(a.ino)
         self.add_counter(keys.INODES, -1)
-        if used:
-            self.add_counter(keys.USED_BYTES, -used)
 
     def drop_link(self, a: Attr, is_open: bool) -> None:
         """One name of ``a`` is gone: free it at its last link, or orphan it while still open."""
