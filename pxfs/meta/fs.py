@@ -290,6 +290,32 @@ class Meta:
         self._commit(txn, op, a)
         return a
 
+    def cut_ahead(self, ino: int, size: int, limit: int = 0) -> int:
+        """Before a truncate to ``size`` that would drop more than PURGE_BATCH block entries: drop
+        up to ``limit`` of the blocks wholly past ``size``, the size unchanged, as one batch;
+        returns how many (0: few enough are left for the truncate's own batch).
+
+        The coordinator calls it until it returns 0 and then truncates (``setattr``): each batch
+        bounded. Until the size changes a reader sees zeros where the cut is going, and a truncate
+        that fails on the way leaves them (a retry finishes it): only bytes it was told to drop.
+        """
+        limit = limit or keys.PURGE_BATCH
+        txn = self._txn()
+        a = txn.attr(ino)
+        if not stat.S_ISREG(a.mode) or not 0 <= size < a.size:
+            return 0  # nothing to cut, or a truncate setattr refuses with its own errno
+        first = keys.block_key(ino, -(-size // self.block_size))
+        past = list(self.kv.scan(keys.block_prefix(ino), first, keys.PURGE_BATCH + 1))
+        if len(past) <= keys.PURGE_BATCH:
+            return 0
+        freed = 0
+        for key, value in past[:limit]:
+            freed += keys.decode_block(value)[1]
+            txn.delete(key)
+        txn.add_counter(keys.USED_BYTES, -freed)
+        txn.commit()
+        return min(limit, len(past))
+
     def _cut_blocks(self, txn: Txn, ino: int, size: int) -> None:
         """Drop block entries past ``size``; a block cut in the middle keeps its chunk, shorter."""
         bs = self.block_size

@@ -244,6 +244,10 @@ class VolumeServer(pxfs_capnp.Volume.Server):
                                  (setMtime, "mtime_ns", attr.mtimeNs), (setCtime, "ctime_ns", attr.ctimeNs)):
             if flag:
                 kw[key] = value
+        if setSize:
+            changed = Changed()
+            await self._b.to_trio(self._h.cut_ahead, self._hv, ino, attr.size, changed)
+            self._tell_others(changed)
         await self._attr(_context, lambda m: m.setattr(ino, op=op, **kw))
 
     @served

@@ -252,6 +252,12 @@ class Coordinator(HostContext):
             await self._complete_on(hv, fresh, [h for h, _n in blocks.values()])
         return attr
 
+    async def cut_ahead(self, hv: Served, ino: int, size: int, changed: Changed | None = None) -> None:
+        """Before a truncate: the blocks it drops beyond one batch's worth go first, in bounded
+        replicated batches (``Meta.cut_ahead``), so that the truncate itself stays one small batch."""
+        while await self.call(hv, lambda m: m.cut_ahead(ino, size), changed):
+            pass
+
     async def _complete_on(self, hv: HostedVolume, nodes: list[str], hashes: list[bytes]) -> None:
         """Copy any of ``hashes`` that ``nodes`` lack from another replica (best effort: repair follows)."""
         assert hv.spec is not None and hv.insync is not None

@@ -97,3 +97,18 @@ def test_a_purge_mark_beside_a_live_inode_never_deletes_its_blocks(meta: Meta) -
     assert [p.kind for p in report.problems] == ["purge-live"]
     meta.purge_step()
     assert not meta.purging() and len(meta.get_blocks(ino)[1]) == 2 * SMALL
+
+
+def test_a_big_truncate_cuts_ahead_in_bounded_batches(meta: Meta) -> None:
+    ino = big_file(meta, b"t", 3 * SMALL + 2)
+    cuts = []
+    while n := meta.cut_ahead(ino, BLOCK + 10):
+        cuts.append(n)
+        assert last_batch_ops(meta) <= SMALL + 2 and meta.getattr(ino).size == (3 * SMALL + 2) * BLOCK
+    assert cuts == [SMALL, SMALL]  # what is left (SMALL entries past the cut) fits the truncate's batch
+    meta.setattr(ino, size=BLOCK + 10)
+    assert last_batch_ops(meta) <= SMALL + 4
+    assert meta.get_blocks(ino)[1] == {0: (H, BLOCK), 1: (H, 10)}
+    assert meta.statfs()["used"] == BLOCK + 10
+    assert meta.cut_ahead(ino, 0) == 0 and meta.cut_ahead(ino, -1) == 0 and meta.cut_ahead(ino, 1 << 40) == 0
+    assert fsck(meta.kv, block_size=BLOCK).problems == []

@@ -1,5 +1,6 @@
-"""Metadata in the quota, through a real mount of a repl-3 volume (issue 13): an unprivileged user
-cannot store more xattrs than the volume's size, nor more files than its inodes."""
+"""Bounded metadata, through real mounts of repl-3 volumes (issue 13): an unprivileged user cannot
+store more xattrs than the volume's size, nor more files than its inodes; huge block maps are freed
+and cut in bounded batches."""
 
 from __future__ import annotations
 
@@ -100,3 +101,23 @@ def test_xattrs_and_inodes_meet_the_volume_quota(shared_cluster: Cluster) -> Non
     c.cli("volume", "resize", "metaq", "--max-inodes", "100")
     assert inspect(c, "metaq")["max_inodes"] == 100
     c.cli("volume", "delete", "metaq")
+
+
+def test_a_huge_block_map_is_freed_and_cut_in_bounded_batches(shared_cluster: Cluster, tmp_path: Path) -> None:
+    """5000 blocks of 4 KiB: more than one batch may delete (PURGE_BATCH 4096). The unlink leaves the
+    file's entries to the purge list and the truncate cuts ahead first; both end clean and counted."""
+    c = shared_cluster
+    c.cli("volume", "create", "bigmap", "--size", "1G", "--repl", "3", "--block-size", "4K")
+    data = os.urandom(5000 * 4096)
+    with mounted(c, "bigmap", tmp_path / "mnt") as m:
+        (m.path / "gone").write_bytes(data)
+        (m.path / "cut").write_bytes(data)
+        os.truncate(m.path / "cut", 4096 + 10)
+        assert (m.path / "cut").read_bytes() == data[: 4096 + 10]
+        (m.path / "gone").unlink()
+        v = eventually(lambda: (v := inspect(c, "bigmap"))["used"] == 4096 + 10 and v, timeout=60,
+                       what="the purge of the unlinked file's blocks")
+        assert v["inodes"] == 2
+    report = c.json("fsck", "bigmap")
+    assert isinstance(report, dict) and report["ok"], report
+    c.cli("volume", "delete", "bigmap")
