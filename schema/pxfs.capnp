@@ -228,7 +228,8 @@ interface Volume {
   getxattr @13 (ino :UInt64, name :Data) -> (value :Data);
   listxattr @14 (ino :UInt64) -> (names :List(Data));
   removexattr @15 (ino :UInt64, name :Data, opId :Data) -> ();
-  open @16 (ino :UInt64) -> (attr :Attr, blocks :List(BlockRef));
+  # The block map's first page (up to 16384 entries); more: the rest comes from blocks().
+  open @16 (ino :UInt64) -> (attr :Attr, blocks :List(BlockRef), more :Bool);
   release @17 (ino :UInt64) -> ();
   # held: the replicas that answered "stored" for every chunk of blocks. The coordinator copies what
   # an in-sync replica lacks, or takes it out of the in-sync set, before it acknowledges.
@@ -240,7 +241,9 @@ interface Volume {
                     maxInodes :UInt64, metaBytes :UInt64);
   info @20 () -> (info :VolumeInfo);
   # Every chunk the volume's block maps name (scrub), and where given chunks are used (its report).
-  chunkRefs @21 () -> (hashes :List(Data));
+  # chunkRefs pages them in hash order: those after `after` ("" from the start), at most limit
+  # (and 65536); more: there is a next page.
+  chunkRefs @21 (after :Data, limit :UInt32) -> (hashes :List(Data), more :Bool);
   locate @22 (hashes :List(Data)) -> (places :List(ChunkPlace));
   # The mount is going away: stop counting it as a mount of the volume.
   detach @23 () -> ();
@@ -255,6 +258,9 @@ interface Volume {
   create @29 (parent :UInt64, name :Data, mode :UInt32, uid :UInt32, gid :UInt32, opId :Data) -> (attr :Attr);
   # Closes sent in the background, many at once: close(2) does not wait for the coordinator.
   releaseMany @30 (inos :List(UInt64)) -> ();
+  # A page of the block map: entries from index start on, at most limit (and 16384) of them;
+  # more: there is a next page. A block map of any size is read in bounded messages.
+  blocks @31 (ino :UInt64, start :UInt64, limit :UInt32) -> (blocks :List(BlockRef), more :Bool);
 }
 
 struct ChunkPlace {

@@ -360,6 +360,13 @@ class Meta:
         blocks = {keys.block_idx(k): keys.decode_block(v) for k, v in self.kv.scan(keys.block_prefix(ino))}
         return a, blocks
 
+    def block_page(self, ino: int, start: int, limit: int) -> tuple[Attr, dict[int, tuple[bytes, int]], bool]:
+        """Attrs and up to ``limit`` block map entries from index ``start`` on; True when more follow."""
+        a = self._txn().attr(ino)
+        page = list(self.kv.scan(keys.block_prefix(ino), keys.block_key(ino, max(0, start)), max(1, limit) + 1))
+        more = len(page) > max(1, limit)
+        return a, {keys.block_idx(k): keys.decode_block(v) for k, v in page[: max(1, limit)]}, more
+
     @_once
     def commit_blocks(
         self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int | None = None,
