@@ -8,6 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# Inodes a volume gets without --max-inodes: one per 4 KiB of its size, mke2fs's ratio for small
+# filesystems. An inode and its names cost some 100-300 bytes on each replica's state disk, so the
+# metadata of a volume stays a few percent of its size however small its files are.
+BYTES_PER_INODE = 4096
+
 
 @dataclass
 class PoolInfo:
@@ -63,6 +68,12 @@ class VolumeInfo:
     uid: str = ""  # unique per volume ever created: a tombstone names it, never just the name
     clone_done: bool = False  # a clone's coordinator has copied its source snapshot in
     waiting: str = ""  # why no coordinator serves the volume (judged from liveness; not stored)
+    max_inodes: int = 0  # set by --max-inodes; 0: one per BYTES_PER_INODE of the size (inode_limit)
+
+    @property
+    def inode_limit(self) -> int:
+        """How many inodes the volume may hold: creates past it are ENOSPC."""
+        return self.max_inodes or max(1, self.size // BYTES_PER_INODE)
 
     def to_json(self) -> dict[str, Any]:
         repair = self.detail.get("repair", {})
@@ -73,7 +84,8 @@ class VolumeInfo:
                 "lagging": self.detail.get("lagging", []), "repair": repair, "source": self.source,
                 "space": self.detail.get("space", {}), "snapshots": self.detail.get("snapshots", []),
                 "in_sync": list(self.in_sync), "min_replicas": self.min_replicas, "uid": self.uid,
-                "waiting": self.waiting}
+                "waiting": self.waiting, "inodes": self.detail.get("inodes", 0), "max_inodes": self.inode_limit,
+                "meta_bytes": self.detail.get("meta_bytes", 0), "replica_meta": self.detail.get("replica_meta", {})}
 
 
 @dataclass

@@ -54,6 +54,7 @@ struct VolumeInfo {
   uid @16 :Text;             # unique per volume ever created (tombstones name it)
   waiting @17 :Text;         # why no coordinator serves the volume ("" when one does)
   cloneDone @18 :Bool;       # a clone whose coordinator copied its source snapshot in
+  maxInodes @19 :UInt64;     # --max-inodes; 0: one inode per 4 KiB of the size
 }
 
 struct SnapshotInfo {
@@ -110,12 +111,15 @@ interface Session {
 interface Admin {
   clusterInfo @0 () -> (id :Text, name :Text, seed :Text, store :Text);
   listNodes @1 () -> (nodes :List(NodeInfo));
+  # maxInodes 0: the default for the size (one inode per 4 KiB).
   createVolume @2 (name :Text, size :UInt64, repl :UInt8, blockSize :UInt32, labels :List(Label),
-                   minReplicas :UInt8)
+                   minReplicas :UInt8, maxInodes :UInt64)
       -> (volume :VolumeInfo);
   listVolumes @3 () -> (volumes :List(VolumeInfo));
-  getVolume @4 (name :Text) -> (volume :VolumeInfo);
-  resizeVolume @5 (name :Text, size :UInt64) -> (volume :VolumeInfo);
+  # replicas: also ask each replica's node for its copy's metadata on disk (detail.replica_meta).
+  getVolume @4 (name :Text, replicas :Bool) -> (volume :VolumeInfo);
+  # size 0 keeps the size, maxInodes 0 the inode limit; neither may go below what is in use.
+  resizeVolume @5 (name :Text, size :UInt64, maxInodes :UInt64) -> (volume :VolumeInfo);
   deleteVolume @6 (name :Text, force :Bool) -> ();
   # Replication factor of a live volume: replicas are added (placement rules hold) or dropped.
   haUpdate @7 (name :Text, repl :UInt8) -> (volume :VolumeInfo);
@@ -187,9 +191,18 @@ interface VolumeService {
   # Wipe a follower's copy (it diverged, e.g. a deposed coordinator) so the coordinator can resend it all.
   reset @3 (name :Text, epoch :UInt64) -> ();
   # Batches first, first+1, ... in one call: catching up costs one round trip per many batches.
-  applyMany @4 (name :Text, epoch :UInt64, first :UInt64, batches :List(Data)) -> (seq :UInt64);
-  # JSON {generation, replicas: [{spec, seq, epoch, last_hash}]}: the copies on this node's disk.
+  # trimmed: the coordinator's log holds nothing up to it; the follower drops those entries too.
+  # No batches: only the trim point.
+  applyMany @4 (name :Text, epoch :UInt64, first :UInt64, batches :List(Data), trimmed :UInt64)
+      -> (seq :UInt64);
+  # JSON {generation, replicas: [{spec, seq, epoch, last_hash, meta_bytes}]}: the copies on this
+  # node's disk (meta_bytes: the size of the keyspace's files).
   localReplicas @5 () -> (replicas :Text);
+  # A full copy, after a reset, for a follower behind the coordinator's trimmed log: parts of the
+  # keyspace of a snapshot (all of them first) or of the volume (snapshot ""); a part with seq > 0
+  # ends that keyspace, which stands at batch seq, whose log entry is lastBatch.
+  load @6 (name :Text, epoch :UInt64, snapshot :Text, items :List(KeyValue), seq :UInt64, lastBatch :Data)
+      -> ();
 }
 
 # One volume's POSIX metadata, served by its coordinator to a mount. Names are raw bytes.
@@ -216,16 +229,22 @@ interface Volume {
   getxattr @13 (ino :UInt64, name :Data) -> (value :Data);
   listxattr @14 (ino :UInt64) -> (names :List(Data));
   removexattr @15 (ino :UInt64, name :Data, opId :Data) -> ();
-  open @16 (ino :UInt64) -> (attr :Attr, blocks :List(BlockRef));
+  # The block map's first page (up to 16384 entries); more: the rest comes from blocks().
+  open @16 (ino :UInt64) -> (attr :Attr, blocks :List(BlockRef), more :Bool);
   release @17 (ino :UInt64) -> ();
   # held: the replicas that answered "stored" for every chunk of blocks. The coordinator copies what
   # an in-sync replica lacks, or takes it out of the in-sync set, before it acknowledges.
   commit @18 (ino :UInt64, blocks :List(BlockRef), size :UInt64, mtimeNs :Int64, held :List(Text),
               opId :Data) -> (attr :Attr);
-  statfs @19 () -> (capacity :UInt64, used :UInt64, inodes :UInt64, blockSize :UInt32);
+  # used: bytes of file data; metaBytes: of names, xattrs and symlink targets (both count against
+  # capacity); maxInodes: the inode limit, 0 for none.
+  statfs @19 () -> (capacity :UInt64, used :UInt64, inodes :UInt64, blockSize :UInt32,
+                    maxInodes :UInt64, metaBytes :UInt64);
   info @20 () -> (info :VolumeInfo);
   # Every chunk the volume's block maps name (scrub), and where given chunks are used (its report).
-  chunkRefs @21 () -> (hashes :List(Data));
+  # chunkRefs pages them in hash order: those after `after` ("" from the start), at most limit
+  # (and 65536); more: there is a next page.
+  chunkRefs @21 (after :Data, limit :UInt32) -> (hashes :List(Data), more :Bool);
   locate @22 (hashes :List(Data)) -> (places :List(ChunkPlace));
   # The mount is going away: stop counting it as a mount of the volume.
   detach @23 () -> ();
@@ -240,6 +259,9 @@ interface Volume {
   create @29 (parent :UInt64, name :Data, mode :UInt32, uid :UInt32, gid :UInt32, opId :Data) -> (attr :Attr);
   # Closes sent in the background, many at once: close(2) does not wait for the coordinator.
   releaseMany @30 (inos :List(UInt64)) -> ();
+  # A page of the block map: entries from index start on, at most limit (and 16384) of them;
+  # more: there is a next page. A block map of any size is read in bounded messages.
+  blocks @31 (ino :UInt64, start :UInt64, limit :UInt32) -> (blocks :List(BlockRef), more :Bool);
 }
 
 struct ChunkPlace {

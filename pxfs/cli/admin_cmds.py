@@ -150,7 +150,8 @@ async def cmd_pool_list(args: argparse.Namespace) -> int:
 async def cmd_volume_create(args: argparse.Namespace) -> int:
     size = parse_size(args.size, "size")
     block = parse_size(args.block_size, "block size") if args.block_size else 0
-    spec = volumes.VolumeSpec(args.name, size, args.repl, block, _labels(args.label), args.min_replicas)
+    spec = volumes.VolumeSpec(args.name, size, args.repl, block, _labels(args.label), args.min_replicas,
+                              args.max_inodes)
     async with open_cluster(args.cluster) as c:
         vol = await volumes.create_volume(c, spec)
     if args.json:
@@ -186,14 +187,17 @@ async def cmd_volume_list(args: argparse.Namespace) -> int:
 
 async def cmd_volume_inspect(args: argparse.Namespace) -> int:
     async with cluster_admin(args.cluster) as (admin, *_):
-        v = await admin.get_volume(args.name)
+        v = await admin.get_volume(args.name, replicas=True)
         nodes = {n.id: n for n in await admin.list_nodes()}
     if args.json:
         emit_json(v.to_json())
         return 0
     line(f'volume "{v.name}"')
+    meta = v.detail.get("meta_bytes", 0)
     table(None, ["FIELD", "VALUE"], [
         ["size", f"{format_size(v.size)} ({v.size} bytes)"], ["used", f"{format_size(v.used)} ({v.used} bytes)"],
+        ["metadata", f"{format_size(meta)} ({meta} bytes of names, xattrs, symlinks; counted in the size)"],
+        ["inodes", f"{v.detail.get('inodes', 0)} of {v.inode_limit}"],
         ["repl", str(v.repl)], ["block size", format_size(v.block_size)], ["labels", _fmt_labels(v.labels)],
         ["state", v.state], ["epoch", str(v.epoch)], ["mounts", str(v.mounts)],
         ["in sync", ", ".join(v.in_sync) or "none"], ["min replicas", str(v.min_replicas)],
@@ -202,11 +206,14 @@ async def cmd_volume_inspect(args: argparse.Namespace) -> int:
     repair = v.detail.get("repair", {})
     missing = repair.get("missing", {})
     line("")
-    table(None, ["REPLICA", "ADDRESS", "STATE", "ROLE", "METADATA", "CHUNKS MISSING"], [
+    on_disk = v.detail.get("replica_meta") or {}
+    table(None, ["REPLICA", "ADDRESS", "STATE", "ROLE", "METADATA", "ON DISK", "LOG", "CHUNKS MISSING"], [
         [r, nodes[r].address if r in nodes else "?", nodes[r].state if r in nodes else "unknown",
          "coordinator" if r == v.coordinator else "follower",
          "lagging" if r in lagging else ("-" if r not in nodes or nodes[r].state != "up" else
                                          "in sync" if r in v.in_sync else "catching up"),
+         format_size(on_disk[r]["disk_bytes"]) if r in on_disk else "?",
+         str(on_disk[r]['log_entries']) if r in on_disk else "?",
          str(missing.get(r, 0))] for r in v.replicas])
     space = v.detail.get("space") or {}
     if space:
@@ -230,13 +237,15 @@ async def cmd_volume_inspect(args: argparse.Namespace) -> int:
 
 
 async def cmd_volume_resize(args: argparse.Namespace) -> int:
-    size = parse_size(args.size, "size")
+    if not args.size and not args.max_inodes:
+        raise Invalid(f'volume "{args.name}"', "nothing to change: give --size, --max-inodes or both")
+    size = parse_size(args.size, "size") if args.size else 0
     async with open_cluster(args.cluster) as c:
-        vol = await volumes.resize_volume(c, args.name, size)
+        vol = await volumes.resize_volume(c, args.name, size, args.max_inodes)
     if args.json:
         emit_json(vol.to_json())
     else:
-        line(f'volume "{vol.name}" resized to {format_size(vol.size)}')
+        line(f'volume "{vol.name}" resized to {format_size(vol.size)}, {vol.inode_limit} inodes')
     return 0
 
 

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", metavar="KEY=VALUE")
     p.add_argument("--min-replicas", type=int, default=1,
                    help="acknowledge writes only while this many replicas are in sync (default 1)")
+    p.add_argument("--max-inodes", type=int, default=0, metavar="N",
+                   help="files, directories and symlinks it may hold (default: one per 4K of its size)")
     p.set_defaults(run=admin_cmds.cmd_volume_create)
     p = _client(vol.add_parser("promote", help="make a replica coordinator when no in-sync replica returns"))
     p.add_argument("name")
@@ -112,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _client(vol.add_parser("inspect", help="one volume in detail"))
     p.add_argument("name")
     p.set_defaults(run=admin_cmds.cmd_volume_inspect)
-    p = _client(vol.add_parser("resize", help="change a volume's size (its quota)"))
+    p = _client(vol.add_parser("resize", help="change a volume's size (its quota) or inode limit"))
     p.add_argument("name")
-    p.add_argument("--size", required=True)
+    p.add_argument("--size", default="", help="new size (default: unchanged)")
+    p.add_argument("--max-inodes", type=int, default=0, metavar="N", help="new inode limit (default: unchanged)")
     p.set_defaults(run=admin_cmds.cmd_volume_resize)
     p = _client(vol.add_parser("delete", help="delete a volume"))
     p.add_argument("name")

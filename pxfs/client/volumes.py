@@ -23,6 +23,7 @@ class VolumeSpec:
     block_size: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     min_replicas: int = 1
+    max_inodes: int = 0  # 0: the cluster's default (one inode per 4 KiB of size)
 
 
 @dataclass
@@ -54,7 +55,7 @@ async def find_volume(c: ClusterClient, name: str) -> VolumeInfo | None:
 
 async def create_volume(c: ClusterClient, spec: VolumeSpec) -> VolumeInfo:
     return await c.admin.create_volume(spec.name, spec.size, spec.repl, spec.block_size, spec.labels,
-                                       spec.min_replicas)
+                                       spec.min_replicas, spec.max_inodes)
 
 
 def _differences(v: VolumeInfo, spec: VolumeSpec, source: str, size_ok: Callable[[int], bool]) -> list[str]:
@@ -108,8 +109,9 @@ async def delete_volume(c: ClusterClient, name: str, force: bool = False, missin
     return True
 
 
-async def resize_volume(c: ClusterClient, name: str, size: int) -> VolumeInfo:
-    return await c.admin.resize_volume(name, size)
+async def resize_volume(c: ClusterClient, name: str, size: int, max_inodes: int = 0) -> VolumeInfo:
+    """``size`` 0 keeps the size, ``max_inodes`` 0 the inode limit."""
+    return await c.admin.resize_volume(name, size, max_inodes)
 
 
 async def clone_volume(c: ClusterClient, ref: str, name: str) -> VolumeInfo:

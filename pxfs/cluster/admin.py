@@ -18,6 +18,7 @@ from pxfs.paths import is_name
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
 MIN_SIZE = 1 << 20
 MAX_SIZE = 1 << 60
+MAX_INODES = 1 << 48
 DEFAULT_BLOCK = 1 << 20
 MIN_BLOCK, MAX_BLOCK = 4096, 16 << 20
 MOUNT_TTL = 15.0
@@ -187,7 +188,8 @@ class ClusterAdmin:
             lagging = [r for r in detail.get("lagging", []) if r not in missing] if fresh else []
             repair = detail.get("repair", {}) if fresh else {}
             v.detail = {"missing_replicas": missing, "lagging": lagging, "repair": repair,
-                        "space": detail.get("space", {}), "snapshots": detail.get("snapshots", [])}
+                        "space": detail.get("space", {}), "snapshots": detail.get("snapshots", []),
+                        "inodes": detail.get("inodes", 0), "meta_bytes": detail.get("meta_bytes", 0)}
             short = len(v.replicas) < v.repl
             # Until a repair round has checked the replicas, only an empty volume is known complete.
             # A report from before the last failover or replica change: unknown, so not healthy yet.
@@ -227,9 +229,32 @@ class ClusterAdmin:
         spec, _raw = await self._spec(name)
         return (await self._decorate([spec]))[0]
 
+    async def inspect_volume(self, name: str) -> VolumeInfo:
+        """``get_volume`` and, from each replica's node, its copy's metadata on disk: bytes of its
+        files and batches in its log (``replica_meta``; a node that does not answer is left out)."""
+        v = await self.get_volume(name)
+        if self._peers is None:
+            return v
+        found: dict[str, dict[str, int]] = {}
+        for node in v.replicas:
+            try:
+                _gen, copies = records.decode_local_replicas(node, await self._peers.local_replicas(node))
+            except PxfsError:
+                continue
+            for c in copies:
+                if c.spec.name == name and c.spec.uid == v.uid:
+                    found[node] = {"disk_bytes": c.meta_bytes, "log_entries": c.log_entries, "seq": c.seq}
+        v.detail["replica_meta"] = found
+        return v
+
     def _check_size(self, name: str, size: int) -> None:
         if not MIN_SIZE <= size <= MAX_SIZE:
             raise Invalid(f'volume "{name}"', f"size {size} out of range (1M to 1E bytes)")
+
+    @staticmethod
+    def _check_inodes(name: str, max_inodes: int) -> None:
+        if not 0 <= max_inodes <= MAX_INODES:
+            raise Invalid(f'volume "{name}"', f"max inodes {max_inodes} out of range (1 to {MAX_INODES})")
 
     async def _committed(self, skip: str = "") -> dict[str, int]:
         committed: dict[str, int] = {}
@@ -240,10 +265,12 @@ class ClusterAdmin:
         return committed
 
     async def create_volume(self, name: str, size: int, repl: int, block_size: int,
-                            labels: dict[str, str], min_replicas: int = 1) -> VolumeInfo:
+                            labels: dict[str, str], min_replicas: int = 1, max_inodes: int = 0) -> VolumeInfo:
+        """``max_inodes`` 0: the default for the size (``VolumeInfo.inode_limit``)."""
         check_volume_name(name)
         check_labels(labels)
         self._check_size(name, size)
+        self._check_inodes(name, max_inodes)
         if not 1 <= repl <= 3:
             raise Invalid(f'volume "{name}"', f"repl must be 1, 2 or 3 (got {repl})")
         min_replicas = min_replicas or 1
@@ -269,17 +296,27 @@ class ClusterAdmin:
         replicas.insert(0, coordinator)
         vol = VolumeInfo(name=name, size=size, repl=repl, block_size=block_size, labels=labels,
                          replicas=replicas, coordinator=coordinator, epoch=1, created_ns=time.time_ns(),
-                         in_sync=list(replicas), min_replicas=min_replicas, uid=secrets.token_hex(8))
+                         in_sync=list(replicas), min_replicas=min_replicas, uid=secrets.token_hex(8),
+                         max_inodes=max_inodes)
         if not await self._store.cas(_vol_key(name), None, records.encode_volume(vol)):
             raise Exists(f'volume "{name}"', "a volume with this name exists")
         return (await self._decorate([vol], nodes))[0]
 
-    async def resize_volume(self, name: str, size: int) -> VolumeInfo:
+    async def resize_volume(self, name: str, size: int, max_inodes: int = 0) -> VolumeInfo:
+        """New size and, unless 0, inode limit. Neither may go below what is in use (as the
+        coordinator last reported it); growth stays within the thin-provisioning limit."""
         spec, raw = await self._spec(name)
+        size = size or spec.size
         self._check_size(name, size)
+        self._check_inodes(name, max_inodes)
         vol = (await self._decorate([spec]))[0]
-        if size < vol.used:
-            raise Invalid(f'volume "{name}"', f"cannot shrink to {size} bytes below the {vol.used} bytes in use")
+        in_use = vol.used + vol.detail.get("meta_bytes", 0)
+        if size < in_use:
+            raise Invalid(f'volume "{name}"', f"cannot shrink to {size} bytes below the {in_use} bytes in use "
+                          "(data and metadata)")
+        inodes = vol.detail.get("inodes", 0)
+        if max_inodes and max_inodes < inodes:
+            raise Invalid(f'volume "{name}"', f"cannot limit to {max_inodes} inodes: {inodes} are in use")
         if size > spec.size:
             nodes = {n.id: n for n in await self._store.liveness()}
             committed = await self._committed(skip=name)
@@ -289,6 +326,10 @@ class ClusterAdmin:
                     raise Invalid(f'volume "{name}"', f"size {size} exceeds the thin-provisioning limit "
                                   f"({self._overcommit:g}x pool capacity) of replica node {r}")
         spec.size = size
+        spec.max_inodes = max_inodes or spec.max_inodes
+        if not max_inodes and spec.inode_limit < inodes:
+            raise Invalid(f'volume "{name}"', f"{size} bytes give {spec.inode_limit} inodes, {inodes} are in use: "
+                          "give --max-inodes too")
         if not await self._store.cas(_vol_key(name), raw, records.encode_volume(spec)):
             raise Conflict(f'volume "{name}"', "changed concurrently; retry")
         return await self.get_volume(name)
@@ -362,7 +403,7 @@ class ClusterAdmin:
         vol = VolumeInfo(name=name, size=src.size, repl=src.repl, block_size=src.block_size, labels=dict(src.labels),
                          replicas=list(src.replicas), coordinator=src.coordinator, epoch=1,
                          created_ns=time.time_ns(), source=source, in_sync=list(src.replicas),
-                         min_replicas=src.min_replicas, uid=secrets.token_hex(8))
+                         min_replicas=src.min_replicas, uid=secrets.token_hex(8), max_inodes=src.max_inodes)
         if not await self._store.cas(_vol_key(name), None, records.encode_volume(vol)):
             raise Exists(f'volume "{name}"', "a volume with this name exists")
         return (await self._decorate([vol]))[0]

@@ -74,13 +74,24 @@ class Peers:
     async def chunks(self, node_id: str) -> ChunkClient:
         return await (await self.connection(node_id)).chunks()
 
-    async def apply_many(self, node_id: str, volume: str, epoch: int, first: int, batches: list[bytes]) -> int:
+    async def apply_many(self, node_id: str, volume: str, epoch: int, first: int, batches: list[bytes],
+                         trimmed: int = 0) -> int:
         try:
             with trio.fail_after(CALL_TIMEOUT):
-                return await (await self.volumes(node_id)).apply_many(volume, epoch, first, batches)
+                return await (await self.volumes(node_id)).apply_many(volume, epoch, first, batches, trimmed)
         except (Unavailable, trio.TooSlowError):
             await self.forget(node_id)
             raise Unavailable(f"node {node_id}", "did not answer a replication call") from None
+
+    async def load(self, node_id: str, volume: str, epoch: int, snapshot: str, items: list[tuple[bytes, bytes]],
+                   seq: int, last_batch: bytes) -> None:
+        """One part of a full copy (``pxfs.volume.transfer``)."""
+        try:
+            with trio.fail_after(CALL_TIMEOUT):
+                await (await self.volumes(node_id)).load(volume, epoch, snapshot, items, seq, last_batch)
+        except (Unavailable, trio.TooSlowError):
+            await self.forget(node_id)
+            raise Unavailable(f"node {node_id}", "did not answer a full-copy call") from None
 
     async def reset(self, node_id: str, volume: str, epoch: int) -> None:
         try:

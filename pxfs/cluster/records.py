@@ -7,9 +7,11 @@ Key schema (values are JSON objects; records with a ``v`` field are versioned, o
   nodes/<id>                NodeInfo of a registered node (labels, address, pools with usage)
   volumes/<name>            VolumeRecord v2: spec (size, repl, block size, labels), replicas, coordinator,
                             epoch (the fencing token is (coordinator, epoch)), in_sync (replicas known to
-                            hold every acknowledged batch and chunk), min_replicas, uid, source
+                            hold every acknowledged batch and chunk), min_replicas, uid, source,
+                            max_inodes (absent or 0: derived from the size, VolumeInfo.inode_limit)
   tombstones/<name>/<uid>   {"v":1, "ts"} the volume with this uid was deleted: its replicas may go
-  usage/<name>              the coordinator's report: used bytes, inodes, seq, lagging, repair, space
+  usage/<name>              the coordinator's report: used bytes, inodes, meta_bytes, seq, lagging,
+                            repair, space
   mounts/<name>/<id>        {"ts", "node"} of a live mount (renewed by its keepalive)
   removed/<id>              {"ts"} a node taken out with ``pxfs node remove``
   repair/<name>             {"ts"} the newest ``pxfs volume repair`` request
@@ -112,6 +114,7 @@ def decode_volume(key: str, raw: bytes) -> VolumeInfo:
             v.uid = str(d.get("uid", ""))
             v.min_replicas = _int(key, "min_replicas", d.get("min_replicas", 1), 1)
             v.clone_done = bool(d.get("clone_done", False))
+            v.max_inodes = _int(key, "max_inodes", d.get("max_inodes", 0))
     except KeyError as err:
         raise Corrupt(f"control store record {key!r}", f"field {err} missing") from None
     return v
@@ -122,7 +125,8 @@ def encode_volume(v: VolumeInfo) -> bytes:
                        "block_size": v.block_size, "labels": dict(v.labels), "replicas": list(v.replicas),
                        "coordinator": v.coordinator, "epoch": v.epoch, "created_ns": v.created_ns,
                        "source": v.source, "in_sync": [r for r in v.in_sync if r in v.replicas],
-                       "min_replicas": v.min_replicas, "uid": v.uid, "clone_done": v.clone_done},
+                       "min_replicas": v.min_replicas, "uid": v.uid, "clone_done": v.clone_done,
+                       "max_inodes": v.max_inodes},
                       sort_keys=True).encode()
 
 
@@ -317,12 +321,15 @@ class LocalReplica:
     seq: int
     epoch: int
     last_hash: str  # hex
+    meta_bytes: int = 0  # size of the keyspace's files on the node's disk (snapshots not counted)
+    log_entries: int = 0  # batches still in its replication log
 
 
 def encode_local_replicas(generation: int, replicas: list[LocalReplica]) -> str:
     return json.dumps({"v": 1, "generation": generation,
                        "replicas": [{"spec": json.loads(encode_volume(r.spec)), "seq": r.seq, "epoch": r.epoch,
-                                     "last_hash": r.last_hash} for r in replicas]}, sort_keys=True)
+                                     "last_hash": r.last_hash, "meta_bytes": r.meta_bytes,
+                                     "log_entries": r.log_entries} for r in replicas]}, sort_keys=True)
 
 
 def decode_local_replicas(node: str, text: str) -> tuple[int, list[LocalReplica]]:
@@ -339,7 +346,9 @@ def decode_local_replicas(node: str, text: str) -> tuple[int, list[LocalReplica]
             spec = decode_volume(volume_key(str(spec_d.get("name", ""))), json.dumps(spec_d).encode())
             out.append(LocalReplica(node=node, spec=spec, seq=_int(what, "seq", item.get("seq")),
                                     epoch=_int(what, "epoch", item.get("epoch")),
-                                    last_hash=str(item.get("last_hash", ""))))
+                                    last_hash=str(item.get("last_hash", "")),
+                                    meta_bytes=_int(what, "meta_bytes", item.get("meta_bytes", 0)),
+                                    log_entries=_int(what, "log_entries", item.get("log_entries", 0))))
         except Corrupt as err:
             skip_bad(f"{what}: {str(item)[:80]}", err)
     return gen, out
@@ -365,4 +374,4 @@ def rebuild_volume(name: str, copies: list[LocalReplica], deleted: set[str]) -> 
                       replicas=replicas, coordinator=best.node,
                       epoch=max(max(c.epoch for c in mine), s.epoch) + 1, created_ns=s.created_ns,
                       source=s.source, in_sync=in_sync, min_replicas=min(s.min_replicas, len(in_sync)),
-                      uid=s.uid, clone_done=s.clone_done)
+                      uid=s.uid, clone_done=s.clone_done, max_inodes=s.max_inodes)

@@ -294,15 +294,17 @@ class Operations(pyfuse3.Operations):
         info = await self.vfs.statfs()
         bsize = int(info.get("block_size") or self.vfs.block_size)
         capacity = int(info.get("capacity", 0))
-        free = max(0, capacity - int(info.get("used", 0)))
+        # Metadata (names, xattrs, symlink targets) takes its share of the quota, as data does.
+        free = max(0, capacity - int(info.get("used", 0)) - int(info.get("meta_bytes", 0)))
         s = StatvfsData()
         s.f_bsize = bsize
         s.f_frsize = bsize
         s.f_blocks = capacity // bsize
         s.f_bfree = s.f_bavail = free // bsize
-        # Inodes are not a scarce resource (keys in a KV): report a large, constant free count.
-        s.f_ffree = s.f_favail = 1 << 32
-        s.f_files = int(info.get("inodes", 0)) + s.f_ffree
+        inodes, max_inodes = int(info.get("inodes", 0)), int(info.get("max_inodes", 0))
+        # Without an inode limit (a Meta of tests and tools) report a large, constant free count.
+        s.f_ffree = s.f_favail = max(0, max_inodes - inodes) if max_inodes else 1 << 32
+        s.f_files = max_inodes or inodes + s.f_ffree
         s.f_namemax = NAME_MAX
         return s
 

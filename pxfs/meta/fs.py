@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import ParamSpec, TypeVar
 
-from pxfs.errors import FsError, Invalid, NoSpace
-from pxfs.meta import dirs, handles, keys, opids, xattrs
+from pxfs.errors import FsError, Invalid
+from pxfs.meta import dirs, handles, keys, opids, quota, xattrs
 from pxfs.meta.dirs import RENAME_EXCHANGE, RENAME_NOREPLACE
 from pxfs.meta.handles import OpenHandles, PendingPurge
 from pxfs.meta.keys import HASH_LEN, ROOT_INO, Attr
@@ -67,12 +67,15 @@ class Meta:
     """
 
     def __init__(
-        self, kv: KV, capacity: int, block_size: int, clock: Callable[[], int] = time.time_ns
+        self, kv: KV, capacity: int, block_size: int, clock: Callable[[], int] = time.time_ns,
+        max_inodes: int = 0,
     ) -> None:
         if block_size <= 0:
             raise Invalid("meta", f"block size {block_size} must be positive")
         self.kv = kv
-        self.capacity = capacity  # writable: a volume resize changes the quota in place
+        # Both writable: a volume resize changes the quota in place (pxfs.meta.quota).
+        self.capacity = capacity
+        self.max_inodes = max_inodes  # 0: no limit
         self.block_size = block_size
         self.clock = clock
         # Open counts are per coordinator process on purpose (see pxfs.meta.handles): after a
@@ -82,8 +85,12 @@ class Meta:
         # acknowledged by the replicas before it gives it (the batch may be only on this one yet).
         self.replays = 0
 
+    @property
+    def limits(self) -> quota.Limits:
+        return quota.Limits(self.capacity, self.max_inodes)
+
     def _txn(self) -> Txn:
-        return Txn(self.kv, self.clock())
+        return Txn(self.kv, self.clock(), self.limits)
 
     def _is_open(self, ino: int) -> bool:
         return self.handles.is_open(ino)
@@ -96,15 +103,24 @@ class Meta:
 
     # -- inodes ---------------------------------------------------------------------------------
     def init_root(self, uid: int = 0, gid: int = 0, mode: int = 0o755) -> Attr:
-        """Create the root directory of a new volume; an existing root is returned untouched."""
+        """Create the root directory of a new volume; an existing root is returned untouched.
+
+        A keyspace written before metadata counted against the quota gets its ``metaBytes``
+        counted here, once (one scan), so that later frees have something to subtract from.
+        """
         txn = self._txn()
         root = txn.find(ROOT_INO)
         if root is not None:
+            if self.kv.get(keys.counter_key(keys.META_BYTES)) is None:
+                counted = quota.recount(self.kv.scan(keys.INODE_PREFIX))
+                txn.put(keys.counter_key(keys.META_BYTES), keys.encode_u64(counted))
+                txn.commit()
             return root
         now = txn.now
         root = Attr(ROOT_INO, stat.S_IFDIR | (mode & 0o7777), 2, uid, gid, 0, 0, now, now, now, ROOT_INO)
         txn.save(root)
         txn.put(keys.counter_key(keys.NEXT_INODE), keys.encode_u64(ROOT_INO + 1))
+        txn.put(keys.counter_key(keys.META_BYTES), keys.encode_u64(0))
         txn.add_counter(keys.INODES, 1)
         txn.commit()
         return root
@@ -274,6 +290,32 @@ class Meta:
         self._commit(txn, op, a)
         return a
 
+    def cut_ahead(self, ino: int, size: int, limit: int = 0) -> int:
+        """Before a truncate to ``size`` that would drop more than PURGE_BATCH block entries: drop
+        up to ``limit`` of the blocks wholly past ``size``, the size unchanged, as one batch;
+        returns how many (0: few enough are left for the truncate's own batch).
+
+        The coordinator calls it until it returns 0 and then truncates (``setattr``): each batch
+        bounded. Until the size changes a reader sees zeros where the cut is going, and a truncate
+        that fails on the way leaves them (a retry finishes it): only bytes it was told to drop.
+        """
+        limit = limit or keys.PURGE_BATCH
+        txn = self._txn()
+        a = txn.attr(ino)
+        if not stat.S_ISREG(a.mode) or not 0 <= size < a.size:
+            return 0  # nothing to cut, or a truncate setattr refuses with its own errno
+        first = keys.block_key(ino, -(-size // self.block_size))
+        past = list(self.kv.scan(keys.block_prefix(ino), first, keys.PURGE_BATCH + 1))
+        if len(past) <= keys.PURGE_BATCH:
+            return 0
+        freed = 0
+        for key, value in past[:limit]:
+            freed += keys.decode_block(value)[1]
+            txn.delete(key)
+        txn.add_counter(keys.USED_BYTES, -freed)
+        txn.commit()
+        return min(limit, len(past))
+
     def _cut_blocks(self, txn: Txn, ino: int, size: int) -> None:
         """Drop block entries past ``size``; a block cut in the middle keeps its chunk, shorter."""
         bs = self.block_size
@@ -318,6 +360,13 @@ class Meta:
         blocks = {keys.block_idx(k): keys.decode_block(v) for k, v in self.kv.scan(keys.block_prefix(ino))}
         return a, blocks
 
+    def block_page(self, ino: int, start: int, limit: int) -> tuple[Attr, dict[int, tuple[bytes, int]], bool]:
+        """Attrs and up to ``limit`` block map entries from index ``start`` on; True when more follow."""
+        a = self._txn().attr(ino)
+        page = list(self.kv.scan(keys.block_prefix(ino), keys.block_key(ino, max(0, start)), max(1, limit) + 1))
+        more = len(page) > max(1, limit)
+        return a, {keys.block_idx(k): keys.decode_block(v) for k, v in page[: max(1, limit)]}, more
+
     @_once
     def commit_blocks(
         self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int | None = None,
@@ -355,9 +404,8 @@ class Meta:
                 txn.delete(key)
             delta += length
         if delta > 0:
-            used = keys.decode_u64(txn.get(keys.counter_key(keys.USED_BYTES)))
-            if used + delta > self.capacity:
-                raise NoSpace(f"inode {ino}", f"quota: {used} + {delta} bytes > capacity {self.capacity}")
+            quota.check_space(self.limits, txn.counter(keys.USED_BYTES), txn.counter(keys.META_BYTES),
+                              delta, 0, f"inode {ino}")
         if delta:
             txn.add_counter(keys.USED_BYTES, delta)
         a.size = new_size
@@ -401,9 +449,11 @@ class Meta:
 
         return {
             "capacity": self.capacity,
-            "used": counter(keys.USED_BYTES),
+            "used": counter(keys.USED_BYTES),  # file data; metadata is meta_bytes, both count
             "inodes": counter(keys.INODES),
             "block_size": self.block_size,
+            "max_inodes": self.max_inodes,
+            "meta_bytes": counter(keys.META_BYTES),
         }
 
     # -- open files (counts in memory, see pxfs.meta.handles) -----------------------------------
@@ -491,3 +541,39 @@ class Meta:
     def purge_orphans(self) -> int:
         """Free every orphan no handle counted here holds; returns how many."""
         return handles.purge_orphans(self._txn(), self.handles)
+
+    # -- the purge list: block entries of freed inodes, PURGE_BATCH per batch -------------------
+    def purging(self) -> bool:
+        """Block entries of freed inodes wait on the purge list (``purge_step`` deletes them)."""
+        return any(True for _ in self.kv.scan(keys.PURGE_PREFIX, limit=1))
+
+    def purge_step(self, limit: int = 0) -> int:
+        """Delete up to ``limit`` block entries of inodes on the purge list, as one batch; returns
+        the keys it deleted (0: the list is empty). The coordinator calls it until it returns 0,
+        through its call path, so that each batch replicates like any other."""
+        limit = limit or keys.PURGE_BATCH
+        txn = self._txn()
+        done = freed = 0
+        for raw, _ in self.kv.scan(keys.PURGE_PREFIX):
+            key = keys.decode_key(raw)
+            assert isinstance(key, keys.PurgeKey)
+            if txn.find(key.ino) is not None:
+                # A live inode is never purged: a mark beside an attr is damage (fsck reports it).
+                log.warning("inode %d is on the purge list but has an attr: mark dropped, blocks kept", key.ino)
+                txn.delete(raw)
+                done += 1
+                continue
+            entries = list(self.kv.scan(keys.block_prefix(key.ino), limit=limit - done))
+            for bkey, value in entries:
+                freed += keys.decode_block(value)[1]
+                txn.delete(bkey)
+            done += len(entries)
+            if done < limit:
+                txn.delete(raw)  # none left
+                done += 1
+            if done >= limit:
+                break
+        if freed:
+            txn.add_counter(keys.USED_BYTES, -freed)
+        txn.commit()
+        return done

@@ -25,11 +25,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pxfs.errors import Corrupt
-from pxfs.meta import keys
+from pxfs.meta import keys, quota
 from pxfs.meta.keys import ROOT_INO, Attr
 from pxfs.meta.kv import KV, Batch
 
 LOST_FOUND = b"lost+found"
+
+
+def _is_block(raw: bytes) -> bool:
+    try:
+        return isinstance(keys.decode_key(raw), keys.BlockKey)
+    except keys.BadKey:
+        return False
 
 
 @dataclass
@@ -102,10 +109,12 @@ class _Fsck:
         self.blocks: dict[int, list[tuple[int, bytes, int]]] = {}
         self.inode_keys: dict[int, list[bytes]] = {}
         self.orphans: set[int] = set()
+        self.purging: set[int] = set()  # on the purge list: block entries without attr are expected
         self.counters: dict[bytes, int | None] = {}
         self.max_ino = 0  # highest inode number with any key (grows if /lost+found is created)
         self.scanned_max = 0
         self.used_before = 0
+        self.meta_before = 0  # metadata bytes as found (pxfs.meta.quota)
         # The tree after repair: who names each inode, and what the repairs change on the way.
         self.refs: dict[int, list[_Entry]] = {}
         self.implied: dict[int, int] = {}  # nlink change a repair causes (not a problem of its own)
@@ -175,6 +184,8 @@ class _Fsck:
                     self.counters[key.name] = None
             elif isinstance(key, keys.OrphanKey):
                 self.orphans.add(key.ino)  # a mark alone claims no inode number
+            elif isinstance(key, keys.PurgeKey):
+                self.purging.add(key.ino)
             elif isinstance(key, keys.OpKey):
                 self._scan_op_record(raw, value)
             # A SnapshotKey names a checkpoint of the replicas, nothing in this tree to check.
@@ -206,6 +217,7 @@ class _Fsck:
         ino = key.ino
         self.max_ino = max(self.max_ino, ino)
         self.inode_keys.setdefault(ino, []).append(raw)
+        self.meta_before += quota.record_bytes(raw, value)
         if isinstance(key, keys.AttrKey):
             try:
                 self.attrs[ino] = keys.decode_attr(ino, value)
@@ -237,9 +249,15 @@ class _Fsck:
 
         A missing root is left alone: its entries still hold the tree, nothing is repaired anyway.
         """
+        for ino in sorted(self.purging & set(self.attrs)):
+            # purge_step would drop the mark and keep the blocks; fsck says so and does the same.
+            if self.problem("purge-live", ino, "on the purge list but has an attr"):
+                self.ops[keys.purge_key(ino)] = None
         for ino, inode_keys in self.inode_keys.items():
             if ino in self.attrs or ino in self.bad_attrs or ino == ROOT_INO:
                 continue
+            if ino in self.purging and all(_is_block(raw) for raw in inode_keys):
+                continue  # block entries the purge steps have yet to delete
             if self.problem("stray-key", ino, f"{len(inode_keys)} keys of an inode without attr"):
                 for key in inode_keys:
                     self.ops[key] = None
@@ -414,9 +432,11 @@ class _Fsck:
     def _check_counters(self) -> None:
         """Counters are judged against the keyspace as found; the repair writes the repaired totals."""
         inodes = self.report.inodes
+        meta_after = self.meta_before + quota.meta_delta(self.ops, self.kv.get)[0]
         checks = [
             (keys.USED_BYTES, "counter-used", self.used_before, self.used_before - self.used_removed),
             (keys.INODES, "counter-inodes", inodes, inodes + self.inodes_delta),
+            (keys.META_BYTES, "counter-meta", self.meta_before, meta_after),
         ]
         for name, kind, found, after in checks:
             stored = self.counters.get(name, 0)

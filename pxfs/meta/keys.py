@@ -10,8 +10,13 @@ inode starts with ``A<ino>``, so purging an inode is one prefix scan.
                                 followed by zeros up to the block end; a missing entry is a hole
     A<ino>S            symlink: target bytes
     A<ino>X<name>      xattr:   value bytes
-    C<name>            counter: value:8 (nextInode, usedBytes, inodes)
+    C<name>            counter: value:8 (nextInode, usedBytes, inodes, metaBytes: bytes of entry
+                                names, xattr names and values and symlink targets, the metadata
+                                charged against the quota; see pxfs.meta.quota)
     O<ino>             orphan:  empty; nlink is 0 but the file is still open
+    G<ino>             purge:   empty; the inode is gone (no attr, no names, no xattrs) but its
+                                block entries are too many for one batch: they are deleted
+                                PURGE_BATCH at a time in later batches (Meta.purge_step)
     N<name>            snapshot: JSON {"created_ns"}; every replica takes a checkpoint of the
                                 keyspace when it commits the batch that creates this key
     P<mount:8><slot:2> op record: op id:16 + kind:1 (0: no result, 1: an Attr) [+ ino:8 + attr]
@@ -41,6 +46,7 @@ HASH_LEN = 32
 NEXT_INODE = b"nextInode"
 USED_BYTES = b"usedBytes"
 INODES = b"inodes"
+META_BYTES = b"metaBytes"
 
 _U64 = struct.Struct(">Q")
 _ATTR_VERSION = 1
@@ -113,6 +119,12 @@ def counter_key(name: bytes) -> bytes:
 
 
 ORPHAN_PREFIX = b"O"
+PURGE_PREFIX = b"G"
+PURGE_BATCH = 4096  # block entries one batch deletes: ~100 KB of batch, ~10 ms of the loop
+
+
+def purge_key(ino: int) -> bytes:
+    return PURGE_PREFIX + _U64.pack(ino)
 
 
 SNAPSHOT_PREFIX = b"N"
@@ -298,6 +310,11 @@ class OrphanKey:
 
 
 @dataclass(frozen=True)
+class PurgeKey:
+    ino: int
+
+
+@dataclass(frozen=True)
 class SnapshotKey:
     name: str
 
@@ -308,7 +325,8 @@ class OpKey:
     slot: int
 
 
-Key = AttrKey | DentryKey | BlockKey | SymlinkKey | XattrKey | CounterKey | OrphanKey | SnapshotKey | OpKey
+Key = (AttrKey | DentryKey | BlockKey | SymlinkKey | XattrKey | CounterKey | OrphanKey | PurgeKey | SnapshotKey
+       | OpKey)
 
 
 class BadKey(Corrupt):
@@ -346,6 +364,8 @@ def decode_key(raw: bytes) -> Key:
         return CounterKey(raw[1:])
     if head == ORPHAN_PREFIX and len(raw) == 1 + 8:
         return OrphanKey(orphan_ino(raw))
+    if head == PURGE_PREFIX and len(raw) == 1 + 8:
+        return PurgeKey(_U64.unpack_from(raw, 1)[0])
     if head == SNAPSHOT_PREFIX and len(raw) > 1:
         try:
             return SnapshotKey(raw[1:].decode())

@@ -11,12 +11,18 @@ never disagree with the data after a crash. Followers feed the coordinator's ent
 
 The counter and the log live under ``RESERVED`` (keys starting with ``0xff``), a prefix the
 metadata schema in ``pxfs.meta.keys`` never uses; batches may not touch it and scans hide it.
+
+The log is trimmed (``trim_to``) once every replica that needs its entries holds them; a follower
+that fell behind the trimmed point gets a full copy instead (``load`` then ``finish_load``: the
+keyspace as of one sequence number, written raw, marked as partial until it is complete).
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 import struct
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
@@ -27,6 +33,7 @@ from pxfs.errors import Conflict, Corrupt, Invalid
 RESERVED = b"\xff"
 SEQ_KEY = RESERVED + b"seq"  # last applied sequence number
 TRIM_KEY = RESERVED + b"trim"  # highest sequence number dropped from the log
+LOAD_KEY = RESERVED + b"load"  # present while a full copy is being loaded: the keyspace is partial
 LOG_PREFIX = RESERVED + b"L"  # + seq:8 big-endian -> encoded batch
 
 _U64 = struct.Struct(">Q")
@@ -123,6 +130,11 @@ class KV(ABC):
         self._seq = _U64.unpack(raw)[0] if raw else 0
         raw = self._raw_get(TRIM_KEY)
         self._trimmed = _U64.unpack(raw)[0] if raw else 0
+        # Since the last compaction (RocksKV.compact): bytes of batches written and trimmed, and
+        # delete ops, what makes the files on disk larger than the live data.
+        self.churn_bytes = 0
+        self.churn_deletes = 0
+        self._loading = self._raw_get(LOAD_KEY) is not None
 
     # -- engine primitives -------------------------------------------------------------------
     @abstractmethod
@@ -144,6 +156,16 @@ class KV(ABC):
     def seq(self) -> int:
         """Sequence number of the last applied batch, 0 for an empty store."""
         return self._seq
+
+    @property
+    def trimmed(self) -> int:
+        """Highest sequence number no longer in the log (0: the log is whole)."""
+        return self._trimmed
+
+    @property
+    def loading(self) -> bool:
+        """A full copy was begun here and not finished: the keyspace is partial, good for nothing."""
+        return self._loading
 
     def get(self, key: bytes) -> bytes | None:
         return self._raw_get(key)
@@ -177,6 +199,8 @@ class KV(ABC):
 
     def apply(self, seq: int, batch_bytes: bytes) -> None:
         """Follower side: apply the coordinator's batch ``seq``, which must follow ours exactly."""
+        if self._loading:
+            raise Conflict("kv", f"batch {seq} refused: a full copy is half loaded here (reset it first)")
         if seq != self._seq + 1:
             raise Conflict("kv", f"batch {seq} does not follow applied seq {self._seq}")
         batch = Batch.decode(batch_bytes)
@@ -204,18 +228,66 @@ class KV(ABC):
         """Drop all but the last ``keep`` log entries (bounded log; older followers need a copy)."""
         if keep < 0:
             raise Invalid("kv", f"cannot keep {keep} log entries")
-        upto = self._seq - keep
+        self.trim_to(self._seq - keep)
+
+    def trim_to(self, upto: int) -> int:
+        """Drop the log entries up to ``upto`` (never the newest: a follower's last entry is how a
+        coordinator tells whether their histories agree); returns the bytes dropped."""
+        upto = min(upto, self._seq - 1)
         if upto <= self._trimmed:
-            return
-        last = _log_key(upto)
+            return 0
         ops: list[Op] = []
-        for key, _ in self.scan(LOG_PREFIX):
-            if key > last:
+        dropped = 0
+        for key, value in self.scan(LOG_PREFIX, _log_key(self._trimmed + 1)):
+            if key > _log_key(upto):
                 break
             ops.append((key, None))
+            dropped += len(value)
         ops.append((TRIM_KEY, _U64.pack(upto)))
+        # Not synced: losing a trim in a crash only keeps entries a little longer.
         self._raw_write(ops, durable=False)
         self._trimmed = upto
+        self.churn_bytes += dropped
+        self.churn_deletes += len(ops) - 1
+        return dropped
+
+    def log_floor(self, entries: int, nbytes: int) -> int:
+        """The highest ``upto`` for ``trim_to`` that keeps the newest entries, up to ``entries`` of
+        them and ``nbytes`` of batches: what a follower briefly out of sync may still be sent."""
+        sizes = [(_U64.unpack(k[len(LOG_PREFIX) :])[0], len(v))
+                 for k, v in self.scan(LOG_PREFIX, _log_key(max(self._trimmed, self._seq - entries) + 1))]
+        kept = 0
+        for seq, size in reversed(sizes):
+            kept += size
+            if kept > nbytes:
+                return seq
+        return max(self._trimmed, self._seq - entries)
+
+    # -- full copies ------------------------------------------------------------------------------
+    def load(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Write part of a full copy into an empty keyspace (or one a copy was begun in): raw puts,
+        no sequence number, no log; the keyspace is marked partial until ``finish_load``."""
+        if self._seq:
+            raise Conflict("kv", f"a full copy goes into an empty keyspace, this one is at seq {self._seq}")
+        batch = Batch()
+        for key, value in items:
+            batch.put(key, value)
+        self._check(batch)
+        self._raw_write([*batch.ops, (LOAD_KEY, b"")], durable=False)
+        self._loading = True
+        self.churn_bytes += sum(len(k) + len(v) for k, v in items)
+
+    def finish_load(self, seq: int, last_batch: bytes) -> None:
+        """The copy is complete as of batch ``seq``, whose encoded form is ``last_batch``: the log
+        holds that one entry (for the next coordinator's comparison of histories) and nothing older."""
+        if self._seq or not self.loading:
+            raise Conflict("kv", f"no full copy is being loaded here (seq {self._seq})")
+        if seq < 1:
+            raise Invalid("kv", f"a full copy ends at a batch, not at seq {seq}")
+        ops: list[Op] = [(_log_key(seq), last_batch), (SEQ_KEY, _U64.pack(seq)), (TRIM_KEY, _U64.pack(seq - 1)),
+                         (LOAD_KEY, None)]
+        self._raw_write(ops, durable=True)  # synced: covers the unsynced parts written before it
+        self._seq, self._trimmed, self._loading = seq, seq - 1, False
 
     def _check(self, batch: Batch) -> None:
         for key, _ in batch.ops:
@@ -228,6 +300,8 @@ class KV(ABC):
         ops = [*batch.ops, (SEQ_KEY, _U64.pack(seq)), (_log_key(seq), encoded)]
         self._raw_write(ops, durable=True)
         self._seq = seq
+        self.churn_bytes += len(encoded)
+        self.churn_deletes += sum(1 for _, v in batch.ops if v is None)
         if self.after_commit is not None:
             self.after_commit(seq, batch)
 
@@ -279,6 +353,10 @@ class RocksKV(KV):
         self._sync.sync = True
         self._nosync = WriteOptions()
         self._closed = False
+        self.path = path
+        # compact() runs in a worker thread; rocksdict refuses a close() during it ("Already
+        # borrowed"), so close waits for it under this lock.
+        self._compacting = threading.Lock()
         super().__init__()
 
     def _raw_get(self, key: bytes) -> bytes | None:
@@ -307,8 +385,34 @@ class RocksKV(KV):
         """A consistent copy of the store as of now, in ``path`` (hard links: cost ~ metadata, not data)."""
         Checkpoint(self._db).create_checkpoint(path)
 
+    def compact(self) -> None:
+        """Flush the memtable and compact everything: deleted and trimmed records leave the files
+        (and the write-ahead log) only so. Blocking, safe in a worker thread while the owner reads
+        and writes; resets the churn counters."""
+        with self._compacting:
+            if self._closed:
+                return
+            self.churn_bytes = self.churn_deletes = 0
+            self._db.flush()
+            self._db.compact_range(None, None)
+
+    def estimate_keys(self) -> int:
+        return int(self._db.property_int_value("rocksdb.estimate-num-keys") or 0)
+
+    def disk_bytes(self) -> int:
+        """Bytes of the files of the database (not of its snapshots: they are elsewhere)."""
+        total = 0
+        try:
+            for entry in os.scandir(self.path):
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:
+            return 0  # moved aside or dropped since it was opened
+        return total
+
     def close(self) -> None:
         """Close the database; closing twice is harmless (shutdown paths may overlap)."""
-        if not self._closed:
-            self._closed = True
-            self._db.close()
+        with self._compacting:
+            if not self._closed:
+                self._closed = True
+                self._db.close()

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator
 
 from pxfs.errors import Exists, Invalid, NotFound
-from pxfs.meta import keys
+from pxfs.meta import keys, quota
 from pxfs.meta.kv import KV, Batch
 from pxfs.paths import is_name
 
@@ -82,9 +82,19 @@ def _data_keys(kv: KV) -> Iterator[tuple[bytes, bytes]]:
 
 
 def restore(kv: KV, snapshot: KV) -> int:
-    """Make ``kv`` hold what ``snapshot`` holds (snapshot records kept) in ONE batch; returns ops."""
+    """Make ``kv`` hold what ``snapshot`` holds (snapshot records kept) in ONE batch; returns ops.
+
+    Two counters are not the snapshot's: ``nextInode`` never goes back (an inode number handed out
+    since may still be cached by a mount, or held open: reusing it would show that file another's
+    contents), and a snapshot from before metadata counted against the quota gets it counted.
+    """
     b = Batch()
     want = dict(_data_keys(snapshot))
+    nxt = keys.counter_key(keys.NEXT_INODE)
+    want[nxt] = keys.encode_u64(max(keys.decode_u64(want.get(nxt)), keys.decode_u64(kv.get(nxt))))
+    meta = keys.counter_key(keys.META_BYTES)
+    if meta not in want:
+        want[meta] = keys.encode_u64(quota.recount(snapshot.scan(keys.INODE_PREFIX)))
     for key, value in _data_keys(kv):
         if key not in want:
             b.delete(key)

@@ -11,7 +11,7 @@ import errno
 import stat
 
 from pxfs.errors import FsError
-from pxfs.meta import keys
+from pxfs.meta import keys, quota
 from pxfs.meta.keys import Attr
 from pxfs.meta.kv import KV, Batch
 from pxfs.meta.names import check_length
@@ -20,9 +20,10 @@ from pxfs.meta.names import check_length
 class Txn:
     """Pending writes over a KV plus a cache of the attrs read or changed so far."""
 
-    def __init__(self, kv: KV, now: int) -> None:
+    def __init__(self, kv: KV, now: int, limits: quota.Limits | None = None) -> None:
         self.kv = kv
         self.now = now
+        self.limits = limits  # None: no quota (fsck, tools)
         self._pending: dict[bytes, bytes | None] = {}
         self._attrs: dict[int, Attr | None] = {}
         self._dirty: set[int] = set()
@@ -77,28 +78,46 @@ class Txn:
         self.save(a)
 
     def new_inode(self, mode: int, uid: int, gid: int, rdev: int = 0, parent: int = 0) -> Attr:
+        inodes = self.add_counter(keys.INODES, 1)
+        if self.limits is not None:
+            quota.check_inodes(self.limits, inodes, "new inode")
         ino = self.add_counter(keys.NEXT_INODE, 1) - 1
-        self.add_counter(keys.INODES, 1)
         a = Attr(ino, mode, 1, uid, gid, rdev, 0, self.now, self.now, self.now, parent)
         self.save(a)
         return a
 
     def purge(self, a: Attr) -> None:
-        """Delete every key of the inode, its orphan mark, and its share of the counters."""
+        """Delete every key of the inode, its orphan mark, and its share of the counters.
+
+        An inode with more than PURGE_BATCH block entries loses everything but them here, and goes
+        on the purge list: its block entries go in later batches (``Meta.purge_step``), so that no
+        batch (and no stall of the coordinator's loop) grows with the size of a file.
+        """
         prefix = keys.inode_prefix(a.ino)
+        blocks = keys.block_prefix(a.ino)
+        if sum(1 for _ in self.kv.scan(blocks, limit=keys.PURGE_BATCH + 1)) > keys.PURGE_BATCH:
+            for key, _ in self.kv.scan(prefix, start=prefix + b"D"):  # past the C range: not the blocks
+                self.delete(key)
+            self.put(keys.purge_key(a.ino), b"")
+            self._forget(a)
+            return
         used = 0
         for key, value in self.kv.scan(prefix):
-            if key.startswith(keys.block_prefix(a.ino)):
+            if key.startswith(blocks):
                 used += keys.decode_block(value)[1]
             self.delete(key)
+        self._forget(a)
+        if used:
+            self.add_counter(keys.USED_BYTES, -used)
+
+    def _forget(self, a: Attr) -> None:
+        prefix = keys.inode_prefix(a.ino)
         for key in [k for k in self._pending if k.startswith(prefix)]:
             self.delete(key)
         self.delete(keys.orphan_key(a.ino))
         self._attrs[a.ino] = None
         self._dirty.discard(a.ino)
         self.add_counter(keys.INODES, -1)
-        if used:
-            self.add_counter(keys.USED_BYTES, -used)
 
     def drop_link(self, a: Attr, is_open: bool) -> None:
         """One name of ``a`` is gone: free it at its last link, or orphan it while still open."""
@@ -141,14 +160,28 @@ class Txn:
         return all(self._pending.get(k, b"") is None for k, _ in self.kv.scan(prefix))
 
     # -- commit ---------------------------------------------------------------------------------
+    def counter(self, name: bytes) -> int:
+        return keys.decode_u64(self.get(keys.counter_key(name)))
+
     def commit(self) -> int:
-        """Write everything as one batch; returns the KV sequence number (unchanged if no-op)."""
+        """Write everything as one batch; returns the KV sequence number (unchanged if no-op).
+
+        The metadata bytes the batch adds or frees go to their counter here, once for every kind
+        of mutation; growth past the quota is NoSpace with nothing written.
+        """
         for ino in self._dirty:
             a = self._attrs[ino]
             assert a is not None
             self.put(keys.attr_key(ino), keys.encode_attr(a))
         if not self._pending:
             return self.kv.seq
+        grown, what = quota.meta_delta(self._pending, self.kv.get)
+        if grown:
+            meta = self.counter(keys.META_BYTES)
+            if self.limits is not None:
+                quota.check_space(self.limits, self.counter(keys.USED_BYTES), meta, 0, grown, what)
+            # max(): a keyspace from before the counter; Meta.init_root counts it, this is only a guard.
+            self.put(keys.counter_key(keys.META_BYTES), keys.encode_u64(max(0, meta + grown)))
         batch = Batch()
         for key, value in self._pending.items():
             if value is None:

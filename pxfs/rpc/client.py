@@ -92,11 +92,11 @@ class AdminClient(_Caller):
         return await self.call(go)
 
     async def create_volume(self, name: str, size: int, repl: int, block_size: int,
-                            labels: dict[str, str], min_replicas: int = 1) -> VolumeInfo:
+                            labels: dict[str, str], min_replicas: int = 1, max_inodes: int = 0) -> VolumeInfo:
         async def go() -> VolumeInfo:
             req = self.cap.createVolume_request()
             req.name, req.size, req.repl, req.blockSize = name, size, repl, block_size
-            req.minReplicas = min_replicas
+            req.minReplicas, req.maxInodes = min_replicas, max_inodes
             convert.labels_to(req.init("labels", len(labels)), labels)
             return convert.volume_from((await req.send()).volume)
         return await self.call(go)
@@ -106,14 +106,16 @@ class AdminClient(_Caller):
             return [convert.volume_from(v) for v in (await self.cap.listVolumes()).volumes]
         return await self.call(go)
 
-    async def get_volume(self, name: str) -> VolumeInfo:
+    async def get_volume(self, name: str, replicas: bool = False) -> VolumeInfo:
+        """``replicas``: with each replica's metadata on disk (``detail["replica_meta"]``)."""
         async def go() -> VolumeInfo:
-            return convert.volume_from((await self.cap.getVolume(name)).volume)
+            return convert.volume_from((await self.cap.getVolume(name, replicas)).volume)
         return await self.call(go)
 
-    async def resize_volume(self, name: str, size: int) -> VolumeInfo:
+    async def resize_volume(self, name: str, size: int, max_inodes: int = 0) -> VolumeInfo:
+        """``size`` 0 keeps the size, ``max_inodes`` 0 the inode limit."""
         async def go() -> VolumeInfo:
-            return convert.volume_from((await self.cap.resizeVolume(name, size)).volume)
+            return convert.volume_from((await self.cap.resizeVolume(name, size, max_inodes)).volume)
         return await self.call(go)
 
     async def delete_volume(self, name: str, force: bool) -> None:

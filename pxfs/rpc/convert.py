@@ -46,6 +46,7 @@ def volume_to(b: Any, v: VolumeInfo) -> None:
     b.state, b.coordinator, b.epoch, b.createdNs, b.mounts = v.state, v.coordinator, v.epoch, v.created_ns, v.mounts
     b.detail = json.dumps(v.detail)
     b.source, b.minReplicas, b.uid, b.waiting, b.cloneDone = v.source, v.min_replicas, v.uid, v.waiting, v.clone_done
+    b.maxInodes = v.max_inodes
     ins = b.init("inSync", len(v.in_sync))
     for i, r in enumerate(v.in_sync):
         ins[i] = r
@@ -60,7 +61,8 @@ def volume_from(r: Any) -> VolumeInfo:
                       labels=labels_from(r.labels), state=r.state, replicas=list(r.replicas),
                       coordinator=r.coordinator, epoch=r.epoch, created_ns=r.createdNs, mounts=r.mounts,
                       detail=json.loads(r.detail) if r.detail else {}, source=r.source, in_sync=list(r.inSync),
-                      min_replicas=r.minReplicas or 1, uid=r.uid, waiting=r.waiting, clone_done=r.cloneDone)
+                      min_replicas=r.minReplicas or 1, uid=r.uid, waiting=r.waiting, clone_done=r.cloneDone,
+                      max_inodes=r.maxInodes)
 
 
 def attr_to(b: Any, a: Any) -> None:

@@ -62,10 +62,10 @@ class AdminServer(pxfs_capnp.Admin.Server):
 
     @served
     async def createVolume(self, name: str, size: int, repl: int, blockSize: int, labels: Any,  # noqa: N802,N803
-                           minReplicas: int, _context: Any, **_: Any) -> None:
+                           minReplicas: int, maxInodes: int, _context: Any, **_: Any) -> None:  # noqa: N803
         self._admin("create volume")
         vol = await self._b.to_trio(self._a.create_volume, name, size, repl, blockSize,
-                                    convert.labels_from(labels), minReplicas)
+                                    convert.labels_from(labels), minReplicas, maxInodes)
         convert.volume_to(_context.results.init("volume"), vol)
 
     @served
@@ -76,14 +76,16 @@ class AdminServer(pxfs_capnp.Admin.Server):
             convert.volume_to(out[i], v)
 
     @served
-    async def getVolume(self, name: str, _context: Any, **_: Any) -> None:  # noqa: N802
+    async def getVolume(self, name: str, replicas: bool, _context: Any, **_: Any) -> None:  # noqa: N802
         require_volume(self._who, name, f'volume "{name}"')
-        convert.volume_to(_context.results.init("volume"), await self._b.to_trio(self._a.get_volume, name))
+        get = self._a.inspect_volume if replicas else self._a.get_volume
+        convert.volume_to(_context.results.init("volume"), await self._b.to_trio(get, name))
 
     @served
-    async def resizeVolume(self, name: str, size: int, _context: Any, **_: Any) -> None:  # noqa: N802
+    async def resizeVolume(self, name: str, size: int, maxInodes: int,  # noqa: N802,N803
+                           _context: Any, **_: Any) -> None:
         self._admin("resize volume")
-        vol = await self._b.to_trio(self._a.resize_volume, name, size)
+        vol = await self._b.to_trio(self._a.resize_volume, name, size, maxInodes)
         convert.volume_to(_context.results.init("volume"), vol)
 
     @served

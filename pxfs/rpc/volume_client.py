@@ -55,10 +55,21 @@ class VolumeServiceClient(_Caller):
             return (await self.cap.apply(name, epoch, seq, batch)).seq
         return await self.call(go)
 
-    async def apply_many(self, name: str, epoch: int, first: int, batches: list[bytes]) -> int:
+    async def apply_many(self, name: str, epoch: int, first: int, batches: list[bytes], trimmed: int = 0) -> int:
         async def go() -> int:
-            return (await self.cap.applyMany(name, epoch, first, batches)).seq
+            return (await self.cap.applyMany(name, epoch, first, batches, trimmed)).seq
         return await self.call(go)
+
+    async def load(self, name: str, epoch: int, snapshot: str, items: list[tuple[bytes, bytes]], seq: int,
+                   last_batch: bytes) -> None:
+        async def go() -> None:
+            req = self.cap.load_request()
+            req.name, req.epoch, req.snapshot, req.seq, req.lastBatch = name, epoch, snapshot, seq, last_batch
+            out = req.init("items", len(items))
+            for i, (key, value) in enumerate(items):
+                out[i].key, out[i].value = key, value
+            await req.send()
+        await self.call(go)
 
     async def last_seq(self, name: str) -> tuple[int, int, bytes]:
         async def go() -> tuple[int, int, bytes]:
@@ -169,9 +180,22 @@ class VolumeClient(_Caller):
         await self._void("removexattr", ino, name, op_id)
 
     async def open(self, ino: int) -> tuple[Attr, dict[int, tuple[bytes, int]]]:
-        async def go() -> tuple[Attr, dict[int, tuple[bytes, int]]]:
+        """Count a handle and read the whole block map, page by page (each page its own call: the
+        later ones are reads, safe to retry at another coordinator)."""
+        async def go() -> tuple[Attr, dict[int, tuple[bytes, int]], bool]:
             r = await self.cap.open(ino)
-            return convert.attr_from(r.attr), {b.index: (bytes(b.hash), b.length) for b in r.blocks}
+            return convert.attr_from(r.attr), {b.index: (bytes(b.hash), b.length) for b in r.blocks}, r.more
+        attr, blocks, more = await self.call(go)
+        while more:
+            page, more = await self.block_page(ino, max(blocks) + 1, 0)
+            blocks.update(page)
+        return attr, blocks
+
+    async def block_page(self, ino: int, start: int, limit: int) -> tuple[dict[int, tuple[bytes, int]], bool]:
+        """Block map entries from index ``start`` on (``limit`` 0: the server's page size); True: more."""
+        async def go() -> tuple[dict[int, tuple[bytes, int]], bool]:
+            r = await self.cap.blocks(ino, start, limit)
+            return {b.index: (bytes(b.hash), b.length) for b in r.blocks}, r.more
         return await self.call(go)
 
     async def release(self, ino: int) -> None:
@@ -200,7 +224,8 @@ class VolumeClient(_Caller):
     async def statfs(self) -> dict[str, Any]:
         async def go() -> dict[str, Any]:
             r = await self.cap.statfs()
-            return {"capacity": r.capacity, "used": r.used, "inodes": r.inodes, "block_size": r.blockSize}
+            return {"capacity": r.capacity, "used": r.used, "inodes": r.inodes, "block_size": r.blockSize,
+                    "max_inodes": r.maxInodes, "meta_bytes": r.metaBytes}
         return await self.call(go)
 
     async def fsck(self, repair: bool) -> dict[str, Any]:
@@ -225,10 +250,19 @@ class VolumeClient(_Caller):
     async def detach(self) -> None:
         await self._void("detach")
 
-    async def chunk_refs(self) -> list[bytes]:
-        async def go() -> list[bytes]:
-            return [bytes(h) for h in (await self.cap.chunkRefs()).hashes]
-        return await self.call(go)
+    async def chunk_refs(self, page: int = 0) -> list[bytes]:
+        """Every chunk the volume and its snapshots name, read ``page`` at a time (0: the server's)."""
+        out: list[bytes] = []
+        more = True
+        while more:
+            after = out[-1] if out else b""
+
+            async def go(after: bytes = after) -> tuple[list[bytes], bool]:
+                r = await self.cap.chunkRefs(after, page)
+                return [bytes(h) for h in r.hashes], r.more
+            hashes, more = await self.call(go)
+            out.extend(hashes)
+        return out
 
     async def locate(self, hashes: list[bytes]) -> list[tuple[bytes, bytes, int, int]]:
         async def go() -> list[tuple[bytes, bytes, int, int]]:

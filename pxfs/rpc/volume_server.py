@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 from typing import Any
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 64 << 20
 MAX_RELEASES = 65536
 MAX_BATCHES = 4096
+REFS_PAGE = 65536  # chunk hashes per message: ~2.5 MB
+BLOCK_PAGE = 16384  # block map entries per message: ~1 MB, whatever the size of the file
+MAX_LOAD_ITEMS = 1 << 17  # keys in one part of a full copy (the coordinator sends 20000)
 WATCHER_TIMEOUT = 5.0
 MAX_DATA = 1 << 20  # xattr values, symlink targets and names are far smaller; refuse absurd payloads
 MAX_HANDLES = 1 << 20  # open handles a mount re-registers at once: more than a process may hold
@@ -31,6 +35,11 @@ def _data(value: Any, what: str, limit: int = MAX_DATA) -> bytes:
     if len(b) > limit:
         raise Invalid(what, f"{len(b)} bytes is too large")
     return b
+
+
+def _block_refs(out: Any, blocks: dict[int, tuple[bytes, int]]) -> None:
+    for i, (idx, (h, length)) in enumerate(sorted(blocks.items())):
+        out[i].index, out[i].hash, out[i].length = idx, h, length
 
 
 class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
@@ -75,15 +84,28 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
                                                       self._peer)
 
     @served
-    async def applyMany(self, name: str, epoch: int, first: int, batches: Any, _context: Any,  # noqa: N802
-                        **_: Any) -> None:
+    async def applyMany(self, name: str, epoch: int, first: int, batches: Any, trimmed: int,  # noqa: N802
+                        _context: Any, **_: Any) -> None:
         self._node("replication")
         if len(batches) > MAX_BATCHES:
             raise Invalid("applyMany", f"{len(batches)} batches at once is more than {MAX_BATCHES}")
         todo = [bytes(b) for b in batches]
         if sum(map(len, todo)) > MAX_BATCH:
             raise Invalid("applyMany", f"batches of more than {MAX_BATCH} bytes in one call")
-        _context.results.seq = await self._b.to_trio(self._h.apply_many, name, epoch, first, todo, self._peer)
+        _context.results.seq = await self._b.to_trio(self._h.apply_many, name, epoch, first, todo, self._peer,
+                                                      trimmed)
+
+    @served
+    async def load(self, name: str, epoch: int, snapshot: str, items: Any, seq: int, lastBatch: Any,  # noqa: N803
+                   _context: Any, **_: Any) -> None:
+        self._node("replication")
+        if len(items) > MAX_LOAD_ITEMS:
+            raise Invalid("load", f"{len(items)} keys in one part is more than {MAX_LOAD_ITEMS}")
+        pairs = [(bytes(kv.key), bytes(kv.value)) for kv in items]
+        if sum(len(k) + len(v) for k, v in pairs) > MAX_BATCH:
+            raise Invalid("load", f"a part of more than {MAX_BATCH} bytes")
+        await self._b.to_trio(self._h.load, name, epoch, snapshot, pairs, seq,
+                              _data(lastBatch, "last batch", MAX_BATCH), self._peer)
 
     @served
     async def lastSeq(self, name: str, _context: Any, **_: Any) -> None:  # noqa: N802
@@ -111,6 +133,7 @@ class VolumeServer(pxfs_capnp.Volume.Server):
         self._who = who  # a mount may change files; snapshots, restore and fsck repair are admin work
         self._snapshot = snapshot  # a snapshot's keyspace is never written, not even to forget a mount
         self._watcher: Any = None
+        self._refs: list[bytes] | None = None  # the chunk hashes a chunkRefs pass is paging through
 
     # -- telling the other mounts ---------------------------------------------------------------
     def watch(self, watcher: Any) -> None:
@@ -231,6 +254,10 @@ class VolumeServer(pxfs_capnp.Volume.Server):
                                  (setMtime, "mtime_ns", attr.mtimeNs), (setCtime, "ctime_ns", attr.ctimeNs)):
             if flag:
                 kw[key] = value
+        if setSize:
+            changed = Changed()
+            await self._b.to_trio(self._h.cut_ahead, self._hv, ino, attr.size, changed)
+            self._tell_others(changed)
         await self._attr(_context, lambda m: m.setattr(ino, op=op, **kw))
 
     @served
@@ -271,13 +298,18 @@ class VolumeServer(pxfs_capnp.Volume.Server):
     async def open(self, ino: int, _context: Any, **_: Any) -> None:
         def go(m: Any) -> Any:
             m.open(ino, self._mount)
-            return m.get_blocks(ino)
+            return m.block_page(ino, 0, BLOCK_PAGE)
 
-        attr, blocks = await self._call(go)
+        attr, blocks, more = await self._call(go)
         convert.attr_to(_context.results.init("attr"), attr)
-        out = _context.results.init("blocks", len(blocks))
-        for i, (idx, (h, length)) in enumerate(sorted(blocks.items())):
-            out[i].index, out[i].hash, out[i].length = idx, h, length
+        _block_refs(_context.results.init("blocks", len(blocks)), blocks)
+        _context.results.more = more
+
+    @served
+    async def blocks(self, ino: int, start: int, limit: int, _context: Any, **_: Any) -> None:
+        _attr, blocks, more = await self._call(lambda m: m.block_page(ino, start, min(limit or BLOCK_PAGE, BLOCK_PAGE)))
+        _block_refs(_context.results.init("blocks", len(blocks)), blocks)
+        _context.results.more = more
 
     @served
     async def release(self, ino: int, _context: Any, **_: Any) -> None:
@@ -319,6 +351,7 @@ class VolumeServer(pxfs_capnp.Volume.Server):
         st = await self._call(lambda m: m.statfs())
         r = _context.results
         r.capacity, r.used, r.inodes, r.blockSize = st["capacity"], st["used"], st["inodes"], st["block_size"]
+        r.maxInodes, r.metaBytes = st["max_inodes"], st["meta_bytes"]
 
     @served
     async def fsck(self, repair: bool, _context: Any, **_: Any) -> None:
@@ -360,11 +393,19 @@ class VolumeServer(pxfs_capnp.Volume.Server):
         await self._b.to_trio(self._h.detach, self._hv, self._mount)
 
     @served
-    async def chunkRefs(self, _context: Any, **_: Any) -> None:
-        refs = await self._b.to_trio(self._h.chunk_refs, self._hv)
-        out = _context.results.init("hashes", len(refs))
-        for i, h in enumerate(refs):
+    async def chunkRefs(self, after: Any, limit: int, _context: Any, **_: Any) -> None:  # noqa: N802
+        start = _data(after, "hash", 64)
+        if not start or self._refs is None:
+            # Listed once per pass (from its first page) and kept for the pages that follow.
+            self._refs = sorted(set(await self._b.to_trio(self._h.chunk_refs, self._hv)))
+        refs = self._refs
+        first = bisect.bisect_right(refs, start) if start else 0
+        n = min(limit or REFS_PAGE, REFS_PAGE)
+        page = refs[first : first + n]
+        out = _context.results.init("hashes", len(page))
+        for i, h in enumerate(page):
             out[i] = h
+        _context.results.more = first + n < len(refs)
 
     @served
     async def locate(self, hashes: Any, _context: Any, **_: Any) -> None:

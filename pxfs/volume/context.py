@@ -143,7 +143,8 @@ class HostContext:
             assert hv.local is not None
             last = hv.kv.log_entry(hv.kv.seq) if hv.kv.seq else None
             out.append(records.LocalReplica(node=self.node_id, spec=hv.local, seq=hv.kv.seq, epoch=hv.epoch,
-                                            last_hash=blake3.blake3(last).hexdigest() if last is not None else ""))
+                                            last_hash=blake3.blake3(last).hexdigest() if last is not None else "",
+                                            meta_bytes=hv.kv.disk_bytes(), log_entries=hv.kv.seq - hv.kv.trimmed))
         return records.encode_local_replicas(records.read_generation(self._state), out)
 
     def _hosted(self, name: str) -> HostedVolume:

@@ -54,7 +54,7 @@ class Coordinator(HostContext):
         if hv.meta is None and spec.source and hv.kv.get(keys.counter_key(CLONE_DONE)) is None:
             self._clone(hv, spec)
         if hv.meta is None:
-            hv.meta = Meta(hv.kv, spec.size, spec.block_size)
+            hv.meta = Meta(hv.kv, spec.size, spec.block_size, max_inodes=spec.inode_limit)
             # Orphans may still be open in mounts that have not reconnected yet: freed once they have
             # (or their registrations expired), by mounts.tend() in the supervision rounds.
             mounts.defer_purge(hv.meta)
@@ -62,6 +62,7 @@ class Coordinator(HostContext):
             hv.repair_wanted = True
             log.info("node=%s coordinates volume=%s epoch=%d seq=%d", self.node_id, name, spec.epoch, hv.kv.seq)
         hv.meta.capacity = spec.size
+        hv.meta.max_inodes = spec.inode_limit
         if hv.known_replicas and set(spec.replicas) - set(hv.known_replicas):
             # Mounts learn of a new replica only at their next refresh: until then the coordinator
             # itself makes sure what they commit reaches it (see commit()).
@@ -87,7 +88,8 @@ class Coordinator(HostContext):
             hv.converged_round_started = -1.0
             assert self._nursery is not None
             hv.replicator = Replicator(name, hv.kv, spec.epoch, followers, self._peers,
-                                       on_caught_up=lambda _f, hv=hv: setattr(hv, "repair_wanted", True))
+                                       on_caught_up=lambda _f, hv=hv: setattr(hv, "repair_wanted", True),
+                                       copy_view=hv.copy_view)
             self._nursery.start_soon(hv.replicator.run)
         hv.replicator.set_in_sync(hv.insync.followers())
         hv.insync.on_change = hv.replicator.set_in_sync
@@ -251,6 +253,12 @@ class Coordinator(HostContext):
         if fresh and blocks:
             await self._complete_on(hv, fresh, [h for h, _n in blocks.values()])
         return attr
+
+    async def cut_ahead(self, hv: Served, ino: int, size: int, changed: Changed | None = None) -> None:
+        """Before a truncate: the blocks it drops beyond one batch's worth go first, in bounded
+        replicated batches (``Meta.cut_ahead``), so that the truncate itself stays one small batch."""
+        while await self.call(hv, lambda m: m.cut_ahead(ino, size), changed):
+            pass
 
     async def _complete_on(self, hv: HostedVolume, nodes: list[str], hashes: list[bytes]) -> None:
         """Copy any of ``hashes`` that ``nodes`` lack from another replica (best effort: repair follows)."""

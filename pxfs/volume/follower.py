@@ -10,6 +10,7 @@ from pxfs.cluster.admin import check_volume_name
 from pxfs.errors import Conflict, NotFound
 from pxfs.volume.context import HostContext
 from pxfs.volume.replica import HostedVolume
+from pxfs.volume.replicator import LOADING
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,10 @@ class Follower(HostContext):
         """Apply batch ``seq`` from the coordinator of ``epoch``; returns this replica's seq after it."""
         return await self.apply_many(name, epoch, seq, [batch], peer)
 
-    async def apply_many(self, name: str, epoch: int, first: int, batches: list[bytes], peer: str) -> int:
-        """Apply batches ``first``, ``first + 1``, ... in order (a catching-up follower gets many at once)."""
+    async def apply_many(self, name: str, epoch: int, first: int, batches: list[bytes], peer: str,
+                         trimmed: int = 0) -> int:
+        """Apply batches ``first``, ``first + 1``, ... in order (a catching-up follower gets many at once),
+        then drop the log entries up to ``trimmed``, which the coordinator dropped from its log."""
         hv = await self._follower(name, epoch, peer)
         async with hv.lock:
             if epoch < hv.epoch:
@@ -70,6 +73,8 @@ class Follower(HostContext):
                         raise Conflict(f'volume "{name}"', f"batch {seq} differs from the one this replica holds")
                 else:
                     break  # a gap: the coordinator resends from our seq
+            if trimmed:
+                hv.kv.trim_to(trimmed)  # never our newest entry: it names our history
             return hv.kv.seq
 
     async def last_seq(self, name: str) -> tuple[int, int, bytes]:
@@ -78,8 +83,22 @@ class Follower(HostContext):
         if self.node_id not in spec.replicas:
             raise NotFound(f'volume "{name}"', f"node {self.node_id} is not one of its replicas")
         hv = self._claim(spec)
+        if hv.kv.loading:
+            return 0, hv.epoch, LOADING  # half a full copy: the coordinator resets it and starts over
         last = hv.kv.log_entry(hv.kv.seq) if hv.kv.seq else None
         return hv.kv.seq, hv.epoch, blake3.blake3(last).digest() if last is not None else b""
+
+    async def load(self, name: str, epoch: int, snapshot: str, items: list[tuple[bytes, bytes]], seq: int,
+                   last_batch: bytes, peer: str) -> None:
+        """One part of a full copy from the coordinator of ``epoch`` (``pxfs.volume.transfer``)."""
+        hv = await self._follower(name, epoch, peer)
+        async with hv.lock:
+            if epoch != hv.epoch:
+                raise Conflict(f'volume "{name}"', f"full copy from epoch {epoch} refused: this replica is at "
+                               f"epoch {hv.epoch} (a copy follows a reset at its epoch)")
+            hv.load_part(snapshot, items, seq, last_batch)
+            if seq and not snapshot:
+                log.info("node=%s volume=%s: full copy loaded, at seq %d", self.node_id, name, seq)
 
     async def reset(self, name: str, epoch: int, peer: str) -> None:
         hv = await self._follower(name, epoch, peer)

@@ -25,6 +25,7 @@ T = TypeVar("T")
 
 REPAIR_PERIOD = 60.0
 SPACE_PERIOD = 30.0
+PURGE_STEPS = 256  # purge batches per supervision round: ~1M block entries a second
 
 
 class Health(Coordinator):
@@ -64,13 +65,19 @@ class Health(Coordinator):
             return await self.call(hv, fn)
 
         await mounts.tend(meta, call, self._store, hv.name)
+        for _ in range(PURGE_STEPS):
+            # Freed inodes' block entries, one bounded batch at a time, each replicated before
+            # the next: mounts' operations go on between them.
+            if not meta.purging() or not await call(lambda m: m.purge_step()):
+                break
         if time.monotonic() >= hv.space_due:
             hv.space_due = time.monotonic() + SPACE_PERIOD
             hv.space = await trio.to_thread.run_sync(self._space, hv)
             await mounts.forget_silent(meta, call, self._store, hv.name, heard=hv.heard)
         st = hv.meta.statfs()
         rep = hv.replicator
-        detail = {"used": st["used"], "inodes": st["inodes"], "seq": hv.kv.seq, "epoch": hv.epoch,
+        detail = {"used": st["used"], "inodes": st["inodes"], "meta_bytes": st["meta_bytes"],
+                  "seq": hv.kv.seq, "epoch": hv.epoch,
                   "coordinator": self.node_id, "replicas": sorted(hv.known_replicas),
                   "lagging": sorted(rep.lagging) if rep else [],
                   "repair": hv.repair.status.to_json(), "ts": time.time(),

@@ -16,6 +16,7 @@ which role the node plays for each volume, and deletes a copy only when the stor
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import trio
@@ -31,6 +32,12 @@ __all__ = ["HostedSnapshot", "HostedVolume", "VolumeHost"]
 log = logging.getLogger(__name__)
 
 SUPERVISE_INTERVAL = 1.0
+# Compaction of a replica's keyspace (see _tidy): after this much churn since the last one, relative
+# to what it left, once the replica has been quiet this long, and not more often than every TIDY_GAP.
+TIDY_BYTES = 1 << 20
+TIDY_DELETES = 256
+TIDY_QUIET = 2.0
+TIDY_GAP = 10.0
 
 
 class VolumeHost(Health, Follower):
@@ -46,10 +53,30 @@ class VolumeHost(Health, Follower):
                     await self._supervise()
                 except PxfsError as err:
                     log.info("node=%s volume supervision skipped a round: %s", self.node_id, err)
+                await self._tidy()
                 if self.wakeup is not None:
                     await self.wakeup.sleep(SUPERVISE_INTERVAL)
                 else:
                     await trio.sleep(SUPERVISE_INTERVAL)
+
+    async def _tidy(self) -> None:
+        """Compact the replicas whose files hold much that was deleted or trimmed since the last
+        compaction: RocksDB keeps such records in its memtable, write-ahead log and files until
+        one, so without it a replica's metadata on disk would grow with everything ever written
+        (issue 13) instead of staying near its live metadata. One replica at a time, in a thread."""
+        now = time.monotonic()
+        for hv in list(self._volumes.values()):
+            kv = hv.kv
+            if now - hv.tidied_at < TIDY_GAP or now - hv.last_commit < TIDY_QUIET:
+                continue
+            if kv.churn_bytes < max(TIDY_BYTES, hv.tidied_size // 2) and \
+                    kv.churn_deletes < max(TIDY_DELETES, kv.estimate_keys() // 4):
+                continue
+            before = kv.disk_bytes()
+            await trio.to_thread.run_sync(kv.compact)
+            hv.tidied_at, hv.tidied_size = time.monotonic(), kv.disk_bytes()
+            log.info("node=%s volume=%s compacted: %d -> %d bytes on disk (log trimmed to seq %d of %d)",
+                     self.node_id, hv.name, before, hv.tidied_size, kv.trimmed, kv.seq)
 
     # -- supervision: role changes, repair, health -----------------------------------------------
 

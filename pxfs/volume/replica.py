@@ -8,7 +8,9 @@ supervision rounds. ``HostedSnapshot`` is a read-only view of one snapshot, serv
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import trio
 from pxfs.cluster import records
 from pxfs.cluster.repair import ChunkRepair
 from pxfs.durable import replace_file
-from pxfs.errors import NotFound
+from pxfs.errors import Conflict, NotFound
 from pxfs.meta import keys, snapshots
 from pxfs.meta.fs import Meta
 from pxfs.meta.kv import Batch, RocksKV
@@ -25,6 +27,7 @@ from pxfs.model import VolumeInfo
 from pxfs.paths import under
 from pxfs.volume.insync import InSync
 from pxfs.volume.replicator import Replicator
+from pxfs.volume.transfer import CopyView
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,15 @@ class HostedVolume:
         self.name = name
         self.path = path
         self.snapshots: dict[str, HostedSnapshot] = {}
+        self.loading: dict[str, RocksKV] = {}  # snapshots a full copy is filling in (follower side)
+        # Frozen views a full copy is sent from (coordinator side): none outlives its process.
+        shutil.rmtree(self.path / "copies", ignore_errors=True)
         self.kv = self._open_kv()
+        # Compaction bookkeeping (pxfs.volume.host): when the last one ran, what it left on disk,
+        # and when a batch was last committed here (compactions wait for a quiet moment).
+        self.tidied_at = 0.0
+        self.tidied_size = 0
+        self.last_commit = 0.0
         self.epoch = self._read_epoch()
         # The record this copy belongs to, as this node last saw it: its uid decides what may delete it.
         self.local: VolumeInfo | None = records.read_local_spec(path)
@@ -74,6 +85,7 @@ class HostedVolume:
         return kv
 
     def _after_commit(self, seq: int, batch: Batch) -> None:
+        self.last_commit = time.monotonic()
         if self.changed_keys is not None:
             self.changed_keys.extend(k for k, _ in batch.ops)
         for name, created in snapshots.changed_names(batch):
@@ -93,6 +105,52 @@ class HostedVolume:
                 raise NotFound(f'snapshot "{self.name}@{name}"', "no such snapshot")
             hs = self.snapshots[name] = HostedSnapshot(f"{self.name}@{name}", RocksKV(str(where)))
         return hs.kv
+
+    def copy_view(self) -> CopyView:
+        """The keyspace and every snapshot as of now, frozen: the source of a full copy."""
+        where = self.path / "copies" / secrets.token_hex(6)
+        where.mkdir(parents=True)
+        self.kv.checkpoint(str(where / "meta"))
+        frozen: dict[str, RocksKV] = {}
+        for name, _created in snapshots.listing(self.kv):
+            try:
+                source = self.snapshot_kv(name)
+            except NotFound:
+                log.warning("volume=%s snapshot=%s is missing on this replica: not in the full copy", self.name, name)
+                continue
+            dest = under(where / "snapshots", name, f'snapshot "{self.name}@{name}"')
+            dest.parent.mkdir(exist_ok=True)
+            source.checkpoint(str(dest))
+            frozen[name] = RocksKV(str(dest))
+        return CopyView(where, RocksKV(str(where / "meta")), frozen)
+
+    def load_part(self, snapshot: str, items: list[tuple[bytes, bytes]], seq: int, last_batch: bytes) -> None:
+        """Follower side of a full copy: one part for the volume's keyspace or one of its snapshots
+        (all of those come first); ``seq`` > 0 ends that keyspace."""
+        if not snapshot:
+            self.kv.load(items)
+            if seq:
+                self.kv.finish_load(seq, last_batch)
+            return
+        if self.kv.seq:
+            raise Conflict(f'snapshot "{self.name}@{snapshot}"', "a full copy sends snapshots before the volume")
+        kv = self.loading.get(snapshot)
+        if kv is None:
+            where = under(self.path / "snapshots", snapshot, f'snapshot "{self.name}@{snapshot}"')
+            if where.exists():
+                raise Conflict(f'snapshot "{self.name}@{snapshot}"', "already on this replica: reset it first")
+            where.parent.mkdir(exist_ok=True)
+            kv = self.loading[snapshot] = RocksKV(str(where))
+        kv.load(items)
+        if seq:
+            kv.finish_load(seq, last_batch)
+            kv.close()
+            del self.loading[snapshot]
+
+    def _close_loading(self) -> None:
+        for kv in self.loading.values():
+            kv.close()
+        self.loading.clear()
 
     def close_snapshot(self, name: str) -> None:
         hs = self.snapshots.pop(name, None)
@@ -119,7 +177,8 @@ class HostedVolume:
             self.replicator = None
 
     def wipe(self) -> None:
-        """Start this replica's copy over (it diverged); the coordinator resends the whole log.
+        """Start this replica's copy over (it diverged, or is behind the coordinator's trimmed log);
+        the coordinator sends it again, from its log or as a full copy (``pxfs.volume.transfer``).
 
         The old copy is moved aside, never deleted: it holds only batches no in-sync replica
         acknowledged, but an operator who promoted a replica with --accept-data-loss may want them.
@@ -128,6 +187,7 @@ class HostedVolume:
         self.kv.close()
         for name in list(self.snapshots):
             self.close_snapshot(name)
+        self._close_loading()
         aside = self.path / "diverged"
         shutil.rmtree(aside, ignore_errors=True)  # only the newest diverged copy is kept
         aside.mkdir()
@@ -140,6 +200,7 @@ class HostedVolume:
         self.demote()
         for name in list(self.snapshots):
             self.close_snapshot(name)
+        self._close_loading()
         self.kv.close()
 
 

@@ -461,6 +461,7 @@ def test_commit_blocks_errors(meta: Meta) -> None:
 
 def test_quota_refuses_with_nothing_changed(meta: Meta) -> None:
     f = mkfile(meta, ROOT, b"f")
+    meta.capacity = 10 * BLOCK + 1  # the name "f" is a byte of metadata, counted too
     full = {i: (H1, BLOCK) for i in range(10)}
     meta.commit_blocks(f.ino, full, 10 * BLOCK)
     seq = meta.kv.seq
@@ -480,6 +481,8 @@ def test_quota_refuses_with_nothing_changed(meta: Meta) -> None:
         "used": 10 * BLOCK + 10,
         "inodes": 2,
         "block_size": BLOCK,
+        "max_inodes": 0,
+        "meta_bytes": 1,
     }
 
 

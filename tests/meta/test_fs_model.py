@@ -199,6 +199,8 @@ def check(meta: Meta, model: Model) -> None:
         else:
             raise AssertionError(f"inode {ino} should be gone")
     assert meta.statfs()["inodes"] == len(model.dirs) + len(model.files)
+    # Every name is metadata in the quota (pxfs.meta.quota), counted as it changes.
+    assert meta.statfs()["meta_bytes"] == sum(len(n) for entries in model.dirs.values() for n in entries)
 
 
 OP = st.tuples(st.sampled_from(OPS), *(st.integers(0, 3) for _ in range(4)))

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pxfs.errors import FsError
-from pxfs.meta import keys, snapshots
+from pxfs.meta import keys, quota, snapshots
 from pxfs.meta.fs import Meta
 from pxfs.meta.fsck import LOST_FOUND, FsckReport, fsck
 from pxfs.meta.keys import Attr
@@ -79,11 +79,20 @@ def run(t: Tree, repair: bool = False) -> FsckReport:
 
 
 def damage(kv: KV, puts: dict[bytes, bytes] | None = None, deletes: tuple[bytes, ...] = ()) -> None:
+    """Write ``puts`` and ``deletes`` raw; the metaBytes counter follows them (unless a put sets
+    it), so that each test shows only the damage it makes (test_quota checks that counter)."""
+    ops: dict[bytes, bytes | None] = {**(puts or {}), **dict.fromkeys(deletes)}
+    meta_key = keys.counter_key(keys.META_BYTES)
+    if meta_key not in ops:
+        grown = quota.meta_delta(ops, kv.get)[0]
+        if grown:
+            ops[meta_key] = keys.encode_u64(counter(kv, keys.META_BYTES) + grown)
     batch = Batch()
-    for key, value in (puts or {}).items():
-        batch.put(key, value)
-    for key in deletes:
-        batch.delete(key)
+    for key, value in ops.items():
+        if value is None:
+            batch.delete(key)
+        else:
+            batch.put(key, value)
     kv.write(batch)
 
 

@@ -175,3 +175,83 @@ def test_rocks_reopen_keeps_data_seq_and_log(tmp_path: Path) -> None:
         assert kv.write(batch((b"d", b"4"))) == 4
     finally:
         kv.close()
+
+
+def test_trim_to_keeps_the_newest_entry_and_counts_what_it_drops(kv: KV) -> None:
+    for i in range(5):
+        kv.write(batch((b"k%d" % i, b"v" * 100)))
+    entry = len(kv.log_entry(1) or b"")
+    assert kv.trim_to(2) == 2 * entry and kv.trimmed == 2
+    assert kv.trim_to(2) == 0  # nothing more to drop
+    assert kv.trim_to(99) == 2 * entry and kv.trimmed == 4  # the newest stays: it names our history
+    assert [s for s, _ in kv.log_since(4)] == [5]
+    assert kv.log_entry(5) is not None
+
+
+def test_log_floor_keeps_entries_and_bytes(kv: KV) -> None:
+    for i in range(10):
+        kv.write(batch((b"k%d" % i, b"v" * 1000)))
+    entry = len(kv.log_entry(1) or b"")
+    assert kv.log_floor(3, 1 << 20) == 7  # keep 8, 9, 10
+    assert kv.log_floor(100, 2 * entry) == 8  # two entries' worth of bytes
+    assert kv.log_floor(100, 1 << 20) == 0  # all of it fits
+    kv.trim_to(5)
+    assert kv.log_floor(100, 1 << 20) == 5
+
+
+def test_a_full_copy_loads_into_an_empty_keyspace(kv: KV) -> None:
+    source = MemKV()
+    for i in range(3):
+        source.write(batch((b"k%d" % i, b"v%d" % i)))
+    last = source.log_entry(3)
+    assert last is not None
+    kv.load([(b"k0", b"v0"), (b"k1", b"v1")])
+    assert kv.loading and kv.seq == 0
+    with pytest.raises(Conflict):
+        kv.apply(1, source.log_entry(1) or b"")  # a half copy takes no batches
+    kv.load([(b"k2", b"v2")])
+    kv.finish_load(3, last)
+    assert not kv.loading and kv.seq == 3 and kv.trimmed == 2
+    assert dump(kv) == dump(source) and kv.log_since(2) == [(3, last)]
+    with pytest.raises(Conflict):
+        kv.load([(b"x", b"y")])  # not empty any more
+    with pytest.raises(Conflict):
+        kv.finish_load(4, last)
+    source.write(batch((b"k3", b"v3")))
+    kv.apply(4, source.log_entry(4) or b"")
+    assert dump(kv) == dump(source)
+
+
+def test_a_full_copy_may_not_touch_reserved_keys(kv: KV) -> None:
+    with pytest.raises(Invalid):
+        kv.load([(b"\xffseq", b"\x00" * 8)])
+    assert not kv.loading
+
+
+def test_a_half_loaded_copy_says_so_after_a_restart(tmp_path: Path) -> None:
+    kv = RocksKV(str(tmp_path / "db"))
+    kv.load([(b"a", b"1")])
+    kv.close()
+    kv = RocksKV(str(tmp_path / "db"))
+    try:
+        assert kv.loading and kv.seq == 0
+    finally:
+        kv.close()
+
+
+def test_compaction_gives_back_the_space_of_deleted_and_trimmed_records(tmp_path: Path) -> None:
+    kv = RocksKV(str(tmp_path / "db"))
+    try:
+        for i in range(200):
+            kv.write(batch((b"x%d" % i, b"v" * 60000)))
+        for i in range(200):
+            kv.write(batch((b"x%d" % i, None)))
+        kv.trim_to(kv.seq)
+        assert kv.churn_bytes > 2 * 200 * 60000 and kv.churn_deletes >= 400
+        assert kv.disk_bytes() > 200 * 60000
+        kv.compact()
+        assert kv.disk_bytes() < 1 << 20 and kv.churn_bytes == 0
+        assert dump(kv) == [] and kv.seq == 400
+    finally:
+        kv.close()
+    kv.compact()  # after close: nothing to do, no error

@@ -1,0 +1,54 @@
+"""Answers that grow with a file or a volume come in bounded pages (issue 13): a block map of more
+entries than one message holds is read whole at open, chunk references page by page, and freeing
+such a file is one small batch plus bounded purge steps — through real `pxfs node` processes."""
+
+from __future__ import annotations
+
+import stat
+
+import blake3
+import trio
+
+from tests.cluster.test_hostile import BLOCK, create_volume, node_index, opened
+from tests.cluster.test_opids import seqs
+from tests.conftest import Cluster, node_connection
+
+REG = stat.S_IFREG | 0o644
+DATA = [b"chunk %d" % i for i in range(5)]
+HASHES = [blake3.blake3(d).digest() for d in DATA]
+N = 40000  # block map entries: more than two pages of 16384
+
+
+async def test_a_block_map_of_many_pages(shared_cluster: Cluster) -> None:
+    c = shared_cluster
+    await create_volume(c, "paged")
+    async with opened(c, "paged") as (_vs, vol, info):
+        for node in info.replicas:
+            async with node_connection(c, node_index(node)) as conn:
+                chunks = await conn.chunks()
+                for d, h in zip(DATA, HASHES, strict=True):
+                    await chunks.put(h, d)
+        f = await vol.create(1, b"f", REG, 0, 0)
+        blocks = {i: (HASHES[i % 5], 1) for i in range(N)}  # one byte of each block: a sparse file
+        for lo in range(0, N, 10000):
+            part = {i: blocks[i] for i in range(lo, lo + 10000)}
+            await vol.commit(f.ino, part, (lo + 9999) * BLOCK + 1, 0, held=list(info.replicas))
+        attr, got = await vol.open(f.ino)
+        assert attr.size == (N - 1) * BLOCK + 1 and got == blocks
+        page, more = await vol.block_page(f.ino, 100, 10)
+        assert page == {i: blocks[i] for i in range(100, 110)} and more
+        page, more = await vol.block_page(f.ino, N - 3, 0)
+        assert len(page) == 3 and not more
+        await vol.release(f.ino)
+        await vol.release(f.ino)  # create counted a handle too
+        assert await vol.chunk_refs(page=2) == sorted(HASHES)  # three pages of two
+        assert sorted(await vol.chunk_refs()) == sorted(HASHES)
+
+        before = (await seqs(c, "paged", [info.coordinator]))[info.coordinator]
+        await vol.unlink(1, b"f")
+        assert (await vol.statfs())["inodes"] == 1
+        with trio.fail_after(60):
+            while (await vol.statfs())["used"]:
+                await trio.sleep(0.2)  # the purge steps of the supervision rounds, observed
+        after = (await seqs(c, "paged", [info.coordinator]))[info.coordinator]
+        assert after - before >= N // 4096  # the unlink, then a batch per 4096 entries
