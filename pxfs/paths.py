@@ -7,6 +7,7 @@ that is a path ("../x", "/etc", "a/b") must never reach the filesystem, whoever 
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 from pxfs.errors import Invalid
@@ -27,3 +28,20 @@ def under(base: Path, name: str, what: str) -> Path:
     if path.resolve().parent != base.resolve():  # a symlink planted under base must not lead out
         raise Invalid(what, f"{path} leads outside {base}")
     return path
+
+
+def claim_socket(path: Path, obj: str, holder: str) -> None:
+    """Make ``path`` free for a unix socket to listen on: a stale socket file (its server died) is
+    removed, a live one is an error naming ``obj`` (nobody else's listener is ever taken over)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # left by a server that died: nobody answers there
+    else:
+        raise Invalid(obj, f"another {holder} is listening there")
+    finally:
+        probe.close()

@@ -12,7 +12,6 @@ import errno
 import logging
 import os
 import signal
-import socket
 from collections.abc import Awaitable, Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pxfs.csi.errors import CsiError, code_of
 from pxfs.csi.node import CAPABILITIES as NODE_CAPS
 from pxfs.csi.node import Node
 from pxfs.errors import Invalid, PxfsError
+from pxfs.paths import claim_socket
 from pxfs.rpc.bridge import open_bridge
 
 log = logging.getLogger(__name__)
@@ -199,24 +199,10 @@ async def _zone(cfg: CsiConfig, controller: Controller | None, bridge: Any) -> s
     return ""
 
 
-def _bind_path(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # left by a driver that died: nobody answers there
-        else:
-            raise Invalid(f"endpoint {str(path)!r}", "another driver is listening there")
-        finally:
-            probe.close()
-
-
 async def serve(cfg: CsiConfig, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until SIGTERM or SIGINT (or cancellation); the mounts it staged keep running."""
     path = socket_path(cfg.endpoint)
-    _bind_path(path)
+    claim_socket(path, f"endpoint {str(path)!r}", "driver")
     async with open_bridge() as bridge:
         controller = Controller(cfg.cluster_dir, bridge) if cfg.controller else None
         node = None

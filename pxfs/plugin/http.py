@@ -14,6 +14,8 @@ from typing import Any
 import h11
 import trio
 
+from pxfs.paths import claim_socket
+
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
@@ -81,19 +83,7 @@ async def serve_unix(path: Path, handle: Handler, task_status: trio.TaskStatus[N
                      ) -> None:
     """Serve ``handle(path, json)`` on the unix socket ``path`` (a stale socket there is replaced;
     a live one is an error) until cancelled; the socket file goes with it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()
-        else:
-            from pxfs.errors import Invalid
-
-            raise Invalid(f"socket {str(path)!r}", "another plugin is listening there")
-        finally:
-            probe.close()
+    claim_socket(path, f"socket {str(path)!r}", "plugin")
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(str(path))
