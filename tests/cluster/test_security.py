@@ -15,8 +15,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from pxfs.rpc import pki, tls
 from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import Connection, split_address
 from pxfs.rpc.volume_client import VolumeServiceClient
-from tests.cluster.test_hostile import LogWatch, assert_serving, create_volume
+from tests.cluster.test_hostile import LogWatch, assert_serving, create_volume, node_index
 from tests.conftest import PXFS, Cluster, node_connection, pxfs_env
 
 MiB = 1 << 20
@@ -43,10 +41,6 @@ MiB = 1 << 20
 
 def address(cluster: Cluster, index: int = 0) -> str:
     return load_config(cluster.dir).addresses()[index]
-
-
-def node_index(node_id: str) -> int:
-    return int(node_id.removeprefix("n")) - 1
 
 
 def chunk(n: int = 4096, seed: int = 0) -> tuple[bytes, bytes]:
@@ -62,12 +56,6 @@ async def refused(call: Any, *words: str) -> Unauthorized:
     for w in words:
         assert w in str(info.value), str(info.value)
     return info.value
-
-
-@asynccontextmanager
-async def as_credential(cluster: Cluster, index: int, credential: pki.Credential) -> AsyncIterator[Connection]:
-    async with node_connection(cluster, index, credential=credential) as conn:
-        yield conn
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +78,7 @@ async def test_mount_credential_gets_only_what_a_mount_needs(shared_cluster: Clu
     a = vols["sec-a"]
     mount = issue(cluster, tmp_path, "host-a", "mount", "sec-a")
     watch = LogWatch(cluster)
-    async with as_credential(cluster, node_index(a.coordinator), mount) as conn:
+    async with node_connection(cluster, node_index(a.coordinator), credential=mount) as conn:
         admin = await conn.admin()
         assert (await admin.get_volume("sec-a")).name == "sec-a"
         assert [v.name for v in await admin.list_volumes()] == ["sec-a"]  # sec-b is not even listed
@@ -133,7 +121,7 @@ async def test_mount_credential_gets_only_what_a_mount_needs(shared_cluster: Clu
             await vs.drop()
     # A node that holds no replica of the mount's volumes takes no chunk from it.
     outside = next(i for i in range(cluster.nodes) if f"n{i + 1}" not in a.replicas)
-    async with as_credential(cluster, outside, mount) as conn:
+    async with node_connection(cluster, outside, credential=mount) as conn:
         h, data = chunk(seed=2)
         await refused((await conn.chunks()).put(h, data), "holds no replica")
     # Refusals are answers to the caller, not trouble for the node.
@@ -151,14 +139,14 @@ async def test_node_credential_speaks_only_for_itself(shared_cluster: Cluster, v
     other = next(f"n{i + 1}" for i in range(cluster.nodes) if f"n{i + 1}" != a.coordinator)
     # A mount credential whose name is the coordinator's id is still a mount.
     fake = issue(cluster, tmp_path, a.coordinator, "mount")
-    async with as_credential(cluster, node_index(follower), fake) as conn:
+    async with node_connection(cluster, node_index(follower), credential=fake) as conn:
         vs = VolumeServiceClient(conn.bridge, conn.peer, await conn.volumes_cap())
         try:
             await refused(vs.apply("sec-a", a.epoch, 10**6, b""), "replication", "mount")
         finally:
             await vs.drop()
     node = pki.load(cluster.dir / "nodes" / other / "state" / "credential")
-    async with as_credential(cluster, 0, node) as conn:
+    async with node_connection(cluster, 0, credential=node) as conn:
         await refused((await conn.admin()).delete_volume("sec-b", True), "needs role admin")
         control = await conn.control()
         from pxfs.model import NodeInfo
@@ -287,7 +275,7 @@ async def test_revoked_credential_is_refused_within_seconds(shared_cluster: Clus
                                                            tmp_path: Path) -> None:
     cluster = shared_cluster
     cred = issue(cluster, tmp_path, "soon-gone", "mount", "sec-a")
-    async with as_credential(cluster, 0, cred) as conn:
+    async with node_connection(cluster, 0, credential=cred) as conn:
         admin = await conn.admin()
         assert (await admin.get_volume("sec-a")).name == "sec-a"
         proc = await trio.to_thread.run_sync(lambda: cluster.cli("credential", "revoke", str(cred.path), "--json"))
