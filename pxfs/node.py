@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -271,7 +272,7 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
             async with trio.open_nursery() as nursery:
                 if cfg.http != "":
                     web_host, web_port = split_address(cfg.http) if cfg.http else (host, 0)
-                    http_address = await nursery.start(web.serve, web_host, web_port,
+                    http_address = await nursery.start(partial(web.serve, render=web.page), web_host, web_port,
                                                        lambda: status.of_admin(admin))
                     metrics.register(lambda: node_gauges(node_id, chunk_service, volumes))
                     log.info("node=%s http=%s (/metrics, /api/status, /)", node_id, http_address)

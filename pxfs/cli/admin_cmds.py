@@ -185,6 +185,11 @@ async def cmd_volume_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt_mounts(v: VolumeInfo) -> str:
+    shown = [f"{m['id']} at {m['http'] or 'no http'}" for m in v.detail.get("mounts", [])]
+    return f"{v.mounts}" + (f" ({'; '.join(shown)})" if shown else "")
+
+
 async def cmd_volume_inspect(args: argparse.Namespace) -> int:
     async with cluster_admin(args.cluster) as (admin, *_):
         v = await admin.get_volume(args.name, replicas=True)
@@ -199,7 +204,7 @@ async def cmd_volume_inspect(args: argparse.Namespace) -> int:
         ["metadata", f"{format_size(meta)} ({meta} bytes of names, xattrs, symlinks; counted in the size)"],
         ["inodes", f"{v.detail.get('inodes', 0)} of {v.inode_limit}"],
         ["repl", str(v.repl)], ["block size", format_size(v.block_size)], ["labels", _fmt_labels(v.labels)],
-        ["state", v.state], ["epoch", str(v.epoch)], ["mounts", str(v.mounts)],
+        ["state", v.state], ["epoch", str(v.epoch)], ["mounts", _fmt_mounts(v)],
         ["in sync", ", ".join(v.in_sync) or "none"], ["min replicas", str(v.min_replicas)],
     ] + ([["waiting", v.waiting]] if v.waiting else []))
     lagging = set(v.detail.get("lagging", []))

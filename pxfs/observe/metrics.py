@@ -19,7 +19,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 disable_created_metrics()  # no *_created series: they double the output and say nothing here
@@ -46,21 +46,35 @@ GC_DELETED_BYTES = Counter("pxfs_gc_deleted_bytes_total", "Bytes of chunks garba
                            registry=REGISTRY)
 FUSE_OP_SECONDS = Histogram("pxfs_fuse_op_seconds", "Time to answer one FUSE request, by operation", ["op"],
                             buckets=_FAST, registry=REGISTRY)
-READ_CACHE = Counter("pxfs_read_cache_total", "Block reads answered by the mount's read cache, or not",
-                     ["result"], registry=REGISTRY)
 
 VOLUME_STATES = ("healthy", "degraded", "waiting", "unavailable")
 
 
+def fuse_op_timer() -> Callable[[str, float], None]:
+    """What the mount's FUSE handlers report their durations to (``pxfs.fuse.errors.fuse_op``)."""
+    children: dict[str, Any] = {}  # labels() costs a lock and a lookup: once per op, not per request
+
+    def observe(op: str, seconds: float) -> None:
+        child = children.get(op)
+        if child is None:
+            child = children[op] = FUSE_OP_SECONDS.labels(op)
+        child.observe(seconds)
+
+    return observe
+
+
 class Scraped(Collector):
-    """Gauges computed at scrape time by ``fn`` -> [(name, help, labels, [(label values, value)])]."""
+    """Values computed at scrape time by ``fn`` -> [(name, help, labels, [(label values, value)])]:
+    a counter when the name ends in ``_total`` (a count an object keeps, such as the read cache's
+    hits), a gauge otherwise."""
 
     def __init__(self, fn: Callable[[], list[tuple[str, str, list[str], list[tuple[list[str], float]]]]]) -> None:
         self._fn = fn
 
     def collect(self) -> Iterator[Any]:
         for name, doc, labels, samples in self._fn():
-            g = GaugeMetricFamily(name, doc, labels=labels)
+            g = (CounterMetricFamily(name, doc, labels=labels) if name.endswith("_total")
+                 else GaugeMetricFamily(name, doc, labels=labels))
             for values, value in samples:
                 g.add_metric(values, value)
             yield g
@@ -70,7 +84,7 @@ _scraped: list[Scraped] = []
 
 
 def register(fn: Callable[[], list[tuple[str, str, list[str], list[tuple[list[str], float]]]]]) -> None:
-    """The process's scrape-time gauges (one node or one mount per process: a second call replaces)."""
+    """The process's scrape-time values (one node or one mount per process: a second call replaces)."""
     for old in _scraped:
         REGISTRY.unregister(old)
     _scraped[:] = [Scraped(fn)]

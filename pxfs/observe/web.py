@@ -1,5 +1,6 @@
 """A node's HTTP port: ``/metrics`` (Prometheus), ``/api/status`` (``pxfs status --json``) and ``/``,
 the live cluster page: plain server-rendered HTML that refreshes itself, nothing fetched at run time.
+A mount serves the same port without the page: its /metrics and its own status document.
 
 A deliberately small HTTP/1.1 server (h11 on trio, one request per connection, GET only, bounded
 request size): the port serves three read-only pages, so a web framework would be all weight.
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 16 << 10
 REQUEST_TIMEOUT = 10.0
 Status = Callable[[], Awaitable[dict[str, Any]]]
+Render = Callable[[dict[str, Any]], str]
 
 
 async def _respond(stream: trio.SocketStream, conn: h11.Connection, status: int, ctype: str, body: bytes) -> None:
@@ -33,7 +35,7 @@ async def _respond(stream: trio.SocketStream, conn: h11.Connection, status: int,
     await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
 
 
-async def _handle(stream: trio.SocketStream, status: Status) -> None:
+async def _handle(stream: trio.SocketStream, status: Status, render: Render | None) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     try:
         with trio.fail_after(REQUEST_TIMEOUT):
@@ -56,29 +58,42 @@ async def _handle(stream: trio.SocketStream, status: Status) -> None:
                                await trio.to_thread.run_sync(exposition))
             elif path == "/api/status":
                 await _respond(stream, conn, 200, "application/json", json.dumps(await status(), indent=2).encode())
-            elif path == "/":
-                await _respond(stream, conn, 200, "text/html; charset=utf-8", page(await status()).encode())
+            elif path == "/" and render is not None:
+                await _respond(stream, conn, 200, "text/html; charset=utf-8", render(await status()).encode())
             else:
-                await _respond(stream, conn, 404, "text/plain", b"not found: /, /metrics, /api/status\n")
+                pages = "/, /metrics, /api/status" if render is not None else "/metrics, /api/status"
+                await _respond(stream, conn, 404, "text/plain", f"not found: {pages}\n".encode())
     except (h11.RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError, OSError):
         pass  # a broken or slow client costs only its own connection
     finally:
         await stream.aclose()
 
 
-async def serve(host: str, port: int, status: Status, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled; ``task_status.started`` gets the bound ``HOST:PORT``."""
+async def listen(host: str, port: int) -> tuple[list[trio.SocketListener], str]:
+    """Bind the port (port 0: any free one): the listeners, and the bound ``HOST:PORT``."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
-    task_status.started(f"{bound[0]}:{bound[1]}")
+    return listeners, f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
 
+
+async def serve_on(listeners: list[trio.SocketListener], status: Status, render: Render | None = None) -> None:
+    """Serve bound ``listeners`` until cancelled (then they are closed). ``render`` makes ``/`` from
+    the status document (a node: ``page``); without it there is no ``/``."""
     async def handler(stream: trio.SocketStream) -> None:
         try:
-            await _handle(stream, status)
+            await _handle(stream, status, render)
         except Exception:  # noqa: BLE001 - a page that fails to render must not stop the port
             log.exception("http request failed")
 
     await trio.serve_listeners(handler, listeners)
+
+
+async def serve(host: str, port: int, status: Status, *, render: Render | None = None,
+                task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; ``task_status.started`` gets the bound ``HOST:PORT``."""
+    listeners, bound = await listen(host, port)
+    task_status.started(bound)
+    await serve_on(listeners, status, render)
 
 
 # -- the page ------------------------------------------------------------------------------------
@@ -112,6 +127,13 @@ def _bar(used: float, capacity: float) -> str:
     return f'<span class="bar"><div{cls} style="width:{min(pct, 100):.0f}%"></div></span> {pct:.0f}%'
 
 
+def _mounts(mounts: list[dict[str, Any]]) -> str:
+    """How many, each linked to its /metrics (a mount's port is usually loopback of its own host)."""
+    links = [f'<a href="http://{_e(m["http"])}/metrics">{_e(m["id"])}</a>' if m.get("http") else ""
+             for m in mounts]
+    return f"{len(mounts)} " + " ".join(x for x in links if x)
+
+
 def page(status: dict[str, Any]) -> str:
     """The cluster page from a ``pxfs status --json`` document."""
     cluster, nodes, vols = status.get("cluster", {}), status.get("nodes", []), status.get("volumes", [])
@@ -141,7 +163,7 @@ def page(status: dict[str, Any]) -> str:
                 _e(repair.get("state", "")) if repair else "")
         out.append(f'<tr><td>{_e(v["name"])}</td><td class="{_e(v["state"])}">{_e(v["state"])}</td>'
                    f'<td>{_size(v["size"])}</td><td>{_size(v["used"])}</td><td>{_e(v["repl"])}</td>'
-                   f'<td>{_e(v["coordinator"])}</td><td>{_e(v["mounts"])}</td><td>{done}</td></tr>')
+                   f'<td>{_e(v["coordinator"])}</td><td>{_mounts(v["mounts"])}</td><td>{done}</td></tr>')
     out.append("</table><h2>Replicas</h2><p>C coordinator &middot; &#9679; in sync &middot; L lagging &middot; "
                "M missing</p><table class=m><tr><th>volume</th>"
                + "".join(f"<th>{_e(n['id'])}</th>" for n in nodes) + "</tr>")

@@ -150,8 +150,11 @@ class Vfs:
         if off >= end:
             return b""
         first, last = off // bs, (end - 1) // bs
-        missing = {st.blocks[i][0] for i in range(first, last + 1)
-                   if i not in st.dirty and i in st.blocks and self.cache.peek(st.blocks[i][0]) is None}
+        stored = [st.blocks[i][0] for i in range(first, last + 1) if i not in st.dirty and i in st.blocks]
+        absent = [c for c in stored if self.cache.peek(c) is None]
+        self.cache.hits += len(stored) - len(absent)
+        self.cache.misses += len(absent)
+        missing = set(absent)
         if len(missing) > 1:
             await run_all(lambda c=c: self.cache.get(c) for c in missing)
         elif missing:

@@ -94,6 +94,68 @@ def test_metrics_move_with_writes(shared_cluster: Cluster, tmp_path: Path) -> No
     assert httpx.get(f"http://{http['n1']}/nope", timeout=10).status_code == 404
 
 
+def ops(values: dict[str, float], op: str) -> float:
+    """FUSE requests of ``op`` the mount answered so far."""
+    return values.get(f'pxfs_fuse_op_seconds_count{{op="{op}"}}', 0.0)
+
+
+def mount_http(cluster: Cluster, vol: str) -> list[str]:
+    """The http of each live mount of ``vol``, as the coordinator registered them."""
+    info = cluster.json("volume", "inspect", vol)
+    assert isinstance(info, dict)
+    return [m["http"] for m in info["mounts"]]
+
+
+def test_mount_serves_metrics(shared_cluster: Cluster, tmp_path: Path) -> None:
+    """Every mount serves /metrics on a loopback port the volume's record names: FUSE op durations,
+    write-back bytes, read cache hits and misses, its RSS and CPU; `-o http=off` serves none."""
+    cluster = shared_cluster
+    vol = f"mobs-{uuid.uuid4().hex[:6]}"
+    cluster.cli("volume", "create", vol, "--size", "1G", "--repl", "3")
+    data = os.urandom(4 * MiB)
+    with mounted(cluster, vol, tmp_path / "quiet", "-o", "http=off") as m:
+        assert mount_http(cluster, vol) == [""]
+        (m.path / "f").write_bytes(data)
+    with mounted(cluster, vol, tmp_path / "mnt") as m:
+        [http] = mount_http(cluster, vol)
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", http), http
+        types, before = scrape(http)
+        for name, kind in {"pxfs_fuse_op_seconds": "histogram", "pxfs_writeback_dirty_bytes": "gauge",
+                           "pxfs_writeback_limit_bytes": "gauge", "pxfs_read_cache_bytes": "gauge",
+                           "pxfs_read_cache_total": "counter", "pxfs_mount_info": "gauge",
+                           "pxfs_process_resident_memory_bytes": "gauge",
+                           "pxfs_process_cpu_seconds_total": "counter"}.items():
+            assert types.get(name) == kind, (name, types.get(name))
+        assert before[f'pxfs_mount_info{{mountpoint="{m.path}",volume="{vol}"}}'] == 1.0
+        assert before["pxfs_process_resident_memory_bytes"] > 10 * MiB
+        # Written by the other mount: the first read fetches every block; once the kernel's page cache
+        # lets go of the file, the second read reaches the mount again and finds them in its cache.
+        assert (m.path / "f").read_bytes() == data
+        mid = scrape(http)[1]
+        assert mid['pxfs_read_cache_total{result="miss"}'] - before['pxfs_read_cache_total{result="miss"}'] >= 4
+        with open(m.path / "f", "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            assert f.read() == data
+        after_reads = scrape(http)[1]
+        assert after_reads['pxfs_read_cache_total{result="hit"}'] - mid['pxfs_read_cache_total{result="hit"}'] >= 4
+        assert ops(after_reads, "read") > ops(before, "read")
+        with open(m.path / "g", "wb") as f:
+            for _ in range(8):
+                f.write(os.urandom(256 << 10))
+            f.flush()
+            os.fsync(f.fileno())
+        after = scrape(http)[1]
+        assert ops(after, "write") - ops(before, "write") >= 2  # 2 MiB in requests of at most 1 MiB
+        assert ops(after, "fsync") >= 1
+        assert after["pxfs_writeback_dirty_bytes"] == 0  # fsync returned: nothing is buffered
+        assert after["pxfs_writeback_limit_bytes"] > 0
+        status = httpx.get(f"http://{http}/api/status", timeout=10).json()
+        assert status["volume"] == vol and status["mountpoint"] == str(m.path)
+        assert status["coordinator"] == cluster.json("volume", "inspect", vol)["coordinator"]  # type: ignore[index]
+        assert httpx.get(f"http://{http}/", timeout=10).status_code == 404  # the cluster page is the nodes'
+    assert mount_http(cluster, vol) == []  # unmounting deregistered it
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
 def test_cluster_page_shows_a_degraded_volume(cluster: Cluster, tmp_path: Path) -> None:
     vol = f"page-{uuid.uuid4().hex[:6]}"

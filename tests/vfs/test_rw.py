@@ -135,6 +135,27 @@ async def test_remount_reads_back(meta: FakeMeta, chunks: FakeChunks) -> None:
         await vfs.release(fh)
 
 
+async def test_read_cache_counts_hits_and_misses_of_stored_blocks(meta: FakeMeta, chunks: FakeChunks) -> None:
+    data = pattern(3 * BLOCK, seed=5)
+    async with running(meta, chunks) as vfs:
+        fh, ino = await new_file(vfs)
+        await vfs.write(fh, 0, data)
+    async with running(meta, chunks, readahead=0) as vfs:  # a fresh cache; no fetch but the reader's
+        fh = await vfs.open(ino, 0)
+        assert await vfs.read(fh, 0, len(data)) == data
+        assert (vfs.cache.hits, vfs.cache.misses) == (0, 3)
+        assert await vfs.read(fh, BLOCK, 2 * BLOCK) == data[BLOCK:]
+        assert (vfs.cache.hits, vfs.cache.misses) == (2, 3)
+        # Dirty blocks and holes are no cache lookups.
+        await vfs.write(fh, 0, b"x")
+        assert len(await vfs.read(fh, 0, BLOCK)) == BLOCK
+        assert (vfs.cache.hits, vfs.cache.misses) == (2, 3)
+        await vfs.setattr(ino, size=5 * BLOCK)
+        assert await vfs.read(fh, 4 * BLOCK, BLOCK) == bytes(BLOCK)
+        assert (vfs.cache.hits, vfs.cache.misses) == (2, 3)
+        await vfs.release(fh)
+
+
 async def test_attrs_show_local_size_while_dirty(vfs: Vfs, meta: FakeMeta) -> None:
     fh, ino = await new_file(vfs)
     await vfs.write(fh, 0, pattern(BLOCK + 1))
