@@ -149,7 +149,8 @@ async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
             control = ControlServer(vfs.close)
             async with trio.open_nursery() as outer:  # the control socket outlives the mount
                 if listeners:
-                    outer.start_soon(web.serve_on, listeners, partial(mount_status, cfg, session, vfs))
+                    outer.start_soon(web.serve_on, listeners,
+                                     {"/api/status": web.json_page(partial(mount_status, cfg, session, vfs))})
                     log.info("volume=%s http=%s (/metrics, /api/status)", cfg.volume, http)
                 if cfg.control is not None:
                     try:

@@ -13,6 +13,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import blake3
 import httpx
 import pytest
 
@@ -156,12 +157,39 @@ def test_mount_serves_metrics(shared_cluster: Cluster, tmp_path: Path) -> None:
     assert mount_http(cluster, vol) == []  # unmounting deregistered it
 
 
+IO_ROW = re.compile(r'<tr><td>(n\d)</td><td class="num">([^<]*)/s</td><td class="num">([^<]*)/s</td>'
+                    r'<td class="num">([^<]*)</td><td class="num">([^<]*)</td><td>([^<]*)</td>'
+                    r'<td class="num">(\d+)</td><td class="num[^"]*">(\d+)</td></tr>')
+
+
+def size_of(text: str) -> float:
+    """The page's sizes (``2.0M``) back in bytes."""
+    units = "BKMGT"
+    return float(text[:-1]) * 1024 ** units.index(text[-1])
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
 def test_cluster_page_shows_a_degraded_volume(cluster: Cluster, tmp_path: Path) -> None:
+    """Writes, a chunk rotted on one replica and healed by a scrub, then a replica killed: the page
+    shows the degraded volume, the dead node, every node's I/O and scrub totals, the repair state,
+    and the quarantine among the recent events of the cluster."""
     vol = f"page-{uuid.uuid4().hex[:6]}"
     cluster.cli("volume", "create", vol, "--size", "1G", "--repl", "3")
     info = cluster.json("volume", "inspect", vol)
+    data = os.urandom(2 * MiB)
+    with mounted(cluster, vol, tmp_path / "mnt") as m:
+        with open(m.path / "f", "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
     victim = next(r for r in info["replicas"] if r not in ("n1", info["coordinator"]))
+    rotten = next(r for r in info["replicas"] if r != victim)
+    h = blake3.blake3(data[:MiB]).hexdigest()
+    chunk = cluster.dir / "nodes" / rotten / "pool" / "chunks" / h[:2] / h
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    report = json.loads(cluster.cli("scrub", vol, "--json").stdout)
+    assert report["replicas"][rotten]["corrupt"] == 1, report
     cluster.kill(victim)
     wait_volume(cluster, vol, lambda v: v["state"] != "healthy", "the volume degraded")
     page_of = nodes_http(cluster)["n1"]
@@ -181,7 +209,20 @@ def test_cluster_page_shows_a_degraded_volume(cluster: Cluster, tmp_path: Path) 
     matrix = [ln for ln in html.splitlines() if ln.startswith(f"<tr><td>{vol}</td>") and "&#9679;" in ln
               or ln.startswith(f"<tr><td>{vol}</td>") and ">C<" in ln]
     assert matrix and any(">M<" in ln or ">L<" in ln for ln in matrix), matrix
-    proc = subprocess.run([*base, "--window-size=1280,900", f"--screenshot={shot}", f"http://{page_of}/"],
+    # I/O and scrub: every node that answers took the 2 MiB and verified its 2 chunks; one bad copy.
+    io = {r[0]: r for r in IO_ROW.findall(html)}
+    assert set(io) == {"n1", "n2", "n3"} - {victim}, html[html.find("I/O"):][:3000]
+    assert f'<tr><td>{victim}</td><td colspan="7" class="down">' in html  # down, or no answer
+    for node in set(info["replicas"]) - {victim}:
+        _, _write, _read, written, _read_total, scrub, verified, bad = io[node]
+        assert size_of(written) >= 2 * MiB and int(verified) >= 2 and scrub.startswith(("scrubbing", "last verified"))
+        assert int(bad) == (1 if node == rotten else 0), io[node]
+    # The repair column says how far the coordinator's repair got.
+    assert "round " in row, row
+    # The quarantine is among the cluster's events, from the node that found it.
+    events = html[html.index("Recent events"):]
+    assert any(f"<td>{rotten}</td>" in ln and "quarantined" in ln for ln in events.splitlines()), events[:3000]
+    proc = subprocess.run([*base, "--window-size=1280,1400", f"--screenshot={shot}", f"http://{page_of}/"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and shot.stat().st_size > 10_000, proc.stderr[-2000:]
     print(f"\n[page] screenshot: {shot}")
