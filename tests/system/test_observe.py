@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
 import shutil
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import blake3
 import httpx
 import pytest
 
-from tests.conftest import Cluster, eventually, mounted
+from tests.conftest import PXFS, Cluster, eventually, mounted, pxfs_env
 from tests.system.faults import wait_volume
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and FUSE")
@@ -230,22 +235,98 @@ def test_cluster_page_shows_a_degraded_volume(cluster: Cluster, tmp_path: Path) 
                30, "api/status degraded")
 
 
+@contextmanager
+def in_tmux(cluster: Cluster, *args: str) -> Iterator[Callable[[], str]]:
+    """``pxfs ARGS`` in a detached tmux terminal (160x50); yields what its screen shows now."""
+    session = f"pxfs-{uuid.uuid4().hex[:6]}"
+    env = " ".join(f"{k}={v}" for k, v in {"PXFS_CLUSTER": str(cluster.dir),
+                                           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}.items())
+    cmd = f"env {env} {sys.executable} -m pxfs {' '.join(args)}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "50", cmd], check=True)
+
+    def screen() -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+
+    try:
+        yield screen
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def on_a_terminal(cluster: Cluster, *args: str, timeout: float = 120) -> str:
+    """``pxfs ARGS`` with stdout and stderr on one pseudo-terminal: everything it wrote there."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*PXFS, *args], stdin=slave, stdout=slave, stderr=slave,
+                            env=pxfs_env(PXFS_CLUSTER=str(cluster.dir)))
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"pxfs {' '.join(args)} still running after {timeout}s: {out[-2000:]!r}"
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the process exited and closed the terminal
+                break
+            if not data:
+                break
+            out += data
+        assert proc.wait(timeout=timeout) == 0, out[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return out.decode().replace("\r\n", "\n")
+
+
+def test_json_output_stays_pure_json_on_a_terminal(shared_cluster: Cluster, tmp_path: Path) -> None:
+    """Long commands draw progress on a terminal, but never under --json: a script that runs them
+    in a terminal (a CI shell, `script`) still reads one JSON document."""
+    cluster = shared_cluster
+    vol = f"pj-{uuid.uuid4().hex[:6]}"
+    cluster.cli("volume", "create", vol, "--size", "1G", "--repl", "3")
+    with mounted(cluster, vol, tmp_path / "mnt") as m:
+        (m.path / "f").write_bytes(os.urandom(3 * MiB))
+    for args in (("scrub", vol), ("fsck", vol), ("volume", "repair", vol, "--wait"), ("gc", "--dry-run")):
+        out = on_a_terminal(cluster, *args, "--json")
+        assert "\x1b" not in out, (args, out[:500])
+        doc = json.loads(out)
+        assert isinstance(doc, dict), (args, out[:500])
+    assert json.loads(on_a_terminal(cluster, "scrub", vol, "--json"))["volumes"][vol]["state"] == "healthy"
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_repair_progress_in_a_terminal(cluster: Cluster, tmp_path: Path) -> None:
+    """`pxfs volume repair --wait` in tmux while a replica is down: a progress line says what the
+    repair waits for, and stays until the volume is healthy (here: until the test stops it)."""
+    vol = f"rp-{uuid.uuid4().hex[:6]}"
+    cluster.cli("volume", "create", vol, "--size", "1G", "--repl", "3")
+    with mounted(cluster, vol, tmp_path / "mnt") as m:
+        (m.path / "f").write_bytes(os.urandom(MiB))
+    info = cluster.json("volume", "inspect", vol)
+    assert isinstance(info, dict)
+    victim = next(r for r in info["replicas"] if r not in ("n1", info["coordinator"]))
+    cluster.kill(victim)
+    wait_volume(cluster, vol, lambda v: victim in v["missing_replicas"], "the replica seen missing")
+    with in_tmux(cluster, "volume", "repair", vol, "--wait") as screen:
+        def progress_line() -> str | None:
+            return next((ln for ln in screen().splitlines() if ln.startswith(f"repair {vol}: degraded")), None)
+
+        row = eventually(progress_line, 30, "a progress line")
+        assert f"waiting for {victim} (down)" in row and re.search(r"\d+:\d\d:\d\d", row), row
+        first = row
+        eventually(lambda: (ln := progress_line()) is not None and ln != first, 10, "the elapsed time moved")
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 def test_pxfs_top_in_a_terminal(shared_cluster: Cluster) -> None:
     """`pxfs top` driven in tmux: the screen shows the nodes, a volume and its replica matrix, and refreshes."""
     cluster = shared_cluster
     vol = f"top-{uuid.uuid4().hex[:6]}"
     cluster.cli("volume", "create", vol, "--size", "1G", "--repl", "3")
-    session = f"pxfs-top-{uuid.uuid4().hex[:6]}"
-    env = " ".join(f"{k}={v}" for k, v in {"PXFS_CLUSTER": str(cluster.dir),
-                                           "PYTHONPATH": os.environ.get("PYTHONPATH", "")}.items())
-    cmd = f"env {env} {sys.executable} -m pxfs top --every 1"
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "50", cmd], check=True)
-    try:
-        def screen() -> str:
-            return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
-                                  text=True).stdout
-
+    with in_tmux(cluster, "top", "--every", "1") as screen:
         def drawn() -> str | None:
             s = screen()
             return s if vol in s and "replicas:" in s else None
@@ -261,5 +342,3 @@ def test_pxfs_top_in_a_terminal(shared_cluster: Cluster) -> None:
             return bool(m) and m.group(0) != stamp.group(0)
 
         eventually(refreshed, 10, "pxfs top refreshed")
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
