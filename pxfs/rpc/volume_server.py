@@ -37,11 +37,6 @@ def _data(value: Any, what: str, limit: int = MAX_DATA) -> bytes:
     return b
 
 
-def _block_refs(out: Any, blocks: dict[int, tuple[bytes, int]]) -> None:
-    for i, (idx, (h, length)) in enumerate(sorted(blocks.items())):
-        out[i].index, out[i].hash, out[i].length = idx, h, length
-
-
 class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
     """open: any role, for the volumes its credential names. Replication (apply, reset, lastSeq,
     localReplicas): nodes only, and the sender is the node its certificate names."""
@@ -302,13 +297,13 @@ class VolumeServer(pxfs_capnp.Volume.Server):
 
         attr, blocks, more = await self._call(go)
         convert.attr_to(_context.results.init("attr"), attr)
-        _block_refs(_context.results.init("blocks", len(blocks)), blocks)
+        convert.blocks_to(lambda n: _context.results.init("blocks", n), blocks)
         _context.results.more = more
 
     @served
     async def blocks(self, ino: int, start: int, limit: int, _context: Any, **_: Any) -> None:
         _attr, blocks, more = await self._call(lambda m: m.block_page(ino, start, min(limit or BLOCK_PAGE, BLOCK_PAGE)))
-        _block_refs(_context.results.init("blocks", len(blocks)), blocks)
+        convert.blocks_to(lambda n: _context.results.init("blocks", n), blocks)
         _context.results.more = more
 
     @served
@@ -336,12 +331,13 @@ class VolumeServer(pxfs_capnp.Volume.Server):
 
     @served
     async def commit(self, ino: int, blocks: Any, size: int, mtimeNs: int, held: Any, opId: Any,  # noqa: N803
-                     _context: Any, **_: Any) -> None:
+                     putAgeMs: int, _context: Any, **_: Any) -> None:  # noqa: N803
         op = self._rw(opId)
-        bm = {b.index: (bytes(b.hash), b.length) for b in blocks}
+        bm = convert.writes_from(blocks)
         held = {str(n)[:64] for n in list(held)[:16]}
         changed = Changed()
-        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None, changed, held, op)
+        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None, changed, held, op,
+                                     putAgeMs / 1000)
         self._tell_others(changed)
         convert.attr_to(_context.results.init("attr"), attr)
 

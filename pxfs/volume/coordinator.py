@@ -9,18 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import trio
 
 from pxfs.cluster import records
 from pxfs.cluster.repair import ChunkRepair
-from pxfs.errors import Conflict, Invalid, NotFound, PxfsError, Unavailable
-from pxfs.meta import keys, snapshots
+from pxfs.errors import Conflict, Invalid, NotFound, PutsExpired, PxfsError, Unavailable
+from pxfs.meta import keys, slices, snapshots
 from pxfs.meta.fs import Meta, Op
 from pxfs.meta.fsck import fsck
 from pxfs.meta.kv import Batch
+from pxfs.meta.slices import BlockWrite
 from pxfs.model import Attr, Changed, VolumeInfo
 from pxfs.observe import metrics
 from pxfs.volume import mounts
@@ -155,8 +156,30 @@ class Coordinator(HostContext):
         # batch that holds it may so far be on this replica only, so wait for the in-sync set too.
         if hv.kv.seq != before or meta.replays != replays:
             with metrics.METADATA_BATCH_SECONDS.labels(hv.name.split("@", 1)[0]).time():
-                await self._acknowledge(hv, hv.kv.seq)
+                await self._held_everywhere(hv, hv.kv.seq)
         return result
+
+    async def _held_everywhere(self, hv: Served, seq: int) -> None:
+        """This replica's disk and the in-sync followers at once: the slower of the two, not both."""
+        failed: list[PxfsError] = []
+
+        async def here() -> None:
+            if not isinstance(hv, HostedVolume):
+                return  # a snapshot view writes nothing
+            try:
+                await hv.durable(seq)
+            except PxfsError as err:
+                failed.append(err)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(here)
+            try:
+                await self._acknowledge(hv, seq)
+            except PxfsError as err:
+                failed.append(err)
+                nursery.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
 
     async def _acknowledge(self, hv: Served, seq: int) -> None:
         """Return once every in-sync replica holds batch ``seq``, taking the slow ones out of the set
@@ -234,11 +257,12 @@ class Coordinator(HostContext):
         hv.heard.pop(mount_id, None)
         await self._store.delete(f"mounts/{hv.name}/{mount_id}")
 
-    async def commit(self, hv: Served, ino: int, blocks: dict[int, tuple[bytes, int]], size: int,
+    async def commit(self, hv: Served, ino: int, blocks: Mapping[int, BlockWrite], size: int,
                      mtime_ns: int | None, changed: Changed | None = None, held: set[str] | None = None,
-                     op: Op | None = None) -> Attr:
+                     op: Op | None = None, put_age: float = 0.0) -> Attr:
         insync = hv.insync
-        hashes = [h for h, n in blocks.values() if n]  # length 0 punches a hole: no chunk
+        hashes = [h for w in blocks.values() for h in slices.hashes(w.slices)]
+        started = time.monotonic() - put_age
         if insync is not None and hashes and hv.meta is not None:
             hv.meta.commit_blocks(ino, blocks, size, mtime_ns, dry_run=True, op=op)  # a bad commit costs no copies
             # Before the block map names the chunks: every in-sync replica holds them, or leaves the set.
@@ -247,11 +271,15 @@ class Coordinator(HostContext):
             except Deposed:
                 hv.demote()
                 raise
+        if hashes and time.monotonic() - started > self.commit_window:
+            # Collection counts on it: no chunk is named later than the window after its put.
+            raise PutsExpired(f"inode {ino}", f"chunks put {time.monotonic() - started:.0f} s ago, longer than "
+                              f"the commit window of {self.commit_window:g} s: put them again")
         attr = await self.call(hv, lambda m: m.commit_blocks(ino, blocks, size, mtime_ns, op=op), changed)
         now = time.monotonic()
         fresh = [r for r, until in hv.fresh_replicas.items() if until > now]
         if fresh and blocks:
-            await self._complete_on(hv, fresh, [h for h, _n in blocks.values()])
+            await self._complete_on(hv, fresh, hashes)
         return attr
 
     async def cut_ahead(self, hv: Served, ino: int, size: int, changed: Changed | None = None) -> None:

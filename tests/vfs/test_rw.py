@@ -6,6 +6,8 @@ import blake3
 import trio
 import trio.testing
 
+from pxfs.meta import slices
+from pxfs.meta.slices import BlockWrite, whole
 from pxfs.vfs.vfs import Vfs
 from tests.vfs.conftest import BLOCK, ROOT, pattern, running
 from tests.vfs.fakes import FakeChunks, FakeMeta
@@ -40,9 +42,9 @@ async def test_fsync_commits_once_with_trimmed_last_block(vfs: Vfs, meta: FakeMe
     assert len(meta.commits) == 1
     c_ino, blocks, size = meta.commits[0]
     assert (c_ino, size) == (ino, len(data))
-    assert blocks == {i: (blake3.blake3(data[i * BLOCK:(i + 1) * BLOCK]).digest(), min(BLOCK, len(data) - i * BLOCK))
-                      for i in range(3)}
-    assert blocks[2][1] == 10  # no zeros past EOF are stored
+    assert blocks == {i: BlockWrite(whole(blake3.blake3(data[i * BLOCK:(i + 1) * BLOCK]).digest(),
+                                          min(BLOCK, len(data) - i * BLOCK))) for i in range(3)}
+    assert slices.extent(blocks[2].slices) == 10  # no zeros past EOF are stored
     await vfs.fsync(fh)
     await vfs.release(fh)
     assert len(meta.commits) == 1  # nothing dirty: no second commit
@@ -75,7 +77,7 @@ async def test_sparse_file_and_holes(vfs: Vfs, meta: FakeMeta) -> None:
     await vfs.fsync(fh)
     _, blocks, _ = meta.commits[-1]
     assert sorted(blocks) == [0, 10]
-    assert blocks[10][1] == 9
+    assert slices.extent(blocks[10].slices) == 9
     got = await vfs.read(fh, 0, size + 100)
     assert got == bytes(10) + b"head" + bytes(size - 14 - 4) + b"tail"
     assert await vfs.read(fh, 3 * BLOCK, BLOCK) == bytes(BLOCK)
