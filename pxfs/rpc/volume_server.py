@@ -65,9 +65,10 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
         require_volume(self._who, name, f'volume "{name}"')
         held = [int(i) for i in handles]
         hv, info = await self._b.to_trio(self._h.open, name, mountId)
-        if "@" not in name:
+        if "@" not in name and (held or not mountId.startswith("tool:")):
             # Counted anew here (the mount's handles at its previous coordinator are gone with it);
-            # this also tells a deferred orphan purge that the mount has come back.
+            # this also tells a deferred orphan purge that the mount has come back. A tool holds
+            # nothing and no purge waits for it: it connects even while a restore is under way.
             await self._b.to_trio(self._h.call, hv, lambda m: m.reopen(mountId, held))
         # A snapshot is read-only whatever the mount asked for.
         server = VolumeServer(self._b, self._h, hv, mountId, readOnly or "@" in name, "@" in name, self._who)

@@ -18,8 +18,9 @@ from pxfs.cluster import records
 from pxfs.cluster.repair import ChunkRepair
 from pxfs.errors import Conflict, Invalid, NotFound, PxfsError, Unavailable
 from pxfs.meta import keys, snapshots
+from pxfs.meta import maintenance as jobs
 from pxfs.meta.fs import Meta, Op
-from pxfs.meta.fsck import fsck
+from pxfs.meta.fsck import FsckReport, check
 from pxfs.meta.kv import Batch
 from pxfs.model import Attr, Changed, VolumeInfo
 from pxfs.observe import metrics
@@ -133,13 +134,17 @@ class Coordinator(HostContext):
         await self.keepalive(hv, mount_id, force=True)
         return hv, spec
 
-    async def call(self, hv: Served, fn: Callable[[Meta], T], changed: Changed | None = None) -> T:
+    async def call(self, hv: Served, fn: Callable[[Meta], T], changed: Changed | None = None, *,
+                   job: bool = False) -> T:
         """Run one Meta operation; if it wrote a batch, return only once the live followers hold it.
 
         ``changed`` receives the inodes and entries the operation wrote, for the other mounts' caches.
+        ``job``: a step of the maintenance job under way (the only calls served while there is one).
         """
         if hv.meta is None:
             raise Unavailable(f'volume "{hv.name}"', f"no longer coordinated by node {self.node_id}; reopen")
+        if not job:
+            self._not_in_maintenance(hv)
         before, meta = hv.kv.seq, hv.meta
         replays = meta.replays
         hv.changed_keys = [] if changed is not None else None
@@ -183,17 +188,62 @@ class Coordinator(HostContext):
                                   f"{','.join(sorted(slow))} do not answer and fewer than min-replicas "
                                   f"{insync.min_replicas} would stay in sync (waited {MIN_REPLICAS_WAIT:g}s)")
 
+    # -- jobs under the maintenance mark: restore, fsck repair (pxfs.meta.maintenance) -----------
+
+    def _not_in_maintenance(self, hv: Served) -> None:
+        if isinstance(hv, HostedVolume):
+            pending = jobs.pending(hv.kv)
+            if pending is not None:
+                raise Unavailable(f'volume "{hv.name}"', f"{pending.describe()} is under way; the volume is "
+                                  "served again once it is finished")
+
+    async def _finish_job(self, hv: HostedVolume, steps: int = 0) -> bool:
+        """Drive the job the mark names, ``steps`` steps at most (0: to its end); True once no mark
+        is left. The caller holds ``hv.job_lock``."""
+        done = 0
+        while steps == 0 or done < steps:
+            pending = jobs.pending(hv.kv)
+            if pending is None:
+                return True
+            if pending.job == jobs.RESTORE:
+                snap = hv.snapshot_kv(pending.snapshot)
+                await self.call(hv, lambda m, snap=snap: jobs.restore_step(m.kv, snap), job=True)
+            else:
+                await self._fsck_repair(hv)
+            done += 1
+            await trio.lowlevel.checkpoint()  # a volume without followers acknowledges at once
+        return jobs.pending(hv.kv) is None
+
+    async def _fsck_repair(self, hv: HostedVolume) -> FsckReport:
+        """Under the mark: check in a worker thread (nothing else writes), then the repairs as
+        bounded batches, then the end of the mark. Run again in full after a crash half way."""
+        meta = hv.meta
+        if meta is None:
+            raise Unavailable(f'volume "{hv.name}"', f"no longer coordinated by node {self.node_id}; reopen")
+        report, ops = await trio.to_thread.run_sync(
+            lambda: check(hv.kv, block_size=meta.block_size, repair=True, is_open=meta._is_open))
+        for batch in jobs.batches(ops):
+            await self.call(hv, lambda m, b=batch: m.kv.write(b), job=True)
+        await self.call(hv, lambda m: jobs.end(m.kv), job=True)
+        return report
+
     async def fsck(self, hv: HostedVolume, repair: bool) -> str:
-        """Run fsck on the coordinator's keyspace; a repair batch ships to followers like any other.
-
-        It runs on the trio thread on purpose: no metadata operation may interleave with the scan
-        that the repair batch is computed from.
-        """
-        def run(meta: Meta) -> str:
-            report = fsck(hv.kv, block_size=meta.block_size, repair=repair, is_open=meta._is_open)
+        """Run fsck on the coordinator's keyspace, in a worker thread: a check reads one consistent
+        scan (one RocksDB iterator) while mounts go on; a repair runs under the maintenance mark
+        (no metadata operation may interleave with the scan its writes are computed from), and its
+        batches ship to the followers like any other."""
+        meta = hv.meta
+        if meta is None:
+            raise Unavailable(f'volume "{hv.name}"', f"no longer coordinated by node {self.node_id}; reopen")
+        self._not_in_maintenance(hv)
+        if not repair:
+            report, _ = await trio.to_thread.run_sync(
+                lambda: check(hv.kv, block_size=meta.block_size, is_open=meta._is_open))
             return json.dumps(report.to_json())
-
-        return await self.call(hv, run)
+        async with hv.job_lock:
+            await self.call(hv, lambda m: jobs.begin_fsck(m.kv), job=True)
+            report = await self._fsck_repair(hv)
+        return json.dumps(report.to_json())
 
     # -- snapshots -------------------------------------------------------------------------------
 
@@ -223,10 +273,15 @@ class Coordinator(HostContext):
         return snapshots.listing(self._volume_only(hv).kv)
 
     async def restore(self, hv: Served, name: str) -> None:
+        """Roll the volume back to snapshot ``name`` in bounded batches under the maintenance mark
+        (any job half done is superseded: a restore sets every key)."""
         hv = self._volume_only(hv)
         snap_kv = hv.snapshot_kv(name)
-        ops = await self.call(hv, lambda m: snapshots.restore(m.kv, snap_kv))
-        log.warning("volume=%s restored to snapshot %s (%d keys changed)", hv.name, name, ops)
+        async with hv.job_lock:
+            await self.call(hv, lambda m: jobs.begin_restore(m.kv, name, snap_kv), job=True)
+            before = hv.kv.seq
+            await self._finish_job(hv)
+        log.warning("volume=%s restored to snapshot %s (%d batches)", hv.name, name, hv.kv.seq - before + 1)
         hv.space_due = 0.0
 
     async def detach(self, hv: HostedVolume, mount_id: str) -> None:
