@@ -7,8 +7,9 @@ seconds. So a job is cut into steps of at most ``STEP_OPS`` ops, ``STEP_BYTES`` 
 restored, part repaired): the job's first batch writes the maintenance mark (``M``, see
 ``pxfs.meta.keys``) and its last deletes it, and while the mark is there the coordinator serves no
 mount and finishes the job first, whoever began it and whatever crashed on the way (a failover
-included: the mark is replicated like everything else). A mark is never half a job's state: a
-restore's mark holds its cursor, and the keys up to the cursor are the snapshot's.
+included: the mark is replicated like everything else). The mark holds what the job needs to go
+on: a restore's names its snapshot and its cursor (the keys up to it are the snapshot's already),
+and a step moves the cursor in the very batch that writes the keys it settles.
 """
 
 from __future__ import annotations

@@ -245,6 +245,15 @@ class Coordinator(HostContext):
             report = await self._fsck_repair(hv)
         return json.dumps(report.to_json())
 
+    async def locate(self, hv: Served, hashes: set[bytes]) -> list[tuple[bytes, bytes, int, int]]:
+        """Where ``hashes`` are used (``Meta.locate_chunks``), found in a worker thread: it reads
+        the whole keyspace, and mounts go on meanwhile."""
+        meta = hv.meta
+        if meta is None:
+            raise Unavailable(f'volume "{hv.name}"', f"no longer coordinated by node {self.node_id}; reopen")
+        self._not_in_maintenance(hv)
+        return await trio.to_thread.run_sync(meta.locate_chunks, hashes)
+
     # -- snapshots -------------------------------------------------------------------------------
 
     def _volume_only(self, hv: Served) -> HostedVolume:
