@@ -22,9 +22,11 @@ from pxfs.errors import Corrupt
 from pxfs.meta import keys, quota
 from pxfs.meta.kv import KV, Batch, Op
 
-STEP_OPS = 4096  # as keys.PURGE_BATCH: ~10 ms of the loop, a batch of ~100 KB of small records
+# Measured on a loaded 2-core machine (tests/system/test_loop.py): a restore step of 4096 ops and
+# 8192 keys read took up to 60 ms of CPU, half of that stays under the ~50 ms a step may hold the loop.
+STEP_OPS = 2048  # a batch of ~50 KB of small records
 STEP_BYTES = 4 << 20  # big xattr values: well under the 64 MiB a replication message may carry
-STEP_SCAN = 8192  # keys read per step, changed or not (two keyspaces that mostly agree)
+STEP_SCAN = 4096  # keys read per step, changed or not (two keyspaces that mostly agree)
 
 RESTORE, FSCK = "restore", "fsck"
 

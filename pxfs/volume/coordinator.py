@@ -35,6 +35,9 @@ T = TypeVar("T")
 
 CLONE_DONE = b"cloneDone"
 FRESH_WINDOW = 20.0  # longer than a mount's refresh interval
+# Keys one Meta call may read and write: a restore step reads up to 2 x STEP_SCAN and writes
+# STEP_OPS, a page of the block map is 16384 entries, a purge step 2 x PURGE_BATCH; twice the most.
+STEP_KEYS = 1 << 15
 
 
 class Coordinator(HostContext):
@@ -148,10 +151,12 @@ class Coordinator(HostContext):
         before, meta = hv.kv.seq, hv.meta
         replays = meta.replays
         hv.changed_keys = [] if changed is not None else None
+        touched, started = hv.kv.touched, time.perf_counter()
         try:
             result = fn(meta)  # synchronous: no other operation's batch can land in changed_keys
         finally:
             written, hv.changed_keys = hv.changed_keys, None
+            self._weigh(hv, fn, hv.kv.touched - touched, time.perf_counter() - started)
         if changed is not None and written:
             inodes, entries = keys.touched(written)
             changed.inodes |= inodes
@@ -162,6 +167,19 @@ class Coordinator(HostContext):
             with metrics.METADATA_BATCH_SECONDS.labels(hv.name.split("@", 1)[0]).time():
                 await self._acknowledge(hv, hv.kv.seq)
         return result
+
+    def _weigh(self, hv: Served, fn: Callable[..., object], touched: int, seconds: float) -> None:
+        """Every Meta call holds the node's event loop while it runs: say so when one reads and
+        writes more keys than any bounded step does (a page, a purge step, a restore step). Keys,
+        not time, are the measure: a loaded machine makes any step slow, only a step that grows
+        with the volume touches more keys."""
+        if touched <= STEP_KEYS:
+            return
+        code = getattr(fn, "__code__", None)
+        where = f"{fn.__module__}:{code.co_firstlineno}" if code is not None else repr(fn)
+        self._warn(f"heavy/{hv.name}", "node=%s volume=%s one call touched %d keys of the keyspace in %.0f ms "
+                   "(%s): more than the %d of any bounded step, a step that grows with the volume (issue 13)",
+                   self.node_id, hv.name, touched, seconds * 1e3, where, STEP_KEYS)
 
     async def _acknowledge(self, hv: Served, seq: int) -> None:
         """Return once every in-sync replica holds batch ``seq``, taking the slow ones out of the set

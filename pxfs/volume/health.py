@@ -147,9 +147,10 @@ class Health(Coordinator):
                 "dedup_ratio": round(logical / unique, 3) if unique else 1.0, "snapshots": out}
 
     async def chunk_refs(self, hv: Served) -> list[bytes]:
+        """Listed in a worker thread: a scan of every block entry, too long for the event loop."""
         if isinstance(hv, HostedVolume):
             return await trio.to_thread.run_sync(self.all_chunk_refs, hv)
-        return list(snapshots.chunk_refs(hv.kv)[0])
+        return await trio.to_thread.run_sync(lambda: list(snapshots.chunk_refs(hv.kv)[0]))
 
     def all_chunk_refs(self, hv: HostedVolume) -> list[bytes]:
         """Every chunk the volume and its snapshots name: what GC must keep."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,20 @@ def test_compaction_gives_back_the_space_of_deleted_and_trimmed_records(tmp_path
     finally:
         kv.close()
     kv.compact()  # after close: nothing to do, no error
+
+
+def test_touched_counts_the_owners_gets_scanned_keys_and_writes(kv: KV) -> None:
+    b = Batch()
+    for i in range(10):
+        b.put(b"k%d" % i, b"v")
+    kv.write(b)
+    base = kv.touched
+    assert base >= 10
+    kv.get(b"k1")
+    assert len(list(kv.scan(b"k", limit=4))) == 4
+    assert kv.touched == base + 1 + 4
+    # A worker thread's scan holds no event loop: not the owner's cost.
+    done = threading.Thread(target=lambda: list(kv.scan(b"k")))
+    done.start()
+    done.join()
+    assert kv.touched == base + 5

@@ -25,7 +25,7 @@ from tests.system.faults import FaultCluster, fault_cluster, healthy, wait_volum
 REG = stat.S_IFREG | 0o644
 DATA = [b"job chunk %d" % i for i in range(4)]
 HASHES = [blake3.blake3(d).digest() for d in DATA]
-N = 12000  # block entries of the big file: three restore steps and more
+N = 12000  # block entries of the big file: some six restore steps
 SMALL = 20
 
 
