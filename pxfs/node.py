@@ -27,6 +27,7 @@ from pxfs.cluster.store import ControlStore
 from pxfs.cluster.wakeup import Wakeups
 from pxfs.durable import replace_file
 from pxfs.errors import NoSpace, PxfsError, Unavailable
+from pxfs.loopwatch import LoopWatch
 from pxfs.model import NodeInfo, PoolInfo
 from pxfs.observe import metrics, web
 from pxfs.rpc import pki
@@ -228,6 +229,7 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
     for path, what in [(state, "state directory"), *((p.path, "pool") for p in cfg.pools)]:
         private_dir(path, what)
     raise_fd_limit()
+    trio.lowlevel.add_instrument(LoopWatch(f"node={node_id}"))
 
     pools = [Pool(p.path, p.capacity, klass=p.klass) for p in cfg.pools]
     chunks = LocalChunkStore(pools)

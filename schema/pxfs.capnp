@@ -252,7 +252,11 @@ interface Volume {
   # chunkRefs pages them in hash order: those after `after` ("" from the start), at most limit
   # (and 65536); more: there is a next page.
   chunkRefs @21 (after :Data, limit :UInt32) -> (hashes :List(Data), more :Bool);
-  locate @22 (hashes :List(Data)) -> (places :List(ChunkPlace));
+  # locate pages the places in (path, offset) order: those after (afterPath, afterOffset)
+  # (afterPath "" from the start), at most limit (and 16384, and about 1 MiB); more: there is a
+  # next page. At most 65536 hashes per call.
+  locate @22 (hashes :List(Data), afterPath :Data, afterOffset :UInt64, limit :UInt32)
+      -> (places :List(ChunkPlace), more :Bool);
   # The mount is going away: stop counting it as a mount of the volume.
   detach @23 () -> ();
   # Check the metadata (and with repair=true fix what is safe, as one batch); the report is JSON.

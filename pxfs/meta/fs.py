@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import ParamSpec, TypeVar
 
-from pxfs.errors import FsError, Invalid
+from pxfs.errors import Corrupt, FsError, Invalid
 from pxfs.meta import dirs, handles, keys, opids, quota, slices, xattrs
 from pxfs.meta.dirs import RENAME_EXCHANGE, RENAME_NOREPLACE
 from pxfs.meta.handles import OpenHandles, PendingPurge
@@ -435,25 +435,43 @@ class Meta:
         return refs
 
     def locate_chunks(self, hashes: set[bytes]) -> list[tuple[bytes, bytes, int, int]]:
-        """(hash, path, offset, length) of every block that uses one of ``hashes``: scrub's report."""
-        out: list[tuple[bytes, bytes, int, int]] = []
-        paths: dict[int, bytes] = {ROOT_INO: b"/"}
-        todo = [ROOT_INO]
-        while todo:
-            parent = todo.pop()
-            for name, attr in self.readdir(parent, b"", 1 << 30):
-                path = paths[parent].rstrip(b"/") + b"/" + name
-                if stat.S_ISDIR(attr.mode):
-                    paths[attr.ino] = path
-                    todo.append(attr.ino)
-                elif stat.S_ISREG(attr.mode):
-                    paths.setdefault(attr.ino, path)
+        """(hash, path, offset, length) of every block that uses one of ``hashes``, in (path, offset)
+        order: scrub's report. It reads the keyspace in two scans and nothing else, so it may run in
+        a worker thread while the volume is served: each scan is one RocksDB iterator, one point in
+        time (a file renamed between the two is named where the second found it)."""
+        found: list[tuple[int, int, bytes, int]] = []  # (ino, offset in the file, hash, length)
         for key, block in keys.block_entries(self.kv.scan(keys.INODE_PREFIX)):
             for digest, off, length in block:
                 if digest in hashes:
-                    path = paths.get(key.ino, f"<orphan ino {key.ino}>".encode())
-                    out.append((digest, path, key.idx * self.block_size + off, length))
-        return out
+                    found.append((key.ino, key.idx * self.block_size + off, digest, length))
+        if not found:
+            return []
+        files = {ino for ino, _idx, _h, _n in found}
+        names: dict[int, tuple[int, bytes]] = {}  # every directory and the files found: (parent, name)
+        for raw, value in self.kv.scan(keys.INODE_PREFIX):
+            if raw[9:10] != b"D":  # the cheap test first: most inode keys are not entries
+                continue
+            try:
+                entry = keys.decode_key(raw)
+                child, ftype = keys.decode_dentry(value)
+            except Corrupt:
+                continue  # fsck's to report
+            if isinstance(entry, keys.DentryKey) and (ftype == stat.S_IFDIR or child in files):
+                names.setdefault(child, (entry.parent, entry.name))
+
+        def path(ino: int) -> bytes:
+            parts: list[bytes] = []
+            at = ino
+            while at != ROOT_INO:
+                if at not in names or len(parts) > len(names):  # unnamed, or a cycle cut off from the root
+                    return f"<orphan ino {ino}>".encode()
+                at, name = names[at]
+                parts.append(name)
+            return b"/" + b"/".join(reversed(parts))
+
+        paths = {ino: path(ino) for ino in files}
+        out = [(digest, paths[ino], offset, length) for ino, offset, digest, length in found]
+        return sorted(out, key=lambda p: (p[1], p[2]))
 
     def statfs(self) -> dict[str, int]:
         def counter(name: bytes) -> int:

@@ -19,6 +19,10 @@ inode starts with ``A<ino>``, so purging an inode is one prefix scan.
     G<ino>             purge:   empty; the inode is gone (no attr, no names, no xattrs) but its
                                 block entries are too many for one batch: they are deleted
                                 PURGE_BATCH at a time in later batches (Meta.purge_step)
+    M                  maintenance mark: JSON {"job": "restore", "snapshot", "after", ...} or
+                                {"job": "fsck"}; written by the first batch of a job that rewrites
+                                the keyspace in many batches and deleted by its last: while it is
+                                there the keyspace is a mix, served to no mount (pxfs.meta.maintenance)
     N<name>            snapshot: JSON {"created_ns"}; every replica takes a checkpoint of the
                                 keyspace when it commits the batch that creates this key
     P<mount:8><slot:2> op record: op id:16 + kind:1 (0: no result, 1: an Attr) [+ ino:8 + attr]
@@ -132,6 +136,7 @@ def purge_key(ino: int) -> bytes:
     return PURGE_PREFIX + _U64.pack(ino)
 
 
+MAINTENANCE_KEY = b"M"
 SNAPSHOT_PREFIX = b"N"
 
 
@@ -324,6 +329,11 @@ class PurgeKey:
 
 
 @dataclass(frozen=True)
+class MaintenanceKey:
+    pass
+
+
+@dataclass(frozen=True)
 class SnapshotKey:
     name: str
 
@@ -334,8 +344,8 @@ class OpKey:
     slot: int
 
 
-Key = (AttrKey | DentryKey | BlockKey | SymlinkKey | XattrKey | CounterKey | OrphanKey | PurgeKey | SnapshotKey
-       | OpKey)
+Key = (AttrKey | DentryKey | BlockKey | SymlinkKey | XattrKey | CounterKey | OrphanKey | PurgeKey
+       | MaintenanceKey | SnapshotKey | OpKey)
 
 
 class BadKey(Corrupt):
@@ -375,6 +385,8 @@ def decode_key(raw: bytes) -> Key:
         return OrphanKey(orphan_ino(raw))
     if head == PURGE_PREFIX and len(raw) == 1 + 8:
         return PurgeKey(_U64.unpack_from(raw, 1)[0])
+    if raw == MAINTENANCE_KEY:
+        return MaintenanceKey()
     if head == SNAPSHOT_PREFIX and len(raw) > 1:
         try:
             return SnapshotKey(raw[1:].decode())

@@ -140,6 +140,11 @@ class KV(ABC):
         # before it) before it counts them as held; ``synced`` is the last seq known to be on disk.
         self.deferred_sync = False
         self.synced = self._seq
+        # Keys read (gets, keys a scan yielded) and written by the thread that opened the store, the
+        # owner's event loop: what one step costs there, so that a coordinator can tell a step that
+        # grows with the volume (issue 13). Scans in worker threads hold no loop: not counted.
+        self.touched = 0
+        self._owner = threading.get_ident()
 
     # -- engine primitives -------------------------------------------------------------------
     @abstractmethod
@@ -173,6 +178,8 @@ class KV(ABC):
         return self._loading
 
     def get(self, key: bytes) -> bytes | None:
+        if threading.get_ident() == self._owner:
+            self.touched += 1
         return self._raw_get(key)
 
     def scan(
@@ -188,8 +195,11 @@ class KV(ABC):
             end = RESERVED
         if limit is not None and limit <= 0:
             return
+        owner = threading.get_ident() == self._owner
         count = 0
         for key, value in self._raw_iter(lo, end):
+            if owner:
+                self.touched += 1
             yield key, value
             count += 1
             if limit is not None and count >= limit:
@@ -251,6 +261,7 @@ class KV(ABC):
         ops.append((TRIM_KEY, _U64.pack(upto)))
         # Not synced: losing a trim in a crash only keeps entries a little longer.
         self._raw_write(ops, durable=False)
+        self.touched += len(ops)
         self._trimmed = upto
         self.churn_bytes += dropped
         self.churn_deletes += len(ops) - 1
@@ -320,6 +331,7 @@ class KV(ABC):
         self._seq = seq
         if not self.deferred_sync:
             self.synced = seq
+        self.touched += len(ops)
         self.churn_bytes += len(encoded)
         self.churn_deletes += sum(1 for _, v in batch.ops if v is None)
         if self.after_commit is not None:

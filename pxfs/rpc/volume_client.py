@@ -12,6 +12,8 @@ from pxfs.rpc import convert
 from pxfs.rpc.client import _Caller
 from pxfs.rpc.schema import pxfs_capnp
 
+LOCATE_HASHES = 65536  # what a Volume server takes in one locate call
+
 Invalidate = Callable[[list[int], list[tuple[int, bytes]]], Awaitable[None]]
 
 
@@ -264,10 +266,24 @@ class VolumeClient(_Caller):
             out.extend(hashes)
         return out
 
-    async def locate(self, hashes: list[bytes]) -> list[tuple[bytes, bytes, int, int]]:
-        async def go() -> list[tuple[bytes, bytes, int, int]]:
-            return [(bytes(p.hash), bytes(p.path), p.offset, p.length) for p in (await self.cap.locate(hashes)).places]
-        return await self.call(go)
+    async def locate(self, hashes: list[bytes], page: int = 0) -> list[tuple[bytes, bytes, int, int]]:
+        """(hash, path, offset, length) of the blocks that use ``hashes``: LOCATE_HASHES of them per
+        pass, each pass read ``page`` places at a time (0: the server's page)."""
+        out: list[tuple[bytes, bytes, int, int]] = []
+        for i in range(0, len(hashes), LOCATE_HASHES):
+            part = hashes[i : i + LOCATE_HASHES]
+            after: tuple[bytes, int] = (b"", 0)
+            more = True
+            while more:
+                async def go(after: tuple[bytes, int] = after, part: list[bytes] = part
+                             ) -> tuple[list[tuple[bytes, bytes, int, int]], bool]:
+                    r = await self.cap.locate(part, after[0], after[1], page)
+                    return [(bytes(p.hash), bytes(p.path), p.offset, p.length) for p in r.places], r.more
+                places, more = await self.call(go)
+                out.extend(places)
+                if places:
+                    after = (places[-1][1], places[-1][2])
+        return out
 
     async def info(self) -> VolumeInfo:
         async def go() -> VolumeInfo:

@@ -24,10 +24,15 @@ MAX_RELEASES = 65536
 MAX_BATCHES = 4096
 REFS_PAGE = 65536  # chunk hashes per message: ~2.5 MB
 BLOCK_PAGE = 16384  # block map entries per message: ~1 MB, whatever the size of the file
+LOCATE_PAGE = 16384  # places per message, and
+PAGE_BYTES = 1 << 20  # about this many bytes of them (paths are up to 4 KiB)
+LOCATE_HASHES = 65536  # hashes a locate call may ask about: ~2.5 MB
 MAX_LOAD_ITEMS = 1 << 17  # keys in one part of a full copy (the coordinator sends 20000)
 WATCHER_TIMEOUT = 5.0
 MAX_DATA = 1 << 20  # xattr values, symlink targets and names are far smaller; refuse absurd payloads
 MAX_HANDLES = 1 << 20  # open handles a mount re-registers at once: more than a process may hold
+
+Place = tuple[bytes, bytes, int, int]  # hash, path, offset, length
 
 
 def _data(value: Any, what: str, limit: int = MAX_DATA) -> bytes:
@@ -60,9 +65,10 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
         require_volume(self._who, name, f'volume "{name}"')
         held = [int(i) for i in handles]
         hv, info = await self._b.to_trio(self._h.open, name, mountId)
-        if "@" not in name:
+        if "@" not in name and (held or not mountId.startswith("tool:")):
             # Counted anew here (the mount's handles at its previous coordinator are gone with it);
-            # this also tells a deferred orphan purge that the mount has come back.
+            # this also tells a deferred orphan purge that the mount has come back. A tool holds
+            # nothing and no purge waits for it: it connects even while a restore is under way.
             await self._b.to_trio(self._h.call, hv, lambda m: m.reopen(mountId, held))
         # A snapshot is read-only whatever the mount asked for.
         server = VolumeServer(self._b, self._h, hv, mountId, readOnly or "@" in name, "@" in name, self._who)
@@ -129,6 +135,8 @@ class VolumeServer(pxfs_capnp.Volume.Server):
         self._snapshot = snapshot  # a snapshot's keyspace is never written, not even to forget a mount
         self._watcher: Any = None
         self._refs: list[bytes] | None = None  # the chunk hashes a chunkRefs pass is paging through
+        # The places a locate pass is paging through: for which hashes, the places, their (path, offset).
+        self._places: tuple[frozenset[bytes], list[Place], list[tuple[bytes, int]]] | None = None
 
     # -- telling the other mounts ---------------------------------------------------------------
     def watch(self, watcher: Any) -> None:
@@ -404,12 +412,27 @@ class VolumeServer(pxfs_capnp.Volume.Server):
         _context.results.more = first + n < len(refs)
 
     @served
-    async def locate(self, hashes: Any, _context: Any, **_: Any) -> None:
-        wanted = {bytes(h) for h in hashes}
-        places = await self._call(lambda m: m.locate_chunks(wanted))
-        out = _context.results.init("places", len(places))
-        for i, (h, path, offset, length) in enumerate(places):
+    async def locate(self, hashes: Any, afterPath: Any, afterOffset: int, limit: int,  # noqa: N803
+                     _context: Any, **_: Any) -> None:
+        if len(hashes) > LOCATE_HASHES:
+            raise Invalid("locate", f"{len(hashes)} hashes at once is more than {LOCATE_HASHES}")
+        wanted = frozenset(_data(h, "hash", 64) for h in hashes)
+        after = (_data(afterPath, "path"), afterOffset)
+        if not after[0] or self._places is None or self._places[0] != wanted:
+            # Found once per pass (from its first page, in a worker thread) and kept for the pages
+            # that follow; a pass that goes on at another coordinator finds them there anew.
+            found = await self._b.to_trio(self._h.locate, self._hv, set(wanted))
+            self._places = (wanted, found, [(path, offset) for _h, path, offset, _n in found])
+        _wanted, found, order = self._places
+        first = bisect.bisect_right(order, after) if after[0] else 0
+        n, size = 0, 0
+        while first + n < len(found) and n < min(limit or LOCATE_PAGE, LOCATE_PAGE) and size < PAGE_BYTES:
+            size += len(found[first + n][1]) + 64
+            n += 1
+        out = _context.results.init("places", n)
+        for i, (h, path, offset, length) in enumerate(found[first : first + n]):
             out[i].hash, out[i].path, out[i].offset, out[i].length = h, path, offset, length
+        _context.results.more = first + n < len(found)
 
     @served
     async def info(self, _context: Any, **_: Any) -> None:

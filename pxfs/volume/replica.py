@@ -75,6 +75,9 @@ class HostedVolume:
         self.mounts: dict[str, float] = {}  # mount id -> when its registration was last written
         self.heard: dict[str, float] = {}  # mount id -> when it last called (time.time)
         self.lock = trio.Lock()  # serialises apply() of batches arriving from the coordinator
+        # One driver at a time of the job under the maintenance mark (pxfs.meta.maintenance): a
+        # restore or fsck repair asked for, or a supervision round finishing one.
+        self.job_lock = trio.Lock()
         self.changed_keys: list[bytes] | None = None  # keys written by the operation VolumeHost.call runs
         # mount id -> its Volume server, which holds the mount's Watcher (capnp thread only)
         self.watchers: dict[str, Any] = {}

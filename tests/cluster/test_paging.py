@@ -1,6 +1,7 @@
 """Answers that grow with a file or a volume come in bounded pages (issue 13): a block map of more
-entries than one message holds is read whole at open, chunk references page by page, and freeing
-such a file is one small batch plus bounded purge steps — through real `pxfs node` processes."""
+entries than one message holds is read whole at open, chunk references and the places chunks are
+used in page by page, and freeing such a file is one small batch plus bounded purge steps — through
+real `pxfs node` processes."""
 
 from __future__ import annotations
 
@@ -45,6 +46,18 @@ async def test_a_block_map_of_many_pages(shared_cluster: Cluster) -> None:
         await vol.release(f.ino)  # create counted a handle too
         assert await vol.chunk_refs(page=2) == sorted(HASHES)  # three pages of two
         assert sorted(await vol.chunk_refs()) == sorted(HASHES)
+
+        # Where chunks are used: paged in (path, offset) order, whatever the pass's size.
+        d = await vol.mkdir(1, b"d", 0o755, 0, 0)
+        g = await vol.create(d.ino, b"g", REG, 0, 0)
+        await vol.commit(g.ino, {0: (HASHES[1], 1)}, 1, 0, held=list(info.replicas))
+        await vol.release(g.ino)
+        want = [(HASHES[1], b"/d/g", 0, 1)] + [(HASHES[1], b"/f", i * BLOCK, 1) for i in range(1, N, 5)]
+        assert await vol.locate([HASHES[1]], page=1000) == want  # 9 pages
+        assert await vol.locate([HASHES[1], bytes(32)]) == want
+        assert await vol.locate([bytes(32)]) == []
+        await vol.unlink(d.ino, b"g")
+        await vol.rmdir(1, b"d")
 
         before = (await seqs(c, "paged", [info.coordinator]))[info.coordinator]
         await vol.unlink(1, b"f")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,20 @@ def test_deferred_sync_counts_what_is_on_disk(tmp_path: Path) -> None:
     again = RocksKV(str(tmp_path / "kv"))
     assert again.seq == again.synced == 4 and again.get(b"k9") == b"v"
     again.close()
+
+
+def test_touched_counts_the_owners_gets_scanned_keys_and_writes(kv: KV) -> None:
+    b = Batch()
+    for i in range(10):
+        b.put(b"k%d" % i, b"v")
+    kv.write(b)
+    base = kv.touched
+    assert base >= 10
+    kv.get(b"k1")
+    assert len(list(kv.scan(b"k", limit=4))) == 4
+    assert kv.touched == base + 1 + 4
+    # A worker thread's scan holds no event loop: not the owner's cost.
+    done = threading.Thread(target=lambda: list(kv.scan(b"k")))
+    done.start()
+    done.join()
+    assert kv.touched == base + 5
