@@ -18,7 +18,7 @@ from pxfs.chunks.pool import Pool
 from pxfs.cluster import records, status
 from pxfs.cluster.admin import ClusterAdmin
 from pxfs.cluster.backends import NodeContext, open_node_store
-from pxfs.cluster.config import check_gc_grace, load_config
+from pxfs.cluster.config import COMMIT_WINDOW, check_commit_window, check_gc_grace, load_config
 from pxfs.cluster.etcd_store import ALIVE_PREFIX
 from pxfs.cluster.gc import Collector
 from pxfs.cluster.guard import StoreGuard
@@ -27,7 +27,8 @@ from pxfs.cluster.peers import Peers, store_resolver
 from pxfs.cluster.store import ControlStore
 from pxfs.cluster.wakeup import Wakeups
 from pxfs.durable import replace_file
-from pxfs.errors import PxfsError, Unavailable
+from pxfs.errors import NoSpace, PxfsError, Unavailable
+from pxfs.loopwatch import LoopWatch
 from pxfs.model import NodeInfo, PoolInfo
 from pxfs.observe import metrics, web
 from pxfs.observe.activity import Activity, Totals
@@ -67,24 +68,34 @@ class NodeConfig:
 class ChunkService:
     """The node's pools as the ChunkStore RPC sees them: LocalChunkStore plus per-pool stats and GC."""
 
-    def __init__(self, node_id: str, store: LocalChunkStore) -> None:
-        self.node_id, self.store = node_id, store
+    def __init__(self, node_id: str, store: LocalChunkStore, window: float = COMMIT_WINDOW) -> None:
+        self.node_id, self.store, self.window = node_id, store, window
         self.collector: Collector | None = None
         self.totals = Totals()  # what the cluster page's rates are computed from
 
     async def collect(self, dry_run: bool, grace: float) -> dict[str, Any]:
         # Whoever asks: a shorter grace could sweep a chunk whose commit is still on its way.
-        check_gc_grace(grace, f"gc on node {self.node_id} with grace {grace:g} s")
+        check_gc_grace(grace, f"gc on node {self.node_id} with grace {grace:g} s", self.window)
         if self.collector is None:
             raise Unavailable(f"node {self.node_id}", "garbage collection is not running yet")
         return await self.collector.collect(dry_run, grace)
 
     async def put(self, h: bytes, data: bytes) -> bool:
-        with metrics.CHUNK_PUT_SECONDS.time():
-            stored = await self.store.put(h, data)
+        try:
+            with metrics.CHUNK_PUT_SECONDS.time():
+                stored = await self.store.put(h, data)
+        except NoSpace:
+            if self.collector is not None:
+                self.collector.wake("a pool is full")
+            raise
         metrics.CHUNK_PUT_BYTES.inc(len(data))
         self.totals.put_bytes += len(data)
+        if stored and self.collector is not None:
+            self.collector.added(len(data), self._capacity())
         return stored
+
+    def _capacity(self) -> int:
+        return sum(p.capacity for p in self.store.pools)
 
     async def get(self, h: bytes) -> bytes:
         with metrics.CHUNK_GET_SECONDS.time():
@@ -226,7 +237,9 @@ def node_pages(admin: ClusterAdmin, activity: Activity) -> web.Pages:
 async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT. Raises PxfsError on a configuration problem at start."""
     cluster = load_config(cfg.cluster_dir)
-    check_gc_grace(cluster.gc_grace, "gc_grace in cluster.json")  # the automatic rounds use it
+    check_commit_window(cluster.commit_window, "commit_window in cluster.json")
+    # The automatic rounds use it.
+    check_gc_grace(cluster.gc_grace, "gc_grace in cluster.json", cluster.commit_window)
     split_address(cfg.listen)
     state = cfg.state_dir or (cfg.pools[0].path / "node-state")
     state.mkdir(parents=True, exist_ok=True)
@@ -239,11 +252,12 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
     for path, what in [(state, "state directory"), *((p.path, "pool") for p in cfg.pools)]:
         private_dir(path, what)
     raise_fd_limit()
+    trio.lowlevel.add_instrument(LoopWatch(f"node={node_id}"))
 
     pools = [Pool(p.path, p.capacity, klass=p.klass) for p in cfg.pools]
     chunks = LocalChunkStore(pools)
     await chunks.open()
-    chunk_service = ChunkService(node_id, chunks)
+    chunk_service = ChunkService(node_id, chunks, cluster.commit_window)
 
     async with open_bridge() as bridge:
         # The backend cluster.json names: which store, and whether this node serves it (embedded
@@ -253,10 +267,12 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
         store, is_seed = opened.store, opened.seed
         peers = Peers(bridge, credential, node_id, store_resolver(store))
         admin = ClusterAdmin(store, cluster, peers=peers)
-        volumes = VolumeHost(node_id, state, store, peers, repair_rate=cluster.repair_rate)
+        volumes = VolumeHost(node_id, state, store, peers, repair_rate=cluster.repair_rate,
+                             commit_window=cluster.commit_window)
         guard = StoreGuard(node_id, cluster.id, state, store, is_seed, volumes.holds_data)
         volumes.guard = guard
-        chunk_service.collector = Collector(node_id, store, peers, chunks, held=volumes.held, guard=guard)
+        chunk_service.collector = Collector(node_id, store, peers, chunks, held=volumes.held, guard=guard,
+                                            window=cluster.commit_window)
         services = Services(admin=admin, chunks=chunk_service, control=opened.served, volumes=volumes)
         server = RpcServer(bridge, services, credential, cluster.id, node_id)
         host, port = split_address(cfg.listen)

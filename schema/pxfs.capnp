@@ -85,10 +85,15 @@ struct DirEntry {
   attr @1 :Attr;
 }
 
+# One slice of a block (pxfs.meta.slices): a block map lists a block's slices in order, later over
+# earlier, as consecutive refs of one index; a block of one ref at offset 0 is one chunk.
 struct BlockRef {
   index @0 :UInt64;
   hash @1 :Data;             # BLAKE3-256 of the chunk
-  length @2 :UInt32;         # bytes of the chunk that belong to the block; the rest of the block is zeros
+  length @2 :UInt32;         # bytes of the chunk that belong to the block (at offset); elsewhere zeros
+  offset @3 :UInt32;         # where in the block the slice starts
+  append @4 :Bool;           # commit only: over the block's slices (all refs of an index agree);
+                             # false: they replace them (length 0: a hole)
 }
 
 # Bootstrap of every node, reached only over mutual TLS: the peer's identity and role come from its
@@ -235,8 +240,10 @@ interface Volume {
   release @17 (ino :UInt64) -> ();
   # held: the replicas that answered "stored" for every chunk of blocks. The coordinator copies what
   # an in-sync replica lacks, or takes it out of the in-sync set, before it acknowledges.
+  # putAgeMs: how long ago the mount began putting the chunks; past the cluster's commit window the
+  # commit is refused (puts-expired): garbage collection may be about to take them (pxfs.cluster.gc).
   commit @18 (ino :UInt64, blocks :List(BlockRef), size :UInt64, mtimeNs :Int64, held :List(Text),
-              opId :Data) -> (attr :Attr);
+              opId :Data, putAgeMs :UInt32) -> (attr :Attr);
   # used: bytes of file data; metaBytes: of names, xattrs and symlink targets (both count against
   # capacity); maxInodes: the inode limit, 0 for none.
   statfs @19 () -> (capacity :UInt64, used :UInt64, inodes :UInt64, blockSize :UInt32,
@@ -246,7 +253,11 @@ interface Volume {
   # chunkRefs pages them in hash order: those after `after` ("" from the start), at most limit
   # (and 65536); more: there is a next page.
   chunkRefs @21 (after :Data, limit :UInt32) -> (hashes :List(Data), more :Bool);
-  locate @22 (hashes :List(Data)) -> (places :List(ChunkPlace));
+  # locate pages the places in (path, offset) order: those after (afterPath, afterOffset)
+  # (afterPath "" from the start), at most limit (and 16384, and about 1 MiB); more: there is a
+  # next page. At most 65536 hashes per call.
+  locate @22 (hashes :List(Data), afterPath :Data, afterOffset :UInt64, limit :UInt32)
+      -> (places :List(ChunkPlace), more :Bool);
   # The mount is going away: stop counting it as a mount of the volume.
   detach @23 () -> ();
   # Check the metadata (and with repair=true fix what is safe, as one batch); the report is JSON.

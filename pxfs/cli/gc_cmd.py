@@ -19,7 +19,8 @@ async def cmd_gc(args: argparse.Namespace) -> int:
     cfg = load_config(args.cluster)
     grace = cfg.gc_grace if args.grace is None else args.grace
     # Refused here already, before any node is asked: one line, not a table of the same refusal.
-    check_gc_grace(grace, "gc_grace in cluster.json" if args.grace is None else f"--grace {grace:g}")
+    check_gc_grace(grace, "gc_grace in cluster.json" if args.grace is None else f"--grace {grace:g}",
+                   cfg.commit_window)
     credential = load_credential(args.cluster)
     reports: list[dict[str, Any]] = []
     failed = 0
@@ -62,5 +63,6 @@ def register(sub: argparse._SubParsersAction, client: Any) -> None:
     p = client(sub.add_parser("gc", help="delete chunks no volume or snapshot references (all nodes)"))
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--grace", type=float, default=None,
-                   help=f"seconds, at least {MIN_GC_GRACE:g} (default: the cluster's gc_grace, 1h)")
+                   help=f"seconds, at least twice the cluster's commit window and 20 s ({MIN_GC_GRACE:g} for "
+                   "the default window; default: the cluster's gc_grace)")
     p.set_defaults(run=cmd_gc)

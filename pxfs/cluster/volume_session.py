@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +25,9 @@ from pxfs.cluster.backends import node_addresses
 from pxfs.cluster.config import load_config
 from pxfs.cluster.peers import Peers
 from pxfs.errors import Conflict, NotFound, PxfsError, Unauthorized, Unavailable
+from pxfs.meta import slices
 from pxfs.meta.opids import OpIds
+from pxfs.meta.slices import BlockMap, BlockWrite
 from pxfs.model import Attr, NodeInfo, VolumeInfo
 from pxfs.rpc.bridge import Bridge
 from pxfs.rpc.client import Connection
@@ -289,7 +291,7 @@ class VolumeSession:
         op = self._ops.next()
         await self._call(lambda m: m.removexattr(ino, name, op))
 
-    async def open(self, ino: int) -> tuple[Attr, dict[int, tuple[bytes, int]]]:
+    async def open(self, ino: int) -> tuple[Attr, BlockMap]:
         result = await self._call(lambda m: m.open(ino))
         self._open[ino] = self._open.get(ino, 0) + 1
         return result
@@ -338,11 +340,17 @@ class VolumeSession:
                 # Lost closes only delay freeing unlinked files until the coordinator restarts.
                 log.warning("volume=%s could not send %d closes: %s", self.volume, len(todo), err)
 
-    async def commit(self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int) -> Attr:
-        hashes = [h for h, _n in blocks.values()]
+    async def commit(self, ino: int, blocks: Mapping[int, BlockWrite], size: int, mtime_ns: int,
+                     put_started: float | None = None) -> Attr:
+        """``put_started``: trio clock time the chunks' puts began; each try says how long ago."""
+        hashes = [h for w in blocks.values() for h in slices.hashes(w.slices)]
         held = self.chunks.held_by(hashes) if self.chunks is not None else []
         op = self._ops.next()
-        attr = await self._call(lambda m: m.commit(ino, blocks, size, mtime_ns, held, op))
+
+        def age() -> float:
+            return 0.0 if put_started is None else trio.current_time() - put_started
+
+        attr = await self._call(lambda m: m.commit(ino, blocks, size, mtime_ns, held, op, age()))
         if self.chunks is not None:
             self.chunks.committed(hashes)
         return attr

@@ -5,11 +5,14 @@ operation; what fsck looks for is damage from outside that contract: a bug, a ha
 a replica that diverged. It reads the whole keyspace once (the schema is in ``pxfs.meta.keys``),
 builds the tree as it will be after repair, and compares every stored fact with it.
 
-The repair is one ``KV.write`` like any other mutation, so it ships to the followers in the
-ordinary replication stream and a crash leaves either the old or the repaired keyspace. Repairs
-never throw file data away: an unreferenced inode is moved into ``/lost+found``; only inodes
-already on the orphan list (unlinked, waiting for their last close) are purged. Nothing is
-repaired when the root cannot be read, since the tree to repair towards is then unknown.
+The repair is written as bounded batches (``pxfs.meta.maintenance.batches``) that ship to the
+followers in the ordinary replication stream; the coordinator writes them under the maintenance
+mark, so that no mount sees the keyspace half repaired and a crash half way has the repair run
+again before anything else (``check`` computes them, so that it can run outside the event loop
+while nothing writes). Repairs never throw file data away: an unreferenced inode is moved into
+``/lost+found``; only inodes already on the orphan list (unlinked, waiting for their last close)
+are purged. Nothing is repaired when the root cannot be read, since the tree to repair towards
+is then unknown.
 
 Not checked: directory cycles cut off from the root (every directory there has an entry, so none
 looks orphaned), and whether the chunks the block maps name exist; ``chunk_refs`` lists them so
@@ -25,9 +28,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pxfs.errors import Corrupt
-from pxfs.meta import keys, quota
+from pxfs.meta import keys, maintenance, quota, slices
 from pxfs.meta.keys import ROOT_INO, Attr
-from pxfs.meta.kv import KV, Batch
+from pxfs.meta.kv import KV, Op
+from pxfs.meta.slices import Block
 
 LOST_FOUND = b"lost+found"
 
@@ -89,11 +93,26 @@ def fsck(
     is_open: Callable[[int], bool] = lambda ino: False,
     clock: Callable[[], int] = time.time_ns,
 ) -> FsckReport:
-    """Check ``kv``; with ``repair`` fix what is safe in one atomic write. Without it, write nothing.
+    """Check ``kv``; with ``repair`` fix what is safe, in bounded batches. Without it, write nothing.
 
     ``is_open`` tells which orphans still have open handles (those are kept); ``clock`` stamps the
     ctime of repaired inodes and the times of a new ``/lost+found``.
     """
+    report, ops = check(kv, block_size=block_size, repair=repair, is_open=is_open, clock=clock)
+    for batch in maintenance.batches(ops):
+        kv.write(batch)
+    return report
+
+
+def check(
+    kv: KV,
+    *,
+    block_size: int,
+    repair: bool = False,
+    is_open: Callable[[int], bool] = lambda ino: False,
+    clock: Callable[[], int] = time.time_ns,
+) -> tuple[FsckReport, list[Op]]:
+    """Check ``kv`` (writing nothing) and, with ``repair``, list the writes that fix what is safe."""
     return _Fsck(kv, block_size, repair, is_open, clock()).run()
 
 
@@ -106,7 +125,7 @@ class _Fsck:
         self.attrs: dict[int, Attr] = {}
         self.bad_attrs: set[int] = set()
         self.entries: list[_Entry] = []
-        self.blocks: dict[int, list[tuple[int, bytes, int]]] = {}
+        self.blocks: dict[int, list[tuple[int, Block]]] = {}
         self.inode_keys: dict[int, list[bytes]] = {}
         self.orphans: set[int] = set()
         self.purging: set[int] = set()  # on the purge list: block entries without attr are expected
@@ -137,7 +156,7 @@ class _Fsck:
         a.ctime_ns = self.now
         self.dirty.add(a.ino)
 
-    def run(self) -> FsckReport:
+    def run(self) -> tuple[FsckReport, list[Op]]:
         self._scan()
         root = self.attrs.get(ROOT_INO)
         if root is None or not stat.S_ISDIR(root.mode):
@@ -153,18 +172,11 @@ class _Fsck:
         self._check_links()
         self._check_blocks()
         self._check_counters()
-        if self.repair:
-            for ino in self.dirty - self.gone:
-                self.ops[keys.attr_key(ino)] = keys.encode_attr(self.attrs[ino])
-            if self.ops:
-                batch = Batch()
-                for key, value in self.ops.items():
-                    if value is None:
-                        batch.delete(key)
-                    else:
-                        batch.put(key, value)
-                self.kv.write(batch)
-        return self.report
+        if not self.repair:
+            return self.report, []
+        for ino in self.dirty - self.gone:
+            self.ops[keys.attr_key(ino)] = keys.encode_attr(self.attrs[ino])
+        return self.report, list(self.ops.items())
 
     # -- reading ----------------------------------------------------------------------------------
     def _scan(self) -> None:
@@ -236,13 +248,13 @@ class _Fsck:
         elif isinstance(key, keys.BlockKey):
             self.report.blocks += 1
             try:
-                digest, length = keys.decode_block(value)
+                block = keys.decode_block(value)
             except Corrupt as e:
                 if self.problem("bad-block", ino, f"block {key.idx}: {e.cause}"):
                     self.ops[raw] = None
                 return
-            self.blocks.setdefault(ino, []).append((key.idx, digest, length))
-            self.used_before += length
+            self.blocks.setdefault(ino, []).append((key.idx, block))
+            self.used_before += slices.extent(block)
 
     def _strays(self) -> None:
         """Keys of an inode without attr (entries of a lost directory too) are unreachable: drop them.
@@ -261,7 +273,7 @@ class _Fsck:
             if self.problem("stray-key", ino, f"{len(inode_keys)} keys of an inode without attr"):
                 for key in inode_keys:
                     self.ops[key] = None
-                self.used_removed += sum(length for _, _, length in self.blocks.get(ino, ()))
+                self.used_removed += sum(slices.extent(b) for _, b in self.blocks.get(ino, ()))
             self.blocks.pop(ino, None)
             self.gone.add(ino)
 
@@ -329,7 +341,7 @@ class _Fsck:
 
     def _purge(self, ino: int, fix: bool) -> None:
         """Drop every key of an orphan; its chunks leave ``chunk_refs`` even when only reporting."""
-        used = sum(length for _, _, length in self.blocks.pop(ino, ()))
+        used = sum(slices.extent(b) for _, b in self.blocks.pop(ino, ()))
         self.gone.add(ino)
         if fix:
             for key in self.inode_keys[ino]:
@@ -416,17 +428,19 @@ class _Fsck:
         for ino, blocks in self.blocks.items():
             a = self.attrs.get(ino)
             size = a.size if a is not None and stat.S_ISREG(a.mode) else 0
-            for idx, digest, length in blocks:
+            for idx, block in blocks:
+                length = slices.extent(block)
                 keep = length if a is None else max(0, min(length, self.bs, size - idx * self.bs))
+                kept = slices.cut(block, keep)
                 if keep < length or keep == 0:
                     what = "is empty" if length == 0 else f"({length} bytes) is past EOF {size}"
                     if keep:
                         what = f"runs past EOF {size} or block size: {length} -> {keep} bytes"
                     if self.problem("block-past-eof", ino, f"block {idx} {what}"):
                         key = keys.block_key(ino, idx)
-                        self.ops[key] = keys.encode_block(digest, keep) if keep else None
+                        self.ops[key] = keys.encode_block(kept) if kept else None
                         self.used_removed += length - keep
-                if keep:
+                for digest in slices.hashes(kept):
                     self.report.chunk_refs.setdefault(digest, []).append((ino, idx))
 
     def _check_counters(self) -> None:

@@ -6,8 +6,10 @@ inode starts with ``A<ino>``, so purging an inode is one prefix scan.
     A<ino>I            attr:    ver:1 mode:4 nlink:4 uid:4 gid:4 rdev:8 size:8
                                 atime_ns:8 mtime_ns:8 ctime_ns:8 parent:8   (parent: dirs only)
     A<ino>D<name>      dentry:  child ino:8 + file type:1 (mode >> 12)
-    A<ino>C<idx:8>     block:   BLAKE3-256 hash:32 + length:4; the block's data is chunk[:length]
-                                followed by zeros up to the block end; a missing entry is a hole
+    A<ino>C<idx:8>     block:   its slices (pxfs.meta.slices), later over earlier, zeros where none
+                                reaches; a missing entry is a hole. One slice at offset 0 is
+                                hash:32 + length:4 (the block is chunk[:length]); any other list
+                                is 0x01 + (hash:32 + offset:4 + length:4) per slice
     A<ino>S            symlink: target bytes
     A<ino>X<name>      xattr:   value bytes
     C<name>            counter: value:8 (nextInode, usedBytes, inodes, metaBytes: bytes of entry
@@ -17,6 +19,10 @@ inode starts with ``A<ino>``, so purging an inode is one prefix scan.
     G<ino>             purge:   empty; the inode is gone (no attr, no names, no xattrs) but its
                                 block entries are too many for one batch: they are deleted
                                 PURGE_BATCH at a time in later batches (Meta.purge_step)
+    M                  maintenance mark: JSON {"job": "restore", "snapshot", "after", ...} or
+                                {"job": "fsck"}; written by the first batch of a job that rewrites
+                                the keyspace in many batches and deleted by its last: while it is
+                                there the keyspace is a mix, served to no mount (pxfs.meta.maintenance)
     N<name>            snapshot: JSON {"created_ns"}; every replica takes a checkpoint of the
                                 keyspace when it commits the batch that creates this key
     P<mount:8><slot:2> op record: op id:16 + kind:1 (0: no result, 1: an Attr) [+ ino:8 + attr]
@@ -39,6 +45,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pxfs.errors import Corrupt
+from pxfs.meta.slices import Block
 
 ROOT_INO = 1
 HASH_LEN = 32
@@ -53,6 +60,8 @@ _ATTR_VERSION = 1
 _ATTR = struct.Struct(">BIIIIQQqqqQ")
 _DENTRY = struct.Struct(">QB")
 _BLOCK = struct.Struct(f">{HASH_LEN}sI")
+_SLICE = struct.Struct(f">{HASH_LEN}sII")
+_SLICES_VERSION = 1
 
 
 @dataclass
@@ -127,6 +136,7 @@ def purge_key(ino: int) -> bytes:
     return PURGE_PREFIX + _U64.pack(ino)
 
 
+MAINTENANCE_KEY = b"M"
 SNAPSHOT_PREFIX = b"N"
 
 
@@ -216,15 +226,19 @@ def decode_dentry(value: bytes) -> tuple[int, int]:
     return ino, ftype << 12
 
 
-def encode_block(digest: bytes, length: int) -> bytes:
-    return _BLOCK.pack(digest, length)
+def encode_block(block: Block) -> bytes:
+    if len(block) == 1 and block[0][1] == 0:
+        return _BLOCK.pack(block[0][0], block[0][2])
+    return bytes([_SLICES_VERSION]) + b"".join(_SLICE.pack(*s) for s in block)
 
 
-def decode_block(value: bytes) -> tuple[bytes, int]:
-    if len(value) != _BLOCK.size:
-        raise Corrupt("block entry", f"{len(value)}-byte value, not {_BLOCK.size}")
-    digest, length = _BLOCK.unpack(value)
-    return digest, length
+def decode_block(value: bytes) -> Block:
+    if len(value) == _BLOCK.size:
+        digest, length = _BLOCK.unpack(value)
+        return ((digest, 0, length),)
+    if not value or value[0] != _SLICES_VERSION or (len(value) - 1) % _SLICE.size:
+        raise Corrupt("block entry", f"{len(value)}-byte value, neither one chunk nor a slice list")
+    return tuple(_SLICE.iter_unpack(memoryview(value)[1:]))
 
 
 def encode_u64(n: int) -> bytes:
@@ -315,6 +329,11 @@ class PurgeKey:
 
 
 @dataclass(frozen=True)
+class MaintenanceKey:
+    pass
+
+
+@dataclass(frozen=True)
 class SnapshotKey:
     name: str
 
@@ -325,8 +344,8 @@ class OpKey:
     slot: int
 
 
-Key = (AttrKey | DentryKey | BlockKey | SymlinkKey | XattrKey | CounterKey | OrphanKey | PurgeKey | SnapshotKey
-       | OpKey)
+Key = (AttrKey | DentryKey | BlockKey | SymlinkKey | XattrKey | CounterKey | OrphanKey | PurgeKey
+       | MaintenanceKey | SnapshotKey | OpKey)
 
 
 class BadKey(Corrupt):
@@ -366,6 +385,8 @@ def decode_key(raw: bytes) -> Key:
         return OrphanKey(orphan_ino(raw))
     if head == PURGE_PREFIX and len(raw) == 1 + 8:
         return PurgeKey(_U64.unpack_from(raw, 1)[0])
+    if raw == MAINTENANCE_KEY:
+        return MaintenanceKey()
     if head == SNAPSHOT_PREFIX and len(raw) > 1:
         try:
             return SnapshotKey(raw[1:].decode())
@@ -376,9 +397,9 @@ def decode_key(raw: bytes) -> Key:
     raise BadKey(raw, "not in the schema")
 
 
-def block_entries(items: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[BlockKey, bytes, int]]:
-    """(key, hash, length) of every block entry among ``items`` (a scan of ``INODE_PREFIX``), for
-    the chunk scans; keys and values that do not decode are fsck's to report, skipped here."""
+def block_entries(items: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[BlockKey, Block]]:
+    """(key, slices) of every block entry among ``items`` (a scan of ``INODE_PREFIX``), for the
+    chunk scans; keys and values that do not decode are fsck's to report, skipped here."""
     for raw, value in items:
         if raw[9:10] != b"C":  # the cheap test first: most inode keys are not blocks
             continue
@@ -386,7 +407,7 @@ def block_entries(items: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[BlockK
             key = decode_key(raw)
             if not isinstance(key, BlockKey):
                 continue
-            digest, length = decode_block(value)
+            block = decode_block(value)
         except Corrupt:
             continue
-        yield key, digest, length
+        yield key, block

@@ -12,11 +12,9 @@ import json
 from collections.abc import Iterator
 
 from pxfs.errors import Exists, Invalid, NotFound
-from pxfs.meta import keys, quota
+from pxfs.meta import keys, maintenance, slices
 from pxfs.meta.kv import KV, Batch
 from pxfs.paths import is_name
-
-COPY_BATCH = 20000
 
 
 def check_name(volume: str, name: str) -> str:
@@ -75,50 +73,21 @@ def check_batch(batch: Batch) -> None:
 
 def _data_keys(kv: KV) -> Iterator[tuple[bytes, bytes]]:
     """Everything but the snapshot and op records (they belong to the volume and its mounts now,
-    not to a point in time: a clone has other mounts, a restore keeps answering today's retries)."""
+    not to a point in time: a clone has other mounts) and a maintenance mark (a job of the volume)."""
     for key, value in kv.scan(b""):
-        if not key.startswith((keys.SNAPSHOT_PREFIX, keys.OP_PREFIX)):
+        if not key.startswith((keys.SNAPSHOT_PREFIX, keys.OP_PREFIX, keys.MAINTENANCE_KEY)):
             yield key, value
 
 
-def restore(kv: KV, snapshot: KV) -> int:
-    """Make ``kv`` hold what ``snapshot`` holds (snapshot records kept) in ONE batch; returns ops.
-
-    Two counters are not the snapshot's: ``nextInode`` never goes back (an inode number handed out
-    since may still be cached by a mount, or held open: reusing it would show that file another's
-    contents), and a snapshot from before metadata counted against the quota gets it counted.
-    """
-    b = Batch()
-    want = dict(_data_keys(snapshot))
-    nxt = keys.counter_key(keys.NEXT_INODE)
-    want[nxt] = keys.encode_u64(max(keys.decode_u64(want.get(nxt)), keys.decode_u64(kv.get(nxt))))
-    meta = keys.counter_key(keys.META_BYTES)
-    if meta not in want:
-        want[meta] = keys.encode_u64(quota.recount(snapshot.scan(keys.INODE_PREFIX)))
-    for key, value in _data_keys(kv):
-        if key not in want:
-            b.delete(key)
-        elif want[key] == value:
-            del want[key]
-    for key, value in want.items():
-        b.put(key, value)
-    if len(b):
-        kv.write(b)
-    return len(b)
-
-
 def copy_into(target: KV, snapshot: KV) -> int:
-    """Fill an empty keyspace (a new clone) from a snapshot, in batches; returns keys copied."""
+    """Fill an empty keyspace (a new clone) from a snapshot, in bounded batches; returns keys copied.
+
+    A roll-back of a volume to one of its snapshots is ``pxfs.meta.maintenance.restore_step``.
+    """
     n = 0
-    b = Batch()
-    for key, value in _data_keys(snapshot):
-        b.put(key, value)
-        n += 1
-        if len(b) >= COPY_BATCH:
-            target.write(b)
-            b = Batch()
-    if len(b):
+    for b in maintenance.batches(_data_keys(snapshot)):
         target.write(b)
+        n += len(b)
     return n
 
 
@@ -126,8 +95,9 @@ def chunk_refs(kv: KV) -> tuple[dict[bytes, int], int]:
     """Distinct chunks a keyspace's block maps name (hash -> bytes in use), and the logical bytes."""
     refs: dict[bytes, int] = {}
     logical = 0
-    for _key, digest, length in keys.block_entries(kv.scan(keys.INODE_PREFIX)):
-        logical += length
-        if length > refs.get(digest, -1):
-            refs[digest] = length
+    for _key, block in keys.block_entries(kv.scan(keys.INODE_PREFIX)):
+        logical += slices.extent(block)
+        for digest, _off, length in block:
+            if length > refs.get(digest, -1):
+                refs[digest] = length
     return refs, logical

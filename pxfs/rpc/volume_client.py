@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from pxfs.meta.slices import BlockMap, BlockWrite, as_write
 from pxfs.model import Attr, VolumeInfo
 from pxfs.rpc import convert
 from pxfs.rpc.client import _Caller
 from pxfs.rpc.schema import pxfs_capnp
+
+LOCATE_HASHES = 65536  # what a Volume server takes in one locate call
 
 Invalidate = Callable[[list[int], list[tuple[int, bytes]]], Awaitable[None]]
 
@@ -180,23 +183,23 @@ class VolumeClient(_Caller):
     async def removexattr(self, ino: int, name: bytes, op_id: bytes = b"") -> None:
         await self._void("removexattr", ino, name, op_id)
 
-    async def open(self, ino: int) -> tuple[Attr, dict[int, tuple[bytes, int]]]:
+    async def open(self, ino: int) -> tuple[Attr, BlockMap]:
         """Count a handle and read the whole block map, page by page (each page its own call: the
         later ones are reads, safe to retry at another coordinator)."""
-        async def go() -> tuple[Attr, dict[int, tuple[bytes, int]], bool]:
+        async def go() -> tuple[Attr, BlockMap, bool]:
             r = await self.cap.open(ino)
-            return convert.attr_from(r.attr), {b.index: (bytes(b.hash), b.length) for b in r.blocks}, r.more
+            return convert.attr_from(r.attr), convert.blocks_from(r.blocks), r.more
         attr, blocks, more = await self.call(go)
         while more:
             page, more = await self.block_page(ino, max(blocks) + 1, 0)
             blocks.update(page)
         return attr, blocks
 
-    async def block_page(self, ino: int, start: int, limit: int) -> tuple[dict[int, tuple[bytes, int]], bool]:
+    async def block_page(self, ino: int, start: int, limit: int) -> tuple[BlockMap, bool]:
         """Block map entries from index ``start`` on (``limit`` 0: the server's page size); True: more."""
-        async def go() -> tuple[dict[int, tuple[bytes, int]], bool]:
+        async def go() -> tuple[BlockMap, bool]:
             r = await self.cap.blocks(ino, start, limit)
-            return {b.index: (bytes(b.hash), b.length) for b in r.blocks}, r.more
+            return convert.blocks_from(r.blocks), r.more
         return await self.call(go)
 
     async def release(self, ino: int) -> None:
@@ -208,17 +211,16 @@ class VolumeClient(_Caller):
     async def release_many(self, inos: list[int]) -> None:
         await self._void("releaseMany", inos)
 
-    async def commit(self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int,
-                     held: list[str] | None = None, op_id: bytes = b"") -> Attr:
+    async def commit(self, ino: int, blocks: Mapping[int, BlockWrite | tuple[bytes, int]], size: int, mtime_ns: int,
+                     held: list[str] | None = None, op_id: bytes = b"", put_age: float = 0.0) -> Attr:
         async def go() -> Attr:
             req = self.cap.commit_request()
             req.ino, req.size, req.mtimeNs, req.opId = ino, size, mtime_ns, op_id
+            req.putAgeMs = min(2**32 - 1, max(0, int(put_age * 1000)))
             hl = req.init("held", len(held or []))
             for i, node in enumerate(held or []):
                 hl[i] = node
-            out = req.init("blocks", len(blocks))
-            for i, (idx, (h, length)) in enumerate(sorted(blocks.items())):
-                out[i].index, out[i].hash, out[i].length = idx, h, length
+            convert.writes_to(lambda n: req.init("blocks", n), {i: as_write(w) for i, w in blocks.items()})
             return convert.attr_from((await req.send()).attr)
         return await self.call(go)
 
@@ -265,10 +267,24 @@ class VolumeClient(_Caller):
             out.extend(hashes)
         return out
 
-    async def locate(self, hashes: list[bytes]) -> list[tuple[bytes, bytes, int, int]]:
-        async def go() -> list[tuple[bytes, bytes, int, int]]:
-            return [(bytes(p.hash), bytes(p.path), p.offset, p.length) for p in (await self.cap.locate(hashes)).places]
-        return await self.call(go)
+    async def locate(self, hashes: list[bytes], page: int = 0) -> list[tuple[bytes, bytes, int, int]]:
+        """(hash, path, offset, length) of the blocks that use ``hashes``: LOCATE_HASHES of them per
+        pass, each pass read ``page`` places at a time (0: the server's page)."""
+        out: list[tuple[bytes, bytes, int, int]] = []
+        for i in range(0, len(hashes), LOCATE_HASHES):
+            part = hashes[i : i + LOCATE_HASHES]
+            after: tuple[bytes, int] = (b"", 0)
+            more = True
+            while more:
+                async def go(after: tuple[bytes, int] = after, part: list[bytes] = part
+                             ) -> tuple[list[tuple[bytes, bytes, int, int]], bool]:
+                    r = await self.cap.locate(part, after[0], after[1], page)
+                    return [(bytes(p.hash), bytes(p.path), p.offset, p.length) for p in r.places], r.more
+                places, more = await self.call(go)
+                out.extend(places)
+                if places:
+                    after = (places[-1][1], places[-1][2])
+        return out
 
     async def info(self) -> VolumeInfo:
         async def go() -> VolumeInfo:

@@ -25,11 +25,16 @@ MAX_RELEASES = 65536
 MAX_BATCHES = 4096
 REFS_PAGE = 65536  # chunk hashes per message: ~2.5 MB
 BLOCK_PAGE = 16384  # block map entries per message: ~1 MB, whatever the size of the file
+LOCATE_PAGE = 16384  # places per message, and
+PAGE_BYTES = 1 << 20  # about this many bytes of them (paths are up to 4 KiB)
+LOCATE_HASHES = 65536  # hashes a locate call may ask about: ~2.5 MB
 MAX_LOAD_ITEMS = 1 << 17  # keys in one part of a full copy (the coordinator sends 20000)
 WATCHER_TIMEOUT = 5.0
 MAX_DATA = 1 << 20  # xattr values, symlink targets and names are far smaller; refuse absurd payloads
 MAX_HANDLES = 1 << 20  # open handles a mount re-registers at once: more than a process may hold
 _HTTP = re.compile(r"(|[\w.\-]{1,253}:\d{1,5}|\[[0-9a-fA-F:.]{2,45}\]:\d{1,5})")  # shown on pages: nothing else
+
+Place = tuple[bytes, bytes, int, int]  # hash, path, offset, length
 
 
 def _data(value: Any, what: str, limit: int = MAX_DATA) -> bytes:
@@ -37,11 +42,6 @@ def _data(value: Any, what: str, limit: int = MAX_DATA) -> bytes:
     if len(b) > limit:
         raise Invalid(what, f"{len(b)} bytes is too large")
     return b
-
-
-def _block_refs(out: Any, blocks: dict[int, tuple[bytes, int]]) -> None:
-    for i, (idx, (h, length)) in enumerate(sorted(blocks.items())):
-        out[i].index, out[i].hash, out[i].length = idx, h, length
 
 
 class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
@@ -69,9 +69,10 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
         require_volume(self._who, name, f'volume "{name}"')
         held = [int(i) for i in handles]
         hv, info = await self._b.to_trio(self._h.open, name, mountId, http)
-        if "@" not in name:
+        if "@" not in name and (held or not mountId.startswith("tool:")):
             # Counted anew here (the mount's handles at its previous coordinator are gone with it);
-            # this also tells a deferred orphan purge that the mount has come back.
+            # this also tells a deferred orphan purge that the mount has come back. A tool holds
+            # nothing and no purge waits for it: it connects even while a restore is under way.
             await self._b.to_trio(self._h.call, hv, lambda m: m.reopen(mountId, held))
         # A snapshot is read-only whatever the mount asked for.
         server = VolumeServer(self._b, self._h, hv, mountId, readOnly or "@" in name, "@" in name, self._who, http)
@@ -139,6 +140,8 @@ class VolumeServer(pxfs_capnp.Volume.Server):
         self._snapshot = snapshot  # a snapshot's keyspace is never written, not even to forget a mount
         self._watcher: Any = None
         self._refs: list[bytes] | None = None  # the chunk hashes a chunkRefs pass is paging through
+        # The places a locate pass is paging through: for which hashes, the places, their (path, offset).
+        self._places: tuple[frozenset[bytes], list[Place], list[tuple[bytes, int]]] | None = None
 
     # -- telling the other mounts ---------------------------------------------------------------
     def watch(self, watcher: Any) -> None:
@@ -307,13 +310,13 @@ class VolumeServer(pxfs_capnp.Volume.Server):
 
         attr, blocks, more = await self._call(go)
         convert.attr_to(_context.results.init("attr"), attr)
-        _block_refs(_context.results.init("blocks", len(blocks)), blocks)
+        convert.blocks_to(lambda n: _context.results.init("blocks", n), blocks)
         _context.results.more = more
 
     @served
     async def blocks(self, ino: int, start: int, limit: int, _context: Any, **_: Any) -> None:
         _attr, blocks, more = await self._call(lambda m: m.block_page(ino, start, min(limit or BLOCK_PAGE, BLOCK_PAGE)))
-        _block_refs(_context.results.init("blocks", len(blocks)), blocks)
+        convert.blocks_to(lambda n: _context.results.init("blocks", n), blocks)
         _context.results.more = more
 
     @served
@@ -341,12 +344,13 @@ class VolumeServer(pxfs_capnp.Volume.Server):
 
     @served
     async def commit(self, ino: int, blocks: Any, size: int, mtimeNs: int, held: Any, opId: Any,  # noqa: N803
-                     _context: Any, **_: Any) -> None:
+                     putAgeMs: int, _context: Any, **_: Any) -> None:  # noqa: N803
         op = self._rw(opId)
-        bm = {b.index: (bytes(b.hash), b.length) for b in blocks}
+        bm = convert.writes_from(blocks)
         held = {str(n)[:64] for n in list(held)[:16]}
         changed = Changed()
-        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None, changed, held, op)
+        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None, changed, held, op,
+                                     putAgeMs / 1000)
         self._tell_others(changed)
         convert.attr_to(_context.results.init("attr"), attr)
 
@@ -413,12 +417,27 @@ class VolumeServer(pxfs_capnp.Volume.Server):
         _context.results.more = first + n < len(refs)
 
     @served
-    async def locate(self, hashes: Any, _context: Any, **_: Any) -> None:
-        wanted = {bytes(h) for h in hashes}
-        places = await self._call(lambda m: m.locate_chunks(wanted))
-        out = _context.results.init("places", len(places))
-        for i, (h, path, offset, length) in enumerate(places):
+    async def locate(self, hashes: Any, afterPath: Any, afterOffset: int, limit: int,  # noqa: N803
+                     _context: Any, **_: Any) -> None:
+        if len(hashes) > LOCATE_HASHES:
+            raise Invalid("locate", f"{len(hashes)} hashes at once is more than {LOCATE_HASHES}")
+        wanted = frozenset(_data(h, "hash", 64) for h in hashes)
+        after = (_data(afterPath, "path"), afterOffset)
+        if not after[0] or self._places is None or self._places[0] != wanted:
+            # Found once per pass (from its first page, in a worker thread) and kept for the pages
+            # that follow; a pass that goes on at another coordinator finds them there anew.
+            found = await self._b.to_trio(self._h.locate, self._hv, set(wanted))
+            self._places = (wanted, found, [(path, offset) for _h, path, offset, _n in found])
+        _wanted, found, order = self._places
+        first = bisect.bisect_right(order, after) if after[0] else 0
+        n, size = 0, 0
+        while first + n < len(found) and n < min(limit or LOCATE_PAGE, LOCATE_PAGE) and size < PAGE_BYTES:
+            size += len(found[first + n][1]) + 64
+            n += 1
+        out = _context.results.init("places", n)
+        for i, (h, path, offset, length) in enumerate(found[first : first + n]):
             out[i].hash, out[i].path, out[i].offset, out[i].length = h, path, offset, length
+        _context.results.more = first + n < len(found)
 
     @served
     async def info(self, _context: Any, **_: Any) -> None:

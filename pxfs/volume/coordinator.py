@@ -9,18 +9,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import trio
 
 from pxfs.cluster import records
 from pxfs.cluster.repair import ChunkRepair
-from pxfs.errors import Conflict, Invalid, NotFound, PxfsError, Unavailable
-from pxfs.meta import keys, snapshots
+from pxfs.errors import Conflict, Invalid, NotFound, PutsExpired, PxfsError, Unavailable
+from pxfs.meta import keys, slices, snapshots
+from pxfs.meta import maintenance as jobs
 from pxfs.meta.fs import Meta, Op
-from pxfs.meta.fsck import fsck
+from pxfs.meta.fsck import FsckReport, check
 from pxfs.meta.kv import Batch
+from pxfs.meta.slices import BlockWrite
 from pxfs.model import Attr, Changed, VolumeInfo
 from pxfs.observe import metrics
 from pxfs.volume import mounts
@@ -34,6 +36,9 @@ T = TypeVar("T")
 
 CLONE_DONE = b"cloneDone"
 FRESH_WINDOW = 20.0  # longer than a mount's refresh interval
+# Keys one Meta call may read and write: a restore step reads up to 2 x STEP_SCAN and writes
+# STEP_OPS, a page of the block map is 16384 entries, a purge step 2 x PURGE_BATCH; twice the most.
+STEP_KEYS = 1 << 15
 
 
 class Coordinator(HostContext):
@@ -133,20 +138,26 @@ class Coordinator(HostContext):
         await self.keepalive(hv, mount_id, force=True, http=http)
         return hv, spec
 
-    async def call(self, hv: Served, fn: Callable[[Meta], T], changed: Changed | None = None) -> T:
+    async def call(self, hv: Served, fn: Callable[[Meta], T], changed: Changed | None = None, *,
+                   job: bool = False) -> T:
         """Run one Meta operation; if it wrote a batch, return only once the live followers hold it.
 
         ``changed`` receives the inodes and entries the operation wrote, for the other mounts' caches.
+        ``job``: a step of the maintenance job under way (the only calls served while there is one).
         """
         if hv.meta is None:
             raise Unavailable(f'volume "{hv.name}"', f"no longer coordinated by node {self.node_id}; reopen")
+        if not job:
+            self._not_in_maintenance(hv)
         before, meta = hv.kv.seq, hv.meta
         replays = meta.replays
         hv.changed_keys = [] if changed is not None else None
+        touched, started = hv.kv.touched, time.perf_counter()
         try:
             result = fn(meta)  # synchronous: no other operation's batch can land in changed_keys
         finally:
             written, hv.changed_keys = hv.changed_keys, None
+            self._weigh(hv, fn, hv.kv.touched - touched, time.perf_counter() - started)
         if changed is not None and written:
             inodes, entries = keys.touched(written)
             changed.inodes |= inodes
@@ -155,8 +166,43 @@ class Coordinator(HostContext):
         # batch that holds it may so far be on this replica only, so wait for the in-sync set too.
         if hv.kv.seq != before or meta.replays != replays:
             with metrics.METADATA_BATCH_SECONDS.labels(hv.name.split("@", 1)[0]).time():
-                await self._acknowledge(hv, hv.kv.seq)
+                await self._held_everywhere(hv, hv.kv.seq)
         return result
+
+    async def _held_everywhere(self, hv: Served, seq: int) -> None:
+        """This replica's disk and the in-sync followers at once: the slower of the two, not both."""
+        failed: list[PxfsError] = []
+
+        async def here() -> None:
+            if not isinstance(hv, HostedVolume):
+                return  # a snapshot view writes nothing
+            try:
+                await hv.durable(seq)
+            except PxfsError as err:
+                failed.append(err)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(here)
+            try:
+                await self._acknowledge(hv, seq)
+            except PxfsError as err:
+                failed.append(err)
+                nursery.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+
+    def _weigh(self, hv: Served, fn: Callable[..., object], touched: int, seconds: float) -> None:
+        """Every Meta call holds the node's event loop while it runs: say so when one reads and
+        writes more keys than any bounded step does (a page, a purge step, a restore step). Keys,
+        not time, are the measure: a loaded machine makes any step slow, only a step that grows
+        with the volume touches more keys."""
+        if touched <= STEP_KEYS:
+            return
+        code = getattr(fn, "__code__", None)
+        where = f"{fn.__module__}:{code.co_firstlineno}" if code is not None else repr(fn)
+        self._warn(f"heavy/{hv.name}", "node=%s volume=%s one call touched %d keys of the keyspace in %.0f ms "
+                   "(%s): more than the %d of any bounded step, a step that grows with the volume (issue 13)",
+                   self.node_id, hv.name, touched, seconds * 1e3, where, STEP_KEYS)
 
     async def _acknowledge(self, hv: Served, seq: int) -> None:
         """Return once every in-sync replica holds batch ``seq``, taking the slow ones out of the set
@@ -183,17 +229,71 @@ class Coordinator(HostContext):
                                   f"{','.join(sorted(slow))} do not answer and fewer than min-replicas "
                                   f"{insync.min_replicas} would stay in sync (waited {MIN_REPLICAS_WAIT:g}s)")
 
+    # -- jobs under the maintenance mark: restore, fsck repair (pxfs.meta.maintenance) -----------
+
+    def _not_in_maintenance(self, hv: Served) -> None:
+        if isinstance(hv, HostedVolume):
+            pending = jobs.pending(hv.kv)
+            if pending is not None:
+                raise Unavailable(f'volume "{hv.name}"', f"{pending.describe()} is under way; the volume is "
+                                  "served again once it is finished")
+
+    async def _finish_job(self, hv: HostedVolume, steps: int = 0) -> bool:
+        """Drive the job the mark names, ``steps`` steps at most (0: to its end); True once no mark
+        is left. The caller holds ``hv.job_lock``."""
+        done = 0
+        while steps == 0 or done < steps:
+            pending = jobs.pending(hv.kv)
+            if pending is None:
+                return True
+            if pending.job == jobs.RESTORE:
+                snap = hv.snapshot_kv(pending.snapshot)
+                await self.call(hv, lambda m, snap=snap: jobs.restore_step(m.kv, snap), job=True)
+            else:
+                await self._fsck_repair(hv)
+            done += 1
+            await trio.lowlevel.checkpoint()  # a volume without followers acknowledges at once
+        return jobs.pending(hv.kv) is None
+
+    async def _fsck_repair(self, hv: HostedVolume) -> FsckReport:
+        """Under the mark: check in a worker thread (nothing else writes), then the repairs as
+        bounded batches, then the end of the mark. Run again in full after a crash half way."""
+        meta = hv.meta
+        if meta is None:
+            raise Unavailable(f'volume "{hv.name}"', f"no longer coordinated by node {self.node_id}; reopen")
+        report, ops = await trio.to_thread.run_sync(
+            lambda: check(hv.kv, block_size=meta.block_size, repair=True, is_open=meta._is_open))
+        for batch in jobs.batches(ops):
+            await self.call(hv, lambda m, b=batch: m.kv.write(b), job=True)
+        await self.call(hv, lambda m: jobs.end(m.kv), job=True)
+        return report
+
     async def fsck(self, hv: HostedVolume, repair: bool) -> str:
-        """Run fsck on the coordinator's keyspace; a repair batch ships to followers like any other.
-
-        It runs on the trio thread on purpose: no metadata operation may interleave with the scan
-        that the repair batch is computed from.
-        """
-        def run(meta: Meta) -> str:
-            report = fsck(hv.kv, block_size=meta.block_size, repair=repair, is_open=meta._is_open)
+        """Run fsck on the coordinator's keyspace, in a worker thread: a check reads one consistent
+        scan (one RocksDB iterator) while mounts go on; a repair runs under the maintenance mark
+        (no metadata operation may interleave with the scan its writes are computed from), and its
+        batches ship to the followers like any other."""
+        meta = hv.meta
+        if meta is None:
+            raise Unavailable(f'volume "{hv.name}"', f"no longer coordinated by node {self.node_id}; reopen")
+        self._not_in_maintenance(hv)
+        if not repair:
+            report, _ = await trio.to_thread.run_sync(
+                lambda: check(hv.kv, block_size=meta.block_size, is_open=meta._is_open))
             return json.dumps(report.to_json())
+        async with hv.job_lock:
+            await self.call(hv, lambda m: jobs.begin_fsck(m.kv), job=True)
+            report = await self._fsck_repair(hv)
+        return json.dumps(report.to_json())
 
-        return await self.call(hv, run)
+    async def locate(self, hv: Served, hashes: set[bytes]) -> list[tuple[bytes, bytes, int, int]]:
+        """Where ``hashes`` are used (``Meta.locate_chunks``), found in a worker thread: it reads
+        the whole keyspace, and mounts go on meanwhile."""
+        meta = hv.meta
+        if meta is None:
+            raise Unavailable(f'volume "{hv.name}"', f"no longer coordinated by node {self.node_id}; reopen")
+        self._not_in_maintenance(hv)
+        return await trio.to_thread.run_sync(meta.locate_chunks, hashes)
 
     # -- snapshots -------------------------------------------------------------------------------
 
@@ -223,10 +323,15 @@ class Coordinator(HostContext):
         return snapshots.listing(self._volume_only(hv).kv)
 
     async def restore(self, hv: Served, name: str) -> None:
+        """Roll the volume back to snapshot ``name`` in bounded batches under the maintenance mark
+        (any job half done is superseded: a restore sets every key)."""
         hv = self._volume_only(hv)
         snap_kv = hv.snapshot_kv(name)
-        ops = await self.call(hv, lambda m: snapshots.restore(m.kv, snap_kv))
-        log.warning("volume=%s restored to snapshot %s (%d keys changed)", hv.name, name, ops)
+        async with hv.job_lock:
+            await self.call(hv, lambda m: jobs.begin_restore(m.kv, name, snap_kv), job=True)
+            before = hv.kv.seq
+            await self._finish_job(hv)
+        log.warning("volume=%s restored to snapshot %s (%d batches)", hv.name, name, hv.kv.seq - before + 1)
         hv.space_due = 0.0
 
     async def detach(self, hv: HostedVolume, mount_id: str) -> None:
@@ -234,11 +339,12 @@ class Coordinator(HostContext):
         hv.heard.pop(mount_id, None)
         await self._store.delete(f"mounts/{hv.name}/{mount_id}")
 
-    async def commit(self, hv: Served, ino: int, blocks: dict[int, tuple[bytes, int]], size: int,
+    async def commit(self, hv: Served, ino: int, blocks: Mapping[int, BlockWrite], size: int,
                      mtime_ns: int | None, changed: Changed | None = None, held: set[str] | None = None,
-                     op: Op | None = None) -> Attr:
+                     op: Op | None = None, put_age: float = 0.0) -> Attr:
         insync = hv.insync
-        hashes = [h for h, n in blocks.values() if n]  # length 0 punches a hole: no chunk
+        hashes = [h for w in blocks.values() for h in slices.hashes(w.slices)]
+        started = time.monotonic() - put_age
         if insync is not None and hashes and hv.meta is not None:
             hv.meta.commit_blocks(ino, blocks, size, mtime_ns, dry_run=True, op=op)  # a bad commit costs no copies
             # Before the block map names the chunks: every in-sync replica holds them, or leaves the set.
@@ -247,11 +353,15 @@ class Coordinator(HostContext):
             except Deposed:
                 hv.demote()
                 raise
+        if hashes and time.monotonic() - started > self.commit_window:
+            # Collection counts on it: no chunk is named later than the window after its put.
+            raise PutsExpired(f"inode {ino}", f"chunks put {time.monotonic() - started:.0f} s ago, longer than "
+                              f"the commit window of {self.commit_window:g} s: put them again")
         attr = await self.call(hv, lambda m: m.commit_blocks(ino, blocks, size, mtime_ns, op=op), changed)
         now = time.monotonic()
         fresh = [r for r, until in hv.fresh_replicas.items() if until > now]
         if fresh and blocks:
-            await self._complete_on(hv, fresh, [h for h, _n in blocks.values()])
+            await self._complete_on(hv, fresh, hashes)
         return attr
 
     async def cut_ahead(self, hv: Served, ino: int, size: int, changed: Changed | None = None) -> None:

@@ -13,6 +13,7 @@ import trio
 from pxfs.cluster import records
 from pxfs.errors import NotFound, PxfsError
 from pxfs.meta import keys, snapshots
+from pxfs.meta import maintenance as jobs
 from pxfs.meta.fs import Meta
 from pxfs.model import VolumeInfo
 from pxfs.volume import mounts
@@ -26,6 +27,7 @@ T = TypeVar("T")
 REPAIR_PERIOD = 60.0
 SPACE_PERIOD = 30.0
 PURGE_STEPS = 256  # purge batches per supervision round: ~1M block entries a second
+JOB_STEPS = 256  # steps of an unfinished restore or fsck repair per round (pxfs.meta.maintenance)
 
 
 class Health(Coordinator):
@@ -58,22 +60,23 @@ class Health(Coordinator):
                 s.clone_done = True
 
             hv.spec = await hv.insync.update(done)
-        await self._scheduled_snapshots(hv)
         meta = hv.meta
+        if await self._maintain(hv):
+            await self._scheduled_snapshots(hv)
 
-        async def call(fn: Callable[[Meta], T]) -> T:
-            return await self.call(hv, fn)
+            async def call(fn: Callable[[Meta], T]) -> T:
+                return await self.call(hv, fn)
 
-        await mounts.tend(meta, call, self._store, hv.name)
-        for _ in range(PURGE_STEPS):
-            # Freed inodes' block entries, one bounded batch at a time, each replicated before
-            # the next: mounts' operations go on between them.
-            if not meta.purging() or not await call(lambda m: m.purge_step()):
-                break
-        if time.monotonic() >= hv.space_due:
-            hv.space_due = time.monotonic() + SPACE_PERIOD
-            hv.space = await trio.to_thread.run_sync(self._space, hv)
-            await mounts.forget_silent(meta, call, self._store, hv.name, heard=hv.heard)
+            await mounts.tend(meta, call, self._store, hv.name)
+            for _ in range(PURGE_STEPS):
+                # Freed inodes' block entries, one bounded batch at a time, each replicated before
+                # the next: mounts' operations go on between them.
+                if not meta.purging() or not await call(lambda m: m.purge_step()):
+                    break
+            if time.monotonic() >= hv.space_due:
+                hv.space_due = time.monotonic() + SPACE_PERIOD
+                hv.space = await trio.to_thread.run_sync(self._space, hv)
+                await mounts.forget_silent(meta, call, self._store, hv.name, heard=hv.heard)
         st = hv.meta.statfs()
         rep = hv.replicator
         detail = {"used": st["used"], "inodes": st["inodes"], "meta_bytes": st["meta_bytes"],
@@ -84,6 +87,21 @@ class Health(Coordinator):
                   "space": {k: v for k, v in hv.space.items() if k != "snapshots"},
                   "snapshots": hv.space.get("snapshots", [])}
         await self._store.put(f"usage/{hv.name}", json.dumps(detail).encode())
+
+    async def _maintain(self, hv: HostedVolume) -> bool:
+        """Go on with a job a coordinator began and did not finish (it crashed, or the caller went):
+        JOB_STEPS of it per round. True when the volume has no job: the round's other work may run."""
+        if jobs.pending(hv.kv) is None:
+            return True
+        if hv.job_lock.locked():
+            return False  # its driver is at it
+        async with hv.job_lock:
+            try:
+                return await self._finish_job(hv, JOB_STEPS)
+            except NotFound as err:
+                self._warn(f"job/{hv.name}", "node=%s volume=%s: the job under way cannot go on here: %s "
+                           "(restore another snapshot to end it)", self.node_id, hv.name, err)
+                return False
 
     async def _rejoin(self, hv: HostedVolume) -> None:
         rep, insync = hv.replicator, hv.insync
@@ -129,9 +147,10 @@ class Health(Coordinator):
                 "dedup_ratio": round(logical / unique, 3) if unique else 1.0, "snapshots": out}
 
     async def chunk_refs(self, hv: Served) -> list[bytes]:
+        """Listed in a worker thread: a scan of every block entry, too long for the event loop."""
         if isinstance(hv, HostedVolume):
             return await trio.to_thread.run_sync(self.all_chunk_refs, hv)
-        return list(snapshots.chunk_refs(hv.kv)[0])
+        return await trio.to_thread.run_sync(lambda: list(snapshots.chunk_refs(hv.kv)[0]))
 
     def all_chunk_refs(self, hv: HostedVolume) -> list[bytes]:
         """Every chunk the volume and its snapshots name: what GC must keep."""

@@ -24,6 +24,7 @@ T = TypeVar("T")
 # A mount retries a call for 60 s (pxfs.cluster.volume_session.FAILOVER_TIMEOUT) after its
 # coordinator went silent; one whose registration is ten times older has given up every retry.
 FORGET_AFTER = 600.0
+STALE_PER_ROUND = 16  # mounts whose op records one round forgets
 
 
 
@@ -83,4 +84,12 @@ async def forget_silent(meta: Meta, call: Call, store: ControlStore, volume: str
     for mount in silent:
         log.info("volume=%s forgets the handles of mount=%s, silent for over %gs", volume, mount, FORGET_AFTER)
         await call(lambda m, mount=mount: m.forget_mount(mount))
-    return len(silent) + await call(lambda m: m.forget_stale_mounts(live))
+    forgotten = len(silent)
+    for _ in range(STALE_PER_ROUND):
+        # One mount's op records a batch (up to OP_SLOTS keys): sixteen at once made a batch, and a
+        # step of the event loop, of 65536 deletes.
+        n = await call(lambda m: m.forget_stale_mounts(live, 1))
+        if not n:
+            break
+        forgotten += n
+    return forgotten

@@ -686,7 +686,7 @@ CALL = st.one_of(
         "rename": (INO, NAME, INO, NAME, st.one_of(st.integers(0, 3), U32), OPID), "readdir": (INO, NAME, U32),
         "setxattr": (INO, NAME, DATA, st.one_of(st.integers(0, 3), U32), OPID), "getxattr": (INO, NAME),
         "listxattr": (INO,), "removexattr": (INO, NAME, OPID), "open": (INO,), "release": (INO,),
-        "block_page": (INO, U64, U32),
+        "block_page": (INO, U64, U32), "locate": (st.lists(HASH, max_size=3), U32),
         "create": (INO, NAME, U32, U32, U32, OPID), "commit": (INO, BLOCKS, U64, I64, OPID), "statfs": (),
         "info": (),
     }),

@@ -1,6 +1,7 @@
 """Answers that grow with a file or a volume come in bounded pages (issue 13): a block map of more
-entries than one message holds is read whole at open, chunk references page by page, and freeing
-such a file is one small batch plus bounded purge steps — through real `pxfs node` processes."""
+entries than one message holds is read whole at open, chunk references and the places chunks are
+used in page by page, and freeing such a file is one small batch plus bounded purge steps — through
+real `pxfs node` processes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import stat
 import blake3
 import trio
 
+from pxfs.meta.slices import whole
 from tests.cluster.test_hostile import BLOCK, create_volume, node_index, opened
 from tests.cluster.test_opids import seqs
 from tests.conftest import Cluster, node_connection
@@ -34,6 +36,7 @@ async def test_a_block_map_of_many_pages(shared_cluster: Cluster) -> None:
             part = {i: blocks[i] for i in range(lo, lo + 10000)}
             await vol.commit(f.ino, part, (lo + 9999) * BLOCK + 1, 0, held=list(info.replicas))
         attr, got = await vol.open(f.ino)
+        blocks = {i: whole(h, n) for i, (h, n) in blocks.items()}
         assert attr.size == (N - 1) * BLOCK + 1 and got == blocks
         page, more = await vol.block_page(f.ino, 100, 10)
         assert page == {i: blocks[i] for i in range(100, 110)} and more
@@ -43,6 +46,18 @@ async def test_a_block_map_of_many_pages(shared_cluster: Cluster) -> None:
         await vol.release(f.ino)  # create counted a handle too
         assert await vol.chunk_refs(page=2) == sorted(HASHES)  # three pages of two
         assert sorted(await vol.chunk_refs()) == sorted(HASHES)
+
+        # Where chunks are used: paged in (path, offset) order, whatever the pass's size.
+        d = await vol.mkdir(1, b"d", 0o755, 0, 0)
+        g = await vol.create(d.ino, b"g", REG, 0, 0)
+        await vol.commit(g.ino, {0: (HASHES[1], 1)}, 1, 0, held=list(info.replicas))
+        await vol.release(g.ino)
+        want = [(HASHES[1], b"/d/g", 0, 1)] + [(HASHES[1], b"/f", i * BLOCK, 1) for i in range(1, N, 5)]
+        assert await vol.locate([HASHES[1]], page=1000) == want  # 9 pages
+        assert await vol.locate([HASHES[1], bytes(32)]) == want
+        assert await vol.locate([bytes(32)]) == []
+        await vol.unlink(d.ino, b"g")
+        await vol.rmdir(1, b"d")
 
         before = (await seqs(c, "paged", [info.coordinator]))[info.coordinator]
         await vol.unlink(1, b"f")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,41 @@ def test_compaction_gives_back_the_space_of_deleted_and_trimmed_records(tmp_path
     finally:
         kv.close()
     kv.compact()  # after close: nothing to do, no error
+
+
+def test_deferred_sync_counts_what_is_on_disk(tmp_path: Path) -> None:
+    """Group commit: batches written with deferred_sync are durable once ``sync`` returns (which
+    covers all of them at once), and a close puts any that were not synced on disk."""
+    kv = RocksKV(str(tmp_path / "kv"))
+    kv.deferred_sync = True
+    for i in range(3):
+        b = Batch()
+        b.put(b"k%d" % i, b"v")
+        kv.write(b)
+    assert (kv.seq, kv.synced) == (3, 0)
+    assert kv.sync() == 3 and kv.synced == 3
+    b = Batch()
+    b.put(b"k9", b"v")
+    kv.write(b)
+    assert kv.synced == 3
+    kv.close()
+    again = RocksKV(str(tmp_path / "kv"))
+    assert again.seq == again.synced == 4 and again.get(b"k9") == b"v"
+    again.close()
+
+
+def test_touched_counts_the_owners_gets_scanned_keys_and_writes(kv: KV) -> None:
+    b = Batch()
+    for i in range(10):
+        b.put(b"k%d" % i, b"v")
+    kv.write(b)
+    base = kv.touched
+    assert base >= 10
+    kv.get(b"k1")
+    assert len(list(kv.scan(b"k", limit=4))) == 4
+    assert kv.touched == base + 1 + 4
+    # A worker thread's scan holds no event loop: not the owner's cost.
+    done = threading.Thread(target=lambda: list(kv.scan(b"k")))
+    done.start()
+    done.join()
+    assert kv.touched == base + 5

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from pxfs.errors import Invalid
-from pxfs.meta import keys, snapshots
+from pxfs.meta import keys, maintenance, snapshots
 from pxfs.meta.fs import RENAME_EXCHANGE, Attr, Meta, Op
 from pxfs.meta.fsck import fsck
 from pxfs.meta.keys import OP_SLOTS
@@ -213,6 +213,6 @@ def test_clones_and_restores_leave_op_records_alone(meta: Meta) -> None:
     snapshots.copy_into(clone, meta.kv)
     assert list(clone.scan(keys.OP_PREFIX)) == []
     records = op_records(meta)
-    snapshots.restore(meta.kv, MemKV())
+    maintenance.restore(meta.kv, "s", MemKV())
     assert op_records(meta) == records
 

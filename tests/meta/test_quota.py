@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from pxfs.errors import FsError, NoSpace
-from pxfs.meta import keys, quota, snapshots
+from pxfs.meta import keys, maintenance, quota, snapshots
 from pxfs.meta.fs import Meta
 from pxfs.meta.fsck import fsck
 from pxfs.meta.kv import Batch, MemKV
@@ -176,7 +176,7 @@ def test_restore_never_hands_out_an_inode_number_again(meta: Meta) -> None:
     mkfile(meta, ROOT, b"before")
     snapshots.copy_into(snap, meta.kv)
     later = mkfile(meta, ROOT, b"after")
-    snapshots.restore(meta.kv, snap)
+    maintenance.restore(meta.kv, "s", snap)
     assert mkfile(meta, ROOT, b"new") > later
     assert meta_bytes(meta) == counted(meta) == len(b"before") + len(b"new")
 
@@ -189,7 +189,7 @@ def test_a_snapshot_without_the_counter_is_counted_at_restore(meta: Meta) -> Non
     b.delete(keys.counter_key(keys.META_BYTES))
     snap.write(b)
     mkfile(meta, ROOT, b"gone")
-    snapshots.restore(meta.kv, snap)
+    maintenance.restore(meta.kv, "s", snap)
     assert meta_bytes(meta) == 4
     meta.unlink(ROOT, b"kept")
     assert meta_bytes(meta) == 0
