@@ -6,6 +6,7 @@ import logging
 import os
 import resource
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from pxfs.errors import NoSpace, PxfsError, Unavailable
 from pxfs.loopwatch import LoopWatch
 from pxfs.model import NodeInfo, PoolInfo
 from pxfs.observe import metrics, web
+from pxfs.observe.activity import Activity, Totals
+from pxfs.observe.page import page
 from pxfs.rpc import pki
 from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import split_address
@@ -68,6 +71,7 @@ class ChunkService:
     def __init__(self, node_id: str, store: LocalChunkStore, window: float = COMMIT_WINDOW) -> None:
         self.node_id, self.store, self.window = node_id, store, window
         self.collector: Collector | None = None
+        self.totals = Totals()  # what the cluster page's rates are computed from
 
     async def collect(self, dry_run: bool, grace: float) -> dict[str, Any]:
         # Whoever asks: a shorter grace could sweep a chunk whose commit is still on its way.
@@ -85,6 +89,7 @@ class ChunkService:
                 self.collector.wake("a pool is full")
             raise
         metrics.CHUNK_PUT_BYTES.inc(len(data))
+        self.totals.put_bytes += len(data)
         if stored and self.collector is not None:
             self.collector.added(len(data), self._capacity())
         return stored
@@ -96,6 +101,7 @@ class ChunkService:
         with metrics.CHUNK_GET_SECONDS.time():
             data = await self.store.get(h)
         metrics.CHUNK_GET_BYTES.inc(len(data))
+        self.totals.get_bytes += len(data)
         return data
 
     async def has_many(self, hashes: list[bytes]) -> list[bool]:
@@ -103,7 +109,11 @@ class ChunkService:
 
     async def verify(self, hashes: list[bytes]) -> list[int]:
         found = await self.store.verify(hashes)
-        metrics.VERIFY_FAILURES.inc(sum(1 for s in found if s))
+        bad = sum(1 for s in found if s)
+        metrics.VERIFY_FAILURES.inc(bad)
+        self.totals.verified += len(found)
+        self.totals.bad += bad
+        self.totals.last_verify = time.time()
         return found
 
     async def list_hashes(self, after: bytes, limit: int) -> list[bytes]:
@@ -211,6 +221,19 @@ def node_gauges(node_id: str, chunks: ChunkService, volumes: VolumeHost) -> list
     return out
 
 
+def node_pages(admin: ClusterAdmin, activity: Activity) -> web.Pages:
+    """The node's HTTP pages beside /metrics."""
+    async def cluster_page() -> str:
+        doc = await status.of_admin(admin)
+        return page(doc, await activity.gather(doc["nodes"]))
+
+    async def local() -> dict[str, Any]:
+        return activity.local()
+
+    return {"/api/status": web.json_page(lambda: status.of_admin(admin)), "/api/activity": web.json_page(local),
+            "/": web.html_page(cluster_page)}
+
+
 async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT. Raises PxfsError on a configuration problem at start."""
     cluster = load_config(cfg.cluster_dir)
@@ -283,14 +306,18 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
             # Supervision acts on its volume records (a new coordinator starts serving at once); the
             # manager on liveness and the records (a round as soon as a lease expires).
             volumes.wakeup = wakeups.subscribe(records.VOLUME_PREFIX, records.TOMBSTONE_PREFIX)
+        events_from = logging.getLogger("pxfs")  # the cluster page's events: this node's records
+        activity: Activity | None = None
         try:
             async with trio.open_nursery() as nursery:
                 if cfg.http != "":
                     web_host, web_port = split_address(cfg.http) if cfg.http else (host, 0)
-                    http_address = await nursery.start(web.serve, web_host, web_port,
-                                                       lambda: status.of_admin(admin))
+                    activity = Activity(node_id, chunk_service.totals)
+                    events_from.addHandler(activity.log)
+                    nursery.start_soon(activity.rates.run)
+                    http_address = await nursery.start(web.serve, web_host, web_port, node_pages(admin, activity))
                     metrics.register(lambda: node_gauges(node_id, chunk_service, volumes))
-                    log.info("node=%s http=%s (/metrics, /api/status, /)", node_id, http_address)
+                    log.info("node=%s http=%s (/metrics, /api/status, /api/activity, /)", node_id, http_address)
                 nursery.start_soon(heartbeat_loop)
                 nursery.start_soon(watch_revocations, store, server)
                 if opened.watch is not None:
@@ -312,6 +339,8 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
                         break
                 nursery.cancel_scope.cancel()
         finally:
+            if activity is not None:
+                events_from.removeHandler(activity.log)
             with trio.CancelScope(shield=True):
                 await server.close()
                 await peers.close()

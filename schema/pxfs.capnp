@@ -188,7 +188,8 @@ interface Watcher {
 interface VolumeService {
   # handles: the mount's open handles (one entry per handle), counted anew at this coordinator;
   # a new coordinator frees orphans only once every mount registered before it has opened here.
-  open @0 (name :Text, mountId :Text, readOnly :Bool, watcher :Watcher, handles :List(UInt64))
+  # http: HOST:PORT of the mount's /metrics ("" when it serves none), kept with its registration.
+  open @0 (name :Text, mountId :Text, readOnly :Bool, watcher :Watcher, handles :List(UInt64), http :Text)
       -> (volume :Volume, info :VolumeInfo);
   # A coordinator ships batches to a follower; refused when epoch is older than the follower's.
   apply @1 (name :Text, epoch :UInt64, seq :UInt64, batch :Data) -> (seq :UInt64);

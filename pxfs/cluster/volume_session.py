@@ -72,6 +72,7 @@ class VolumeSession:
         self._release_kick = trio.Event()
         self._lock = trio.Lock()
         self._ops = OpIds()  # a random prefix per session: ids never repeat across remounts
+        self.http = ""  # where the mount serves /metrics: registered at every coordinator it opens at
 
     async def _resolve(self, node_id: str) -> str:
         if node_id not in self._addresses:
@@ -131,7 +132,7 @@ class VolumeSession:
         info = await self._lookup()
         volumes = await self.peers.volumes(info.coordinator)
         self.meta, self.info = await volumes.open(self.volume, self.mount_id, self.read_only, self._invalidated,
-                                                  handles=[])
+                                                  handles=[], http=self.http)
         self.chunks = ReplicaChunks(self.volume, self.info.replicas, self.peers, self.local)
 
     async def _reconnect(self, failed: VolumeClient | None, cause: PxfsError, deadline: float) -> None:
@@ -150,7 +151,7 @@ class VolumeSession:
                     with trio.fail_after(CALL_TIMEOUT):
                         volumes = await self.peers.volumes(info.coordinator)
                         meta, info = await volumes.open(self.volume, self.mount_id, self.read_only,
-                                                        self._invalidated, handles=handles)
+                                                        self._invalidated, handles=handles, http=self.http)
                     self._releases.clear()
                     old, self.meta, self.info = self.meta, meta, info
                     if self.on_reconnect is not None:

@@ -35,14 +35,15 @@ class VolumeServiceClient(_Caller):
         self.cap = cap
 
     async def open(self, name: str, mount_id: str, read_only: bool, on_invalidate: Invalidate | None = None,
-                   handles: list[int] | None = None) -> tuple[VolumeClient, VolumeInfo]:
+                   handles: list[int] | None = None, http: str = "") -> tuple[VolumeClient, VolumeInfo]:
         """Open the volume at its coordinator; ``on_invalidate`` hears what other mounts change.
 
         ``handles``: the inodes the mount holds open (one entry per handle), counted there anew.
+        ``http``: where the mount serves its /metrics, registered with it.
         """
         async def go() -> tuple[Any, VolumeInfo]:
             req = self.cap.open_request()
-            req.name, req.mountId, req.readOnly = name, mount_id, read_only
+            req.name, req.mountId, req.readOnly, req.http = name, mount_id, read_only, http
             if on_invalidate is not None:
                 req.watcher = WatcherServer(self.bridge, on_invalidate)
             held = req.init("handles", len(handles or []))

@@ -120,7 +120,7 @@ class Coordinator(HostContext):
         hv.kv.write(done)
         log.info("volume=%s cloned from %s: %d keys", spec.name, spec.source, n)
 
-    async def open(self, name: str, mount_id: str) -> tuple[Served, VolumeInfo]:
+    async def open(self, name: str, mount_id: str, http: str = "") -> tuple[Served, VolumeInfo]:
         """Called when a mount opens a volume (or ``VOLUME@SNAPSHOT``) here: this node must coordinate it."""
         volume, _, snap = name.partition("@")
         spec = await self._serving_spec(volume)
@@ -135,7 +135,7 @@ class Coordinator(HostContext):
         if self.node_id not in spec.replicas:
             raise Conflict(f'volume "{name}"', f"node {self.node_id} is not one of its replicas")
         hv = self._activate(spec)
-        await self.keepalive(hv, mount_id, force=True)
+        await self.keepalive(hv, mount_id, force=True, http=http)
         return hv, spec
 
     async def call(self, hv: Served, fn: Callable[[Meta], T], changed: Changed | None = None, *,
@@ -384,7 +384,7 @@ class Coordinator(HostContext):
             if todo:
                 await hv.insync.copy_to(node, todo, dict.fromkeys(todo, sources))
 
-    async def keepalive(self, hv: HostedVolume, mount_id: str, force: bool = False) -> None:
+    async def keepalive(self, hv: HostedVolume, mount_id: str, force: bool = False, http: str = "") -> None:
         """Renew the mount's registration (what orphan purges and forgetting wait for), at most every
         3 s. The coordinator remembers when it heard each mount, so a store that was unreachable
         for a while cannot make its mounts look silent (see ``mounts.forget_silent``)."""
@@ -394,8 +394,7 @@ class Coordinator(HostContext):
         hv.heard[mount_id] = now
         if force or now - hv.mounts.get(mount_id, 0) > 3:
             try:
-                await self._store.put(f"mounts/{hv.name}/{mount_id}",
-                                      json.dumps({"ts": now, "node": self.node_id}).encode())
+                await self._store.put(f"mounts/{hv.name}/{mount_id}", records.encode_mount(now, self.node_id, http))
             except Unavailable as err:
                 self._warn(f"keepalive/{hv.name}", "node=%s volume=%s: mount registrations not renewed: %s",
                            self.node_id, hv.name, err)

@@ -137,6 +137,30 @@ async def test_remount_reads_back(meta: FakeMeta, chunks: FakeChunks) -> None:
         await vfs.release(fh)
 
 
+async def test_read_cache_counts_hits_and_misses_of_stored_blocks(meta: FakeMeta, chunks: FakeChunks) -> None:
+    data = pattern(3 * BLOCK, seed=5)
+    async with running(meta, chunks) as vfs:
+        fh, ino = await new_file(vfs)
+        await vfs.write(fh, 0, data)
+    async with running(meta, chunks, readahead=0) as vfs:  # a fresh cache; no fetch but the reader's
+        fh = await vfs.open(ino, 0)
+        assert await vfs.read(fh, 0, len(data)) == data
+        assert (vfs.cache.hits, vfs.cache.misses) == (0, 3)
+        assert await vfs.read(fh, BLOCK, 2 * BLOCK) == data[BLOCK:]
+        assert (vfs.cache.hits, vfs.cache.misses) == (2, 3)
+        # A block written in part reads the stored chunk under the new bytes (a lookup); one written
+        # whole and holes are none.
+        await vfs.write(fh, 0, b"x")
+        assert await vfs.read(fh, 0, BLOCK) == b"x" + data[1:BLOCK]
+        assert (vfs.cache.hits, vfs.cache.misses) == (3, 3)
+        await vfs.write(fh, BLOCK, bytes(BLOCK))
+        assert await vfs.read(fh, BLOCK, BLOCK) == bytes(BLOCK)
+        await vfs.setattr(ino, size=5 * BLOCK)
+        assert await vfs.read(fh, 4 * BLOCK, BLOCK) == bytes(BLOCK)
+        assert (vfs.cache.hits, vfs.cache.misses) == (3, 3)
+        await vfs.release(fh)
+
+
 async def test_attrs_show_local_size_while_dirty(vfs: Vfs, meta: FakeMeta) -> None:
     fh, ino = await new_file(vfs)
     await vfs.write(fh, 0, pattern(BLOCK + 1))
