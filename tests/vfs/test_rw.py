@@ -137,7 +137,7 @@ async def test_remount_reads_back(meta: FakeMeta, chunks: FakeChunks) -> None:
         await vfs.release(fh)
 
 
-async def test_read_cache_counts_hits_and_misses_of_the_chunks_reads_need(meta: FakeMeta, chunks: FakeChunks) -> None:
+async def test_read_cache_counts_hits_and_misses_of_stored_blocks(meta: FakeMeta, chunks: FakeChunks) -> None:
     data = pattern(3 * BLOCK, seed=5)
     async with running(meta, chunks) as vfs:
         fh, ino = await new_file(vfs)
@@ -148,10 +148,13 @@ async def test_read_cache_counts_hits_and_misses_of_the_chunks_reads_need(meta: 
         assert (vfs.cache.hits, vfs.cache.misses) == (0, 3)
         assert await vfs.read(fh, BLOCK, 2 * BLOCK) == data[BLOCK:]
         assert (vfs.cache.hits, vfs.cache.misses) == (2, 3)
-        # A block written in part still reads the stored chunk under it; a hole needs none.
+        # A block written in part reads the stored chunk under the new bytes (a lookup); one written
+        # whole and holes are none.
         await vfs.write(fh, 0, b"x")
-        assert await vfs.read(fh, 0, 2) == b"x" + data[1:2]
+        assert await vfs.read(fh, 0, BLOCK) == b"x" + data[1:BLOCK]
         assert (vfs.cache.hits, vfs.cache.misses) == (3, 3)
+        await vfs.write(fh, BLOCK, bytes(BLOCK))
+        assert await vfs.read(fh, BLOCK, BLOCK) == bytes(BLOCK)
         await vfs.setattr(ino, size=5 * BLOCK)
         assert await vfs.read(fh, 4 * BLOCK, BLOCK) == bytes(BLOCK)
         assert (vfs.cache.hits, vfs.cache.misses) == (3, 3)
