@@ -21,7 +21,7 @@ from pxfs.meta import keys, snapshots
 from pxfs.meta import maintenance as jobs
 from pxfs.meta.fs import Meta, Op
 from pxfs.meta.fsck import FsckReport, check
-from pxfs.meta.kv import Batch
+from pxfs.meta.kv import KV, Batch
 from pxfs.model import Attr, Changed, VolumeInfo
 from pxfs.observe import metrics
 from pxfs.volume import mounts
@@ -40,6 +40,14 @@ FRESH_WINDOW = 20.0  # longer than a mount's refresh interval
 STEP_KEYS = 1 << 15
 
 
+class Filling(Unavailable):
+    """A new clone is being filled from its snapshot: served once ``done`` is set."""
+
+    def __init__(self, obj: str, cause: str, done: trio.Event) -> None:
+        super().__init__(obj, cause)
+        self.done = done
+
+
 class Coordinator(HostContext):
     """The volumes this node coordinates (the record names it, with an epoch)."""
 
@@ -56,7 +64,8 @@ class Coordinator(HostContext):
             hv.set_epoch(spec.epoch)
         hv.spec = spec
         if hv.meta is None and spec.source and hv.kv.get(keys.counter_key(CLONE_DONE)) is None:
-            self._clone(hv, spec)
+            raise Filling(f'volume "{name}"', f"being filled from snapshot {spec.source}; retry in a moment",
+                          self._start_clone(hv, spec))
         if hv.meta is None:
             hv.meta = Meta(hv.kv, spec.size, spec.block_size, max_inodes=spec.inode_limit)
             # Orphans may still be open in mounts that have not reconnected yet: freed once they have
@@ -101,30 +110,56 @@ class Coordinator(HostContext):
             hv.repair = ChunkRepair(name, self._peers, self._repair_rate)
         return hv
 
-    def _clone(self, hv: HostedVolume, spec: VolumeInfo) -> None:
+    def _start_clone(self, hv: HostedVolume, spec: VolumeInfo) -> trio.Event:
         """Fill a new clone from the source snapshot held on this node (clones share their source's
-        replicas, so every replica has it), then mark it done; a half-made clone starts over."""
+        replicas, so every replica has it), then mark it done; a half-made clone starts over. The
+        copy runs in a worker thread (a snapshot of a million files takes many seconds, which the
+        event loop must not wait: heartbeats and every other volume go on); returns its end."""
+        if hv.cloned is not None:
+            return hv.cloned
         src_volume, _, snap = spec.source.partition("@")
-        if hv.kv.seq:
-            hv.wipe()
         source = self._volumes.get(src_volume) or self._hosted(src_volume)
         try:
             src_kv = source.snapshot_kv(snap)
         except NotFound:
             raise Unavailable(f'volume "{spec.name}"', f"source snapshot {spec.source} is not on node "
                               f"{self.node_id}") from None
-        n = snapshots.copy_into(hv.kv, src_kv)
-        done = Batch()
-        done.put(keys.counter_key(CLONE_DONE), keys.encode_u64(1))
-        hv.kv.write(done)
-        log.info("volume=%s cloned from %s: %d keys", spec.name, spec.source, n)
+        if hv.kv.seq:
+            hv.wipe()
+        done = hv.cloned = trio.Event()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._clone, hv, spec, src_kv, done)
+        return done
+
+    async def _clone(self, hv: HostedVolume, spec: VolumeInfo, src_kv: KV, done: trio.Event) -> None:
+        try:
+            # Nothing else writes the keyspace meanwhile: the clone is served by nobody until it is done.
+            n = await trio.to_thread.run_sync(snapshots.copy_into, hv.kv, src_kv)
+            mark = Batch()
+            mark.put(keys.counter_key(CLONE_DONE), keys.encode_u64(1))
+            hv.kv.write(mark)
+            log.info("volume=%s cloned from %s: %d keys", spec.name, spec.source, n)
+        except PxfsError as err:
+            log.warning("volume=%s not cloned from %s: %s (tried again at the next open)", spec.name, spec.source,
+                        err)
+        finally:
+            hv.cloned = None
+            done.set()
+
+    async def _activated(self, spec: VolumeInfo) -> HostedVolume:
+        """``_activate``, waiting first (the loop free) for a new clone to be filled."""
+        try:
+            return self._activate(spec)
+        except Filling as filling:
+            await filling.done.wait()
+        return self._activate(spec)
 
     async def open(self, name: str, mount_id: str) -> tuple[Served, VolumeInfo]:
         """Called when a mount opens a volume (or ``VOLUME@SNAPSHOT``) here: this node must coordinate it."""
         volume, _, snap = name.partition("@")
         spec = await self._serving_spec(volume)
         if snap:
-            hv = self._activate(spec)
+            hv = await self._activated(spec)
             hv.snapshot_kv(snap)
             hs = hv.snapshots[snap]
             if hs.meta is None:
@@ -133,7 +168,7 @@ class Coordinator(HostContext):
         name = volume
         if self.node_id not in spec.replicas:
             raise Conflict(f'volume "{name}"', f"node {self.node_id} is not one of its replicas")
-        hv = self._activate(spec)
+        hv = await self._activated(spec)
         await self.keepalive(hv, mount_id, force=True)
         return hv, spec
 

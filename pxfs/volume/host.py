@@ -23,6 +23,7 @@ import trio
 
 from pxfs.cluster import records
 from pxfs.errors import Conflict, PxfsError
+from pxfs.volume.coordinator import Filling
 from pxfs.volume.follower import Follower
 from pxfs.volume.health import Health
 from pxfs.volume.replica import HostedSnapshot, HostedVolume
@@ -110,6 +111,8 @@ class VolumeHost(Health, Follower):
                 except Conflict as err:
                     log.warning("node=%s volume=%s: %s", self.node_id, name, err)
                     continue
+                except Filling:
+                    continue  # a new clone: its copy runs, the next round finds it done
                 try:
                     await self._health(hv)
                 except PxfsError as err:  # one volume's trouble never stops the others' supervision
