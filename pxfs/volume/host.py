@@ -8,7 +8,8 @@ volume's health. As a follower it applies the batches it receives in sequence or
 from an older epoch, so a deposed coordinator can never get a write acknowledged by a follower.
 
 The roles live in their own files: ``coordinator`` (Meta for the mounts, acknowledgement by the
-in-sync set), ``health`` (repair, rejoin, space, scheduled snapshots), ``follower`` (fenced apply),
+in-sync set), ``jobs`` (restore and fsck under the maintenance mark, whole-keyspace reads in worker
+threads), ``health`` (repair, rejoin, space, scheduled snapshots), ``follower`` (fenced apply),
 on ``context`` (the copies on disk) and ``replica`` (one copy). This file decides, every round,
 which role the node plays for each volume, and deletes a copy only when the store says so.
 """
