@@ -68,6 +68,13 @@ class Conflict(PxfsError):
     errno = _errno.EAGAIN
 
 
+class PutsExpired(PxfsError):
+    """A commit came later after its chunk puts than the commit window: put them again, then retry."""
+
+    code = "puts-expired"
+    errno = _errno.EAGAIN
+
+
 class FsError(PxfsError):
     """A POSIX error with a precise errno, raised by the meta layer."""
 
@@ -80,5 +87,6 @@ class FsError(PxfsError):
 
 ERRORS: dict[str, type[PxfsError]] = {
     cls.code: cls
-    for cls in (PxfsError, NotFound, Exists, NoSpace, Unavailable, Invalid, Unauthorized, Corrupt, Conflict)
+    for cls in (PxfsError, NotFound, Exists, NoSpace, Unavailable, Invalid, Unauthorized, Corrupt, Conflict,
+                PutsExpired)
 }

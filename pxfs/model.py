@@ -80,7 +80,7 @@ class VolumeInfo:
         return {"name": self.name, "size": self.size, "used": self.used, "repl": self.repl,
                 "block_size": self.block_size, "labels": dict(self.labels), "state": self.state,
                 "replicas": list(self.replicas), "coordinator": self.coordinator, "epoch": self.epoch,
-                "mounts": self.mounts, "missing_replicas": self.detail.get("missing_replicas", []),
+                "mounts": self.detail.get("mounts", []), "missing_replicas": self.detail.get("missing_replicas", []),
                 "lagging": self.detail.get("lagging", []), "repair": repair, "source": self.source,
                 "space": self.detail.get("space", {}), "snapshots": self.detail.get("snapshots", []),
                 "in_sync": list(self.in_sync), "min_replicas": self.min_replicas, "uid": self.uid,

@@ -17,16 +17,19 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
 from pxfs.cluster.config import load_credential
 from pxfs.cluster.volume_session import VolumeSession
-from pxfs.errors import PxfsError
+from pxfs.errors import Invalid, PxfsError
 from pxfs.fuse.operations import Operations
 from pxfs.mountctl import ControlServer
+from pxfs.observe import metrics, web
 from pxfs.rpc.bridge import open_bridge
 from pxfs.vfs.vfs import Vfs
 
@@ -38,6 +41,7 @@ KEEPALIVE_INTERVAL = 5.0
 ATTR_TIMEOUT = 30.0
 READ_AHEAD_KB = 4096
 FLUSH_RETRY = 5.0  # seconds between flushes of data left after the unmount
+DEFAULT_HTTP = "127.0.0.1:0"  # loopback: a mount's port is for this host's scraper, not the network
 
 
 @dataclass
@@ -49,6 +53,9 @@ class MountConfig:
     read_only: bool = False
     attr_timeout: float = ATTR_TIMEOUT
     control: Path | None = None  # the Unix socket ``pxfs umount`` talks to (pxfs.mountctl)
+    # HOST:PORT of the mount's /metrics and /api/status (port 0: any free one); "": none, and no
+    # metrics are kept at all (``-o http=off``)
+    http: str = DEFAULT_HTTP
 
 
 def _raise_readahead(mountpoint: Path) -> None:
@@ -61,19 +68,70 @@ def _raise_readahead(mountpoint: Path) -> None:
         log.info("mount=%s readahead unchanged: %s", mountpoint, exc)
 
 
+Gauge = tuple[str, str, list[str], list[tuple[list[str], float]]]
+
+
+def mount_gauges(cfg: MountConfig, vfs: Vfs) -> list[Gauge]:
+    """Scrape-time values of this mount, read from the vfs (which knows nothing of Prometheus)."""
+    wb, cache = vfs.writeback, vfs.cache
+    return [
+        ("pxfs_mount_info", "The volume this mount serves, and where", ["volume", "mountpoint"],
+         [([cfg.volume, str(cfg.mountpoint)], 1.0)]),
+        ("pxfs_writeback_dirty_bytes", "Bytes written but not yet stored on the replicas (buffered and in flight)",
+         [], [([], wb.dirty_bytes + wb.flying_bytes)]),
+        ("pxfs_writeback_limit_bytes", "Write-back buffer bound: writers wait beyond it", [], [([], wb.limit)]),
+        ("pxfs_read_cache_bytes", "Bytes of chunks in the mount's read cache", [], [([], cache.size)]),
+        ("pxfs_read_cache_total", "Block reads answered by the mount's read cache (hit) or fetched (miss)",
+         ["result"], [(["hit"], cache.hits), (["miss"], cache.misses)]),
+    ]
+
+
+async def mount_status(cfg: MountConfig, session: VolumeSession, vfs: Vfs) -> dict[str, Any]:
+    """The mount's ``/api/status``: which volume, at which coordinator, what it holds in memory."""
+    info = session.info
+    wb, cache = vfs.writeback, vfs.cache
+    return {"volume": cfg.volume, "mountpoint": str(cfg.mountpoint), "read_only": cfg.read_only,
+            "mount_id": session.mount_id, "coordinator": info.coordinator if info else "",
+            "epoch": info.epoch if info else 0, "replicas": list(info.replicas) if info else [],
+            "writeback": {"dirty_bytes": wb.dirty_bytes, "flying_bytes": wb.flying_bytes, "limit": wb.limit},
+            "read_cache": {"bytes": cache.size, "hits": cache.hits, "misses": cache.misses}}
+
+
+def http_address(value: str) -> tuple[str, int]:
+    """``-o http=HOST:PORT`` (port 0: any free one) as (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise Invalid(f"mount option http={value}", "expected HOST:PORT (port 0: any free port) or off")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def _listen(cfg: MountConfig) -> tuple[list[trio.SocketListener], str]:
+    """Bound before the volume is opened, so that the registration names the port; served once mounted."""
+    if not cfg.http:
+        return [], ""
+    try:
+        return await web.listen(*http_address(cfg.http))
+    except OSError as exc:
+        raise PxfsError(f"mount option http={cfg.http}", f"cannot listen: {exc.strerror or exc}") from None
+
+
 async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
     """Mount, call ``ready()`` once the mount exists, serve until unmounted or signalled."""
     credential = load_credential(cfg.cluster_dir)
     mount_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    listeners, http = await _listen(cfg)
     async with open_bridge() as bridge:
         session = VolumeSession(bridge, cfg.cluster_dir, credential, cfg.volume, mount_id, cfg.read_only)
+        session.http = http  # registered with the coordinator: `pxfs volume inspect` shows it
         try:
             await session.connect()
             assert session.info is not None and session.chunks is not None
             info = session.info
             vfs = Vfs(session, session.chunks, info.block_size)
+            if http:
+                metrics.register(partial(mount_gauges, cfg, vfs))
             ops = Operations(vfs, attr_timeout=cfg.attr_timeout, entry_timeout=cfg.attr_timeout,
-                             read_only=cfg.read_only)
+                             read_only=cfg.read_only, op_timer=metrics.fuse_op_timer() if http else None)
             session.on_invalidate = ops.invalidate
 
             def reconnected() -> None:
@@ -90,6 +148,10 @@ async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
                 raise PxfsError(f"mountpoint {str(cfg.mountpoint)!r}", f"FUSE mount failed: {exc}") from None
             control = ControlServer(vfs.close)
             async with trio.open_nursery() as outer:  # the control socket outlives the mount
+                if listeners:
+                    outer.start_soon(web.serve_on, listeners,
+                                     {"/api/status": web.json_page(partial(mount_status, cfg, session, vfs))})
+                    log.info("volume=%s http=%s (/metrics, /api/status)", cfg.volume, http)
                 if cfg.control is not None:
                     try:
                         await outer.start(control.serve, cfg.control)
@@ -141,6 +203,8 @@ async def serve_mount(cfg: MountConfig, ready: Callable[[], None]) -> None:
                         await control.drain()
                     outer.cancel_scope.cancel()
         finally:
+            for listener in listeners:  # serve_on closed them if it ran; a failed mount never served
+                await listener.aclose()
             await session.close()
 
 

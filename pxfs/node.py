@@ -6,6 +6,7 @@ import logging
 import os
 import resource
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from pxfs.chunks.pool import Pool
 from pxfs.cluster import records, status
 from pxfs.cluster.admin import ClusterAdmin
 from pxfs.cluster.backends import NodeContext, open_node_store
-from pxfs.cluster.config import check_gc_grace, load_config
+from pxfs.cluster.config import COMMIT_WINDOW, check_commit_window, check_gc_grace, load_config
 from pxfs.cluster.etcd_store import ALIVE_PREFIX
 from pxfs.cluster.gc import Collector
 from pxfs.cluster.guard import StoreGuard
@@ -26,10 +27,12 @@ from pxfs.cluster.peers import Peers, store_resolver
 from pxfs.cluster.store import ControlStore
 from pxfs.cluster.wakeup import Wakeups
 from pxfs.durable import replace_file
-from pxfs.errors import PxfsError, Unavailable
+from pxfs.errors import NoSpace, PxfsError, Unavailable
 from pxfs.loopwatch import LoopWatch
 from pxfs.model import NodeInfo, PoolInfo
 from pxfs.observe import metrics, web
+from pxfs.observe.activity import Activity, Totals
+from pxfs.observe.page import page
 from pxfs.rpc import pki
 from pxfs.rpc.bridge import open_bridge
 from pxfs.rpc.client import split_address
@@ -65,27 +68,40 @@ class NodeConfig:
 class ChunkService:
     """The node's pools as the ChunkStore RPC sees them: LocalChunkStore plus per-pool stats and GC."""
 
-    def __init__(self, node_id: str, store: LocalChunkStore) -> None:
-        self.node_id, self.store = node_id, store
+    def __init__(self, node_id: str, store: LocalChunkStore, window: float = COMMIT_WINDOW) -> None:
+        self.node_id, self.store, self.window = node_id, store, window
         self.collector: Collector | None = None
+        self.totals = Totals()  # what the cluster page's rates are computed from
 
     async def collect(self, dry_run: bool, grace: float) -> dict[str, Any]:
         # Whoever asks: a shorter grace could sweep a chunk whose commit is still on its way.
-        check_gc_grace(grace, f"gc on node {self.node_id} with grace {grace:g} s")
+        check_gc_grace(grace, f"gc on node {self.node_id} with grace {grace:g} s", self.window)
         if self.collector is None:
             raise Unavailable(f"node {self.node_id}", "garbage collection is not running yet")
         return await self.collector.collect(dry_run, grace)
 
     async def put(self, h: bytes, data: bytes) -> bool:
-        with metrics.CHUNK_PUT_SECONDS.time():
-            stored = await self.store.put(h, data)
+        try:
+            with metrics.CHUNK_PUT_SECONDS.time():
+                stored = await self.store.put(h, data)
+        except NoSpace:
+            if self.collector is not None:
+                self.collector.wake("a pool is full")
+            raise
         metrics.CHUNK_PUT_BYTES.inc(len(data))
+        self.totals.put_bytes += len(data)
+        if stored and self.collector is not None:
+            self.collector.added(len(data), self._capacity())
         return stored
+
+    def _capacity(self) -> int:
+        return sum(p.capacity for p in self.store.pools)
 
     async def get(self, h: bytes) -> bytes:
         with metrics.CHUNK_GET_SECONDS.time():
             data = await self.store.get(h)
         metrics.CHUNK_GET_BYTES.inc(len(data))
+        self.totals.get_bytes += len(data)
         return data
 
     async def has_many(self, hashes: list[bytes]) -> list[bool]:
@@ -93,7 +109,11 @@ class ChunkService:
 
     async def verify(self, hashes: list[bytes]) -> list[int]:
         found = await self.store.verify(hashes)
-        metrics.VERIFY_FAILURES.inc(sum(1 for s in found if s))
+        bad = sum(1 for s in found if s)
+        metrics.VERIFY_FAILURES.inc(bad)
+        self.totals.verified += len(found)
+        self.totals.bad += bad
+        self.totals.last_verify = time.time()
         return found
 
     async def list_hashes(self, after: bytes, limit: int) -> list[bytes]:
@@ -201,10 +221,25 @@ def node_gauges(node_id: str, chunks: ChunkService, volumes: VolumeHost) -> list
     return out
 
 
+def node_pages(admin: ClusterAdmin, activity: Activity) -> web.Pages:
+    """The node's HTTP pages beside /metrics."""
+    async def cluster_page() -> str:
+        doc = await status.of_admin(admin)
+        return page(doc, await activity.gather(doc["nodes"]))
+
+    async def local() -> dict[str, Any]:
+        return activity.local()
+
+    return {"/api/status": web.json_page(lambda: status.of_admin(admin)), "/api/activity": web.json_page(local),
+            "/": web.html_page(cluster_page)}
+
+
 async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT. Raises PxfsError on a configuration problem at start."""
     cluster = load_config(cfg.cluster_dir)
-    check_gc_grace(cluster.gc_grace, "gc_grace in cluster.json")  # the automatic rounds use it
+    check_commit_window(cluster.commit_window, "commit_window in cluster.json")
+    # The automatic rounds use it.
+    check_gc_grace(cluster.gc_grace, "gc_grace in cluster.json", cluster.commit_window)
     split_address(cfg.listen)
     state = cfg.state_dir or (cfg.pools[0].path / "node-state")
     state.mkdir(parents=True, exist_ok=True)
@@ -222,7 +257,7 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
     pools = [Pool(p.path, p.capacity, klass=p.klass) for p in cfg.pools]
     chunks = LocalChunkStore(pools)
     await chunks.open()
-    chunk_service = ChunkService(node_id, chunks)
+    chunk_service = ChunkService(node_id, chunks, cluster.commit_window)
 
     async with open_bridge() as bridge:
         # The backend cluster.json names: which store, and whether this node serves it (embedded
@@ -232,10 +267,12 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
         store, is_seed = opened.store, opened.seed
         peers = Peers(bridge, credential, node_id, store_resolver(store))
         admin = ClusterAdmin(store, cluster, peers=peers)
-        volumes = VolumeHost(node_id, state, store, peers, repair_rate=cluster.repair_rate)
+        volumes = VolumeHost(node_id, state, store, peers, repair_rate=cluster.repair_rate,
+                             commit_window=cluster.commit_window)
         guard = StoreGuard(node_id, cluster.id, state, store, is_seed, volumes.holds_data)
         volumes.guard = guard
-        chunk_service.collector = Collector(node_id, store, peers, chunks, held=volumes.held, guard=guard)
+        chunk_service.collector = Collector(node_id, store, peers, chunks, held=volumes.held, guard=guard,
+                                            window=cluster.commit_window)
         services = Services(admin=admin, chunks=chunk_service, control=opened.served, volumes=volumes)
         server = RpcServer(bridge, services, credential, cluster.id, node_id)
         host, port = split_address(cfg.listen)
@@ -269,14 +306,18 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
             # Supervision acts on its volume records (a new coordinator starts serving at once); the
             # manager on liveness and the records (a round as soon as a lease expires).
             volumes.wakeup = wakeups.subscribe(records.VOLUME_PREFIX, records.TOMBSTONE_PREFIX)
+        events_from = logging.getLogger("pxfs")  # the cluster page's events: this node's records
+        activity: Activity | None = None
         try:
             async with trio.open_nursery() as nursery:
                 if cfg.http != "":
                     web_host, web_port = split_address(cfg.http) if cfg.http else (host, 0)
-                    http_address = await nursery.start(web.serve, web_host, web_port,
-                                                       lambda: status.of_admin(admin))
+                    activity = Activity(node_id, chunk_service.totals)
+                    events_from.addHandler(activity.log)
+                    nursery.start_soon(activity.rates.run)
+                    http_address = await nursery.start(web.serve, web_host, web_port, node_pages(admin, activity))
                     metrics.register(lambda: node_gauges(node_id, chunk_service, volumes))
-                    log.info("node=%s http=%s (/metrics, /api/status, /)", node_id, http_address)
+                    log.info("node=%s http=%s (/metrics, /api/status, /api/activity, /)", node_id, http_address)
                 nursery.start_soon(heartbeat_loop)
                 nursery.start_soon(watch_revocations, store, server)
                 if opened.watch is not None:
@@ -298,6 +339,8 @@ async def run_node(cfg: NodeConfig, ready: trio.Event | None = None) -> None:
                         break
                 nursery.cancel_scope.cancel()
         finally:
+            if activity is not None:
+                events_from.removeHandler(activity.log)
             with trio.CancelScope(shield=True):
                 await server.close()
                 await peers.close()

@@ -85,10 +85,15 @@ struct DirEntry {
   attr @1 :Attr;
 }
 
+# One slice of a block (pxfs.meta.slices): a block map lists a block's slices in order, later over
+# earlier, as consecutive refs of one index; a block of one ref at offset 0 is one chunk.
 struct BlockRef {
   index @0 :UInt64;
   hash @1 :Data;             # BLAKE3-256 of the chunk
-  length @2 :UInt32;         # bytes of the chunk that belong to the block; the rest of the block is zeros
+  length @2 :UInt32;         # bytes of the chunk that belong to the block (at offset); elsewhere zeros
+  offset @3 :UInt32;         # where in the block the slice starts
+  append @4 :Bool;           # commit only: over the block's slices (all refs of an index agree);
+                             # false: they replace them (length 0: a hole)
 }
 
 # Bootstrap of every node, reached only over mutual TLS: the peer's identity and role come from its
@@ -183,7 +188,8 @@ interface Watcher {
 interface VolumeService {
   # handles: the mount's open handles (one entry per handle), counted anew at this coordinator;
   # a new coordinator frees orphans only once every mount registered before it has opened here.
-  open @0 (name :Text, mountId :Text, readOnly :Bool, watcher :Watcher, handles :List(UInt64))
+  # http: HOST:PORT of the mount's /metrics ("" when it serves none), kept with its registration.
+  open @0 (name :Text, mountId :Text, readOnly :Bool, watcher :Watcher, handles :List(UInt64), http :Text)
       -> (volume :Volume, info :VolumeInfo);
   # A coordinator ships batches to a follower; refused when epoch is older than the follower's.
   apply @1 (name :Text, epoch :UInt64, seq :UInt64, batch :Data) -> (seq :UInt64);
@@ -234,8 +240,10 @@ interface Volume {
   release @17 (ino :UInt64) -> ();
   # held: the replicas that answered "stored" for every chunk of blocks. The coordinator copies what
   # an in-sync replica lacks, or takes it out of the in-sync set, before it acknowledges.
+  # putAgeMs: how long ago the mount began putting the chunks; past the cluster's commit window the
+  # commit is refused (puts-expired): garbage collection may be about to take them (pxfs.cluster.gc).
   commit @18 (ino :UInt64, blocks :List(BlockRef), size :UInt64, mtimeNs :Int64, held :List(Text),
-              opId :Data) -> (attr :Attr);
+              opId :Data, putAgeMs :UInt32) -> (attr :Attr);
   # used: bytes of file data; metaBytes: of names, xattrs and symlink targets (both count against
   # capacity); maxInodes: the inode limit, 0 for none.
   statfs @19 () -> (capacity :UInt64, used :UInt64, inodes :UInt64, blockSize :UInt32,

@@ -75,6 +75,7 @@ class Cluster:
     base_port: int
     nodes: int
     pool_size: str = "2G"
+    up_args: tuple[str, ...] = ()  # more options of `pxfs up` (GC settings, ...)
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         env = pxfs_env(PXFS_CLUSTER=str(self.dir))
@@ -101,7 +102,7 @@ class Cluster:
 
     def up(self) -> subprocess.CompletedProcess:
         return self.cli("up", "--dir", str(self.dir), "--nodes", str(self.nodes), "--base-port",
-                        str(self.base_port), "--pool-size", self.pool_size)
+                        str(self.base_port), "--pool-size", self.pool_size, *self.up_args)
 
     def down(self) -> None:
         subprocess.run([*PXFS, "down", "--dir", str(self.dir)], capture_output=True, timeout=60, env=pxfs_env())
@@ -178,8 +179,10 @@ def _leftover_pids(d: Path) -> list[int]:
     return out
 
 
-def make_cluster(tmp_path: Path, nodes: int = 3, pool_size: str = "2G") -> Iterator[Cluster]:
-    c = Cluster(dir=tmp_path / "cluster", base_port=free_port_block(nodes), nodes=nodes, pool_size=pool_size)
+def make_cluster(tmp_path: Path, nodes: int = 3, pool_size: str = "2G",
+                 up_args: tuple[str, ...] = ()) -> Iterator[Cluster]:
+    c = Cluster(dir=tmp_path / "cluster", base_port=free_port_block(nodes), nodes=nodes, pool_size=pool_size,
+                up_args=up_args)
     try:
         c.up()
         yield c

@@ -127,11 +127,12 @@ class LocalChunkStore:
             return out
         return await trio.to_thread.run_sync(run, limiter=self._limiter)
 
-    async def sweep(self, keep: set[bytes], older_than: float, dry_run: bool) -> tuple[int, int, int]:
+    async def sweep(self, keep: set[bytes], older_than: float, dry_run: bool,
+                    until: float = math.inf) -> tuple[int, int, int]:
         def run() -> tuple[int, int, int]:
             totals = [0, 0, 0]
             for pool in self._pools:
-                for i, n in enumerate(pool.sweep(keep, older_than, dry_run)):
+                for i, n in enumerate(pool.sweep(keep, older_than, dry_run, until)):
                     totals[i] += n
             return totals[0], totals[1], totals[2]
         return await trio.to_thread.run_sync(run, limiter=self._limiter)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import threading
 import time
@@ -303,13 +304,17 @@ class Pool:
             except FileNotFoundError:
                 return False
 
-    def sweep(self, keep: set[bytes], older_than: float, dry_run: bool) -> tuple[int, int, int]:
-        """Delete chunks not in ``keep`` whose files are older than ``older_than`` (epoch seconds).
+    def sweep(self, keep: set[bytes], older_than: float, dry_run: bool,
+              until: float = math.inf) -> tuple[int, int, int]:
+        """Delete chunks not in ``keep`` whose files are older than ``older_than`` (epoch seconds),
+        stopping at ``until`` (epoch seconds: past it, ``keep`` may miss newly named chunks).
 
         Returns (scanned, deleted, bytes freed). Safe to stop at any point and run again.
         """
         scanned = deleted = freed = 0
         for h in list(self.iter_hashes()):
+            if time.time() >= until:
+                break
             scanned += 1
             if h in keep:
                 continue

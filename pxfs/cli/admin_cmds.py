@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pxfs.cli.output import emit_json, line, table
+from pxfs.cli.output import emit_json, line, progress, table
 from pxfs.client import volumes
 from pxfs.client.connect import cluster_admin, open_cluster
 from pxfs.cluster import status
@@ -185,6 +185,11 @@ async def cmd_volume_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt_mounts(v: VolumeInfo) -> str:
+    shown = [f"{m['id']} at {m['http'] or 'no http'}" for m in v.detail.get("mounts", [])]
+    return f"{v.mounts}" + (f" ({'; '.join(shown)})" if shown else "")
+
+
 async def cmd_volume_inspect(args: argparse.Namespace) -> int:
     async with cluster_admin(args.cluster) as (admin, *_):
         v = await admin.get_volume(args.name, replicas=True)
@@ -199,7 +204,7 @@ async def cmd_volume_inspect(args: argparse.Namespace) -> int:
         ["metadata", f"{format_size(meta)} ({meta} bytes of names, xattrs, symlinks; counted in the size)"],
         ["inodes", f"{v.detail.get('inodes', 0)} of {v.inode_limit}"],
         ["repl", str(v.repl)], ["block size", format_size(v.block_size)], ["labels", _fmt_labels(v.labels)],
-        ["state", v.state], ["epoch", str(v.epoch)], ["mounts", str(v.mounts)],
+        ["state", v.state], ["epoch", str(v.epoch)], ["mounts", _fmt_mounts(v)],
         ["in sync", ", ".join(v.in_sync) or "none"], ["min replicas", str(v.min_replicas)],
     ] + ([["waiting", v.waiting]] if v.waiting else []))
     lagging = set(v.detail.get("lagging", []))
@@ -288,17 +293,27 @@ async def cmd_volume_repair(args: argparse.Namespace) -> int:
     return 0 if vol.state == "healthy" or not args.wait else 1
 
 
+def _repair_detail(v: VolumeInfo) -> str:
+    """What a repair is doing, for its progress line."""
+    rep = v.detail.get("repair", {})
+    if rep.get("state") == "copying":
+        return f"{rep.get('done', 0)}/{rep.get('total', 0)} chunks at {rep.get('rate', 0) / 1e6:.1f} MB/s"
+    waits = v.detail.get("missing_replicas", [])
+    why = f", waiting for {', '.join(waits)} (down)" if waits else ""
+    return f"{rep.get('state', 'not started')}, round {rep.get('rounds', 0)}{why}"
+
+
 async def _wait_healthy(admin: object, name: str, quiet: bool, done: object, after: float | None = None,
                         timeout: float = 3600, fail: bool = True) -> VolumeInfo:
     """Poll the volume until it is healthy (and ``done(v)``), showing repair progress; with ``after``
     (a repair request's stamp), only once a round that began after that request has finished."""
     import trio
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
     start_rounds = None
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} chunks"),
-                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), disable=quiet, transient=True) as bar:
-        task = bar.add_task(f"repair {name}", total=None, rate="")
+    with progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
+                  TimeElapsedColumn(), json_output=quiet) as bar:
+        task = bar.add_task(f"repair {name}", total=None, detail="")
         with trio.move_on_after(timeout):
             while True:
                 v: VolumeInfo = await admin.get_volume(name)  # type: ignore[attr-defined]
@@ -307,7 +322,7 @@ async def _wait_healthy(admin: object, name: str, quiet: bool, done: object, aft
                 if start_rounds is None:
                     start_rounds = rounds
                 bar.update(task, total=rep.get("total") or None, completed=rep.get("done", 0),
-                           rate=f"{rep.get('rate', 0) / 1e6:.1f} MB/s", description=f"{name}: {v.state}")
+                           detail=_repair_detail(v), description=f"repair {name}: {v.state}")
                 fresh = after is None or rep.get("asked", 0) >= after
                 settled = v.state == "healthy" or (not fail and (rep.get("converged") or rep.get("lost")
                                                                   or rounds > (start_rounds or 0) + 5))

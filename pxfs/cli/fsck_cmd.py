@@ -11,21 +11,31 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pxfs.cli.output import emit_json, line, table
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+from pxfs.cli.output import emit_json, line, progress, table
 from pxfs.client.connect import cluster_admin
 from pxfs.client.tools import tool_session
 
 
 async def cmd_fsck(args: argparse.Namespace) -> int:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+               TimeElapsedColumn())
     async with cluster_admin(args.cluster) as (admin, _conn, bridge, _cfg):
         vol = await admin.get_volume(args.volume)
-        async with tool_session(args.cluster, bridge, vol.name, not args.repair, "fsck") as session:
-            assert session.meta is not None
-            report: dict[str, Any] = await session.meta.fsck(args.repair)
-            refs = await session.meta.chunk_refs()
-            present, unreachable = await session.held_by_replicas(vol.replicas, refs)
-            missing = [h for h in refs if h not in present]
-            places = await session.meta.locate(missing) if missing else []
+        with progress(*columns, json_output=args.json) as bar:
+            # Each step is one call to the coordinator or the replicas: the bar says which is running.
+            task = bar.add_task(f"fsck {vol.name}: checking the metadata", total=3)
+            async with tool_session(args.cluster, bridge, vol.name, not args.repair, "fsck") as session:
+                assert session.meta is not None
+                report: dict[str, Any] = await session.meta.fsck(args.repair)
+                bar.update(task, advance=1, description=f"fsck {vol.name}: listing the chunks")
+                refs = await session.meta.chunk_refs()
+                bar.update(task, advance=1, description=f"fsck {vol.name}: {len(refs)} chunks on the replicas")
+                present, unreachable = await session.held_by_replicas(vol.replicas, refs)
+                missing = [h for h in refs if h not in present]
+                places = await session.meta.locate(missing) if missing else []
+                bar.advance(task)
     for h, path, offset, length in places:
         report["problems"].append({"kind": "missing-chunk", "ino": 0, "repaired": False,
                                    "detail": f"{path.decode(errors='replace')} bytes {offset}-{offset + length}: "

@@ -19,7 +19,16 @@ from pxfs.cli import etcd_local
 from pxfs.cli.output import line
 from pxfs.client.procs import alive
 from pxfs.cluster.backends import check_store, direct_store, kind_of, name_store
-from pxfs.cluster.config import ClusterConfig, check_gc_grace, init_cluster, load_config, load_credential, save_config
+from pxfs.cluster.config import (
+    COMMIT_WINDOW,
+    ClusterConfig,
+    check_commit_window,
+    check_gc_grace,
+    init_cluster,
+    load_config,
+    load_credential,
+    save_config,
+)
 from pxfs.errors import Exists, Invalid, PxfsError, Unavailable
 from pxfs.node import NodeConfig, PoolSpec, run_node
 from pxfs.rpc.bridge import open_bridge
@@ -259,8 +268,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     parse_size(pool_size, "pool size")
     if args.gc_interval is not None and not 0 <= args.gc_interval <= 30 * 86400:
         raise Invalid(f"--gc-interval {args.gc_interval:g}", "must be 0 (no automatic GC) to 30 days")
+    if args.commit_window is not None:
+        check_commit_window(args.commit_window, f"--commit-window {args.commit_window:g}")
     if args.gc_grace is not None:
-        check_gc_grace(args.gc_grace, f"--gc-grace {args.gc_grace:g}")
+        check_gc_grace(args.gc_grace, f"--gc-grace {args.gc_grace:g}",
+                       COMMIT_WINDOW if args.commit_window is None else args.commit_window)
     args.etcd_members_given = args.etcd_members is not None
     args.etcd_members = args.etcd_members if args.etcd_members is not None else 3
     store, members = _store_choice(args, d)
@@ -288,8 +300,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         cfg.repair_rate = float(parse_size(args.repair_rate, "repair rate"))
     if args.gc_interval is not None:
         cfg.gc_interval = args.gc_interval
+    if args.commit_window is not None:
+        cfg.commit_window = args.commit_window
     if args.gc_grace is not None:
         cfg.gc_grace = args.gc_grace
+    check_gc_grace(cfg.gc_grace, "the cluster's gc_grace (set --gc-grace too)", cfg.commit_window)
     existing = _node_dirs(d)
     for i in range(len(existing) + 1, args.nodes + 1):
         nd = d / "nodes" / f"n{i}"

@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace-after", type=float, help="seconds a replica node may be down before re-replication")
     p.add_argument("--repair-rate", help="repair throttle per coordinator, e.g. 100M (bytes/s)")
     p.add_argument("--gc-interval", type=float, help="seconds between automatic GC rounds (0: only `pxfs gc`)")
-    p.add_argument("--gc-grace", type=float, help=f"seconds a new chunk is safe from GC (at least {MIN_GC_GRACE:g})")
+    p.add_argument("--gc-grace", type=float, help="seconds a new chunk is safe from GC (at least twice the commit "
+                   f"window and 20 s: {MIN_GC_GRACE:g} for the default window)")
+    p.add_argument("--commit-window", type=float, help="seconds a mount may take from its chunk puts to their "
+                   "commit before it must put them again (default 60; a shorter one lets GC reclaim sooner)")
     p.add_argument("--store", help="control store of a new cluster: embedded (default), etcd (a local etcd "
                    "cluster under DIR/etcd) or etcd://HOST:PORT[,HOST:PORT...] (one run elsewhere)")
     p.add_argument("--etcd-members", type=int, help="members of the local etcd cluster (default 3)")

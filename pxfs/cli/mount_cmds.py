@@ -26,10 +26,10 @@ IGNORED = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "_netd
 
 def parse_options(opts: list[str]) -> dict[str, object]:
     """Split ``-o`` options into pxfs's own and the FUSE ones; unknown options are an error."""
-    from pxfs.mountd import ATTR_TIMEOUT
+    from pxfs.mountd import ATTR_TIMEOUT, DEFAULT_HTTP, http_address
 
     out: dict[str, object] = {"fuse": set(), "ro": False, "rw": False, "cluster": None, "credential": None,
-                              "attr_timeout": ATTR_TIMEOUT}
+                              "attr_timeout": ATTR_TIMEOUT, "http": DEFAULT_HTTP}
     for group in opts:
         for opt in filter(None, group.split(",")):
             key, sep, value = opt.partition("=")
@@ -45,6 +45,11 @@ def parse_options(opts: list[str]) -> dict[str, object]:
                 out["cluster"] = value
             elif key == "credential" and sep and value:
                 out["credential"] = value
+            elif key == "http" and sep:
+                # off: no port and no metrics kept (their cost on the request path is then nil)
+                out["http"] = "" if value == "off" else value
+                if value != "off":
+                    http_address(value)
             elif key == "attr_timeout" and sep:
                 try:
                     out["attr_timeout"] = float(value)
@@ -54,7 +59,7 @@ def parse_options(opts: list[str]) -> dict[str, object]:
                     raise Invalid(f"mount option {opt!r}", "attr_timeout must be 0-3600 seconds")
             else:
                 raise Invalid(f"mount option {opt!r}", "unknown option (pxfs: cluster=DIR, credential=DIR, ro, "
-                              "attr_timeout=S; "
+                              "attr_timeout=S, http=HOST:PORT|off; "
                               "FUSE: allow_other, nosuid, nodev, noexec, noatime, ...)")
     return out
 
@@ -90,7 +95,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     load_config(args.cluster)
     load_credential(args.cluster)
     cfg = MountConfig(cluster_dir=args.cluster, volume=volume, mountpoint=mp, fuse_options=opts["fuse"],  # type: ignore[arg-type]
-                      read_only=bool(opts["ro"]), attr_timeout=float(opts["attr_timeout"]))  # type: ignore[arg-type]
+                      read_only=bool(opts["ro"]), attr_timeout=float(opts["attr_timeout"]),  # type: ignore[arg-type]
+                      http=str(opts["http"]))
     log_dir = args.cluster / "logs"
     log_dir.mkdir(exist_ok=True)
     log_path = Path(args.log) if args.log else log_dir / f"mount-{volume.replace('@', '_at_')}.log"
@@ -142,7 +148,8 @@ def register(sub: argparse._SubParsersAction, client: Callable[[argparse.Argumen
     p.add_argument("--credential", metavar="DIR",
                    help="mount credential (default: $PXFS_CREDENTIAL, else CLUSTER/admin)")
     p.add_argument("-o", action="append", metavar="OPTIONS",
-                   help="cluster=DIR,credential=DIR,ro,allow_other,attr_timeout=S,...")
+                   help="cluster=DIR,credential=DIR,ro,allow_other,attr_timeout=S,http=HOST:PORT|off "
+                   "(/metrics; default 127.0.0.1, any free port),...")
     p.add_argument("--foreground", "-f", action="store_true", help="serve in the foreground (debugging, systemd)")
     p.add_argument("--log", default="", help="daemon log file (default: CLUSTER/logs/mount-NAME.log)")
     p.set_defaults(run=cmd_mount, sync=True, optional_cluster=True)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.progress import Progress, ProgressColumn
 from rich.table import Table
 
 _out = Console(highlight=False, soft_wrap=True)
@@ -25,6 +26,12 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
     for r in rows:
         t.add_row(*[str(x) for x in r])
     _out.print(t)
+
+
+def progress(*columns: str | ProgressColumn, json_output: bool) -> Progress:
+    """A progress display for a long operation, on stderr and only when stderr is a terminal: never
+    under ``--json``, in a pipe or a log, whose readers want the result alone. Erased when done."""
+    return Progress(*columns, console=_err, transient=True, disable=json_output or not sys.stderr.isatty())
 
 
 def line(text: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pxfs.cli.admin_cmds import _wait_healthy
-from pxfs.cli.output import emit_json, line, table
+from pxfs.cli.output import emit_json, line, progress, table
 from pxfs.client.connect import cluster_admin
 from pxfs.client.tools import tool_session
 from pxfs.cluster.config import load_credential
@@ -53,7 +53,7 @@ async def cmd_scrub(args: argparse.Namespace) -> int:
     async with cluster_admin(args.cluster) as (admin, _conn, bridge, _cfg):
         nodes = {n.id: n for n in await admin.list_nodes()}
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, disable=args.json, transient=True) as bar:
+        with progress(*columns, json_output=args.json) as bar:
             if args.node:
                 if args.node not in nodes:
                     raise Invalid(f"node {args.node}", "not in the cluster map")

@@ -193,16 +193,18 @@ def _read_all(r: int, timeout: float, cfg: MountConfig) -> str:
 
 def config_json(cfg: MountConfig) -> dict[str, object]:
     return {"cluster_dir": str(cfg.cluster_dir), "volume": cfg.volume, "mountpoint": str(cfg.mountpoint),
-            "fuse_options": sorted(cfg.fuse_options), "read_only": cfg.read_only, "attr_timeout": cfg.attr_timeout}
+            "fuse_options": sorted(cfg.fuse_options), "read_only": cfg.read_only, "attr_timeout": cfg.attr_timeout,
+            "http": cfg.http}
 
 
 def config_from(data: dict[str, object]) -> MountConfig:
-    from pxfs.mountd import MountConfig
+    from pxfs.mountd import DEFAULT_HTTP, MountConfig
 
     return MountConfig(cluster_dir=Path(str(data["cluster_dir"])), volume=str(data["volume"]),
                        mountpoint=Path(str(data["mountpoint"])),
                        fuse_options=set(data.get("fuse_options") or []),  # type: ignore[call-overload]
-                       read_only=bool(data.get("read_only")), attr_timeout=float(data["attr_timeout"]))  # type: ignore[arg-type]
+                       read_only=bool(data.get("read_only")), attr_timeout=float(data["attr_timeout"]),  # type: ignore[arg-type]
+                       http=str(data.get("http", DEFAULT_HTTP)))
 
 
 def serve_detached(cfg: MountConfig, w: int) -> int:

@@ -202,8 +202,10 @@ class ClusterAdmin:
             v.state = "degraded" if missing or lagging or behind or short or incomplete or v.waiting else "healthy"
             if v.waiting:
                 v.state = "unavailable"
-            mounts = records.decode_all(await self._store.range(f"mounts/{v.name}/"), records.decode_json)
-            v.mounts = sum(1 for m in mounts if now - float(m.get("ts", 0)) <= MOUNT_TTL)
+            prefix = f"mounts/{v.name}/"
+            live = [m for m in records.mounts(await self._store.range(prefix), prefix) if now - m["ts"] <= MOUNT_TTL]
+            v.mounts = len(live)
+            v.detail["mounts"] = [{"id": m["id"], "node": m["node"], "http": m["http"]} for m in live]
         return vols
 
     @staticmethod

@@ -24,18 +24,37 @@ from pxfs.durable import replace_file
 from pxfs.errors import Exists, Invalid, NotFound
 from pxfs.rpc import pki
 
-# A mount's commit after its chunk puts may wait out a failover (60 s) and a silent call (10 s);
-# a chunk younger than twice that may still be about to be named by a commit.
-MIN_GC_GRACE = 140.0
+# The commit window: a coordinator refuses a commit whose first chunk put began longer ago than this
+# (the mount puts its chunks again, which refreshes their age, and retries), so a chunk a commit will
+# name is never older than the window when it is named. A GC round sweeps only for the grace minus
+# the window after its mark began, so it cannot delete a chunk a commit named after its mark: the
+# grace must be the window plus the sweep's time, at least another window and a margin.
+COMMIT_WINDOW = 60.0
+MIN_COMMIT_WINDOW = 5.0
+SWEEP_MARGIN = 20.0
 MAX_GC_GRACE = 30 * 86400.0
 
 
-def check_gc_grace(grace: float, what: str) -> float:
+def min_gc_grace(window: float = COMMIT_WINDOW) -> float:
+    return 2 * window + SWEEP_MARGIN
+
+
+MIN_GC_GRACE = min_gc_grace()
+
+
+def check_gc_grace(grace: float, what: str, window: float = COMMIT_WINDOW) -> float:
     """The one rule for a GC grace period (cluster.json, `pxfs up`, `pxfs gc`, the node's RPC)."""
-    if not MIN_GC_GRACE <= grace <= MAX_GC_GRACE:  # NaN fails too
-        raise Invalid(what, f"must be {MIN_GC_GRACE:g} s (a write's longest wait for its commit, doubled) "
-                      "to 30 days: a younger chunk may be about to be named by a commit")
+    least = min_gc_grace(window)
+    if not least <= grace <= MAX_GC_GRACE:  # NaN fails too
+        raise Invalid(what, f"must be {least:g} s (twice the commit window of {window:g} s, and "
+                      f"{SWEEP_MARGIN:g} s) to 30 days: a younger chunk may be about to be named by a commit")
     return grace
+
+
+def check_commit_window(window: float, what: str) -> float:
+    if not MIN_COMMIT_WINDOW <= window <= 3600:  # NaN fails too
+        raise Invalid(what, f"must be {MIN_COMMIT_WINDOW:g} to 3600 s")
+    return window
 
 
 @dataclass
@@ -50,8 +69,11 @@ class ClusterConfig:
     failover_after: float = 2.0
     replace_after: float = 600.0
     repair_rate: float = 200e6
-    gc_interval: float = 3600.0   # automatic GC rounds (0: only `pxfs gc`)
-    gc_grace: float = 3600.0      # a chunk younger than this is never collected (>= MIN_GC_GRACE)
+    # Automatic GC rounds at least this often (0: only `pxfs gc`); a full pool, or puts of a tenth of
+    # a pool since the last round, start one sooner (pxfs.cluster.gc).
+    gc_interval: float = 600.0
+    gc_grace: float = MIN_GC_GRACE  # a chunk younger than this is never collected (>= min_gc_grace)
+    commit_window: float = COMMIT_WINDOW  # see COMMIT_WINDOW
 
     def addresses(self) -> list[str]:
         """Where a client tries to connect: the seed first, then every known node."""

@@ -12,7 +12,8 @@ Key schema (values are JSON objects; records with a ``v`` field are versioned, o
   tombstones/<name>/<uid>   {"v":1, "ts"} the volume with this uid was deleted: its replicas may go
   usage/<name>              the coordinator's report: used bytes, inodes, meta_bytes, seq, lagging,
                             repair, space
-  mounts/<name>/<id>        {"ts", "node"} of a live mount (renewed by its keepalive)
+  mounts/<name>/<id>        {"ts", "node", "http"} of a live mount (renewed by its keepalive; http:
+                            HOST:PORT of its /metrics, absent or "" when it serves none)
   removed/<id>              {"ts"} a node taken out with ``pxfs node remove``
   repair/<name>             {"ts"} the newest ``pxfs volume repair`` request
   schedules/<name>          {"every", "keep"} snapshot schedule
@@ -187,6 +188,27 @@ def tombstones(items: Iterable[tuple[str, bytes]]) -> dict[str, set[str]]:
             skip_bad(key, Corrupt(f"control store record {key!r}", "not tombstones/<name>/<uid>"))
             continue
         out.setdefault(name, set()).add(uid)
+    return out
+
+
+def encode_mount(ts: float, node: str, http: str) -> bytes:
+    return json.dumps({"ts": ts, "node": node, "http": http}).encode()
+
+
+def mounts(items: Iterable[tuple[str, bytes]], prefix: str) -> list[dict[str, Any]]:
+    """Registrations under ``prefix`` (``mounts/<volume>/``) as ``{"id", "ts", "node", "http"}``."""
+    out = []
+    for key, raw in items:
+        try:
+            d = _obj(key, raw)
+            ts = d.get("ts", 0)
+            if not isinstance(ts, int | float):
+                raise Corrupt(f"control store record {key!r}", "ts must be a number")
+        except Corrupt as err:
+            skip_bad(key, err)
+            continue
+        out.append({"id": key.removeprefix(prefix), "ts": float(ts), "node": str(d.get("node", "")),
+                    "http": str(d.get("http", ""))})
     return out
 
 

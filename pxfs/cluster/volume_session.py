@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +25,9 @@ from pxfs.cluster.backends import node_addresses
 from pxfs.cluster.config import load_config
 from pxfs.cluster.peers import Peers
 from pxfs.errors import Conflict, NotFound, PxfsError, Unauthorized, Unavailable
+from pxfs.meta import slices
 from pxfs.meta.opids import OpIds
+from pxfs.meta.slices import BlockMap, BlockWrite
 from pxfs.model import Attr, NodeInfo, VolumeInfo
 from pxfs.rpc.bridge import Bridge
 from pxfs.rpc.client import Connection
@@ -70,6 +72,7 @@ class VolumeSession:
         self._release_kick = trio.Event()
         self._lock = trio.Lock()
         self._ops = OpIds()  # a random prefix per session: ids never repeat across remounts
+        self.http = ""  # where the mount serves /metrics: registered at every coordinator it opens at
 
     async def _resolve(self, node_id: str) -> str:
         if node_id not in self._addresses:
@@ -129,7 +132,7 @@ class VolumeSession:
         info = await self._lookup()
         volumes = await self.peers.volumes(info.coordinator)
         self.meta, self.info = await volumes.open(self.volume, self.mount_id, self.read_only, self._invalidated,
-                                                  handles=[])
+                                                  handles=[], http=self.http)
         self.chunks = ReplicaChunks(self.volume, self.info.replicas, self.peers, self.local)
 
     async def _reconnect(self, failed: VolumeClient | None, cause: PxfsError, deadline: float) -> None:
@@ -148,7 +151,7 @@ class VolumeSession:
                     with trio.fail_after(CALL_TIMEOUT):
                         volumes = await self.peers.volumes(info.coordinator)
                         meta, info = await volumes.open(self.volume, self.mount_id, self.read_only,
-                                                        self._invalidated, handles=handles)
+                                                        self._invalidated, handles=handles, http=self.http)
                     self._releases.clear()
                     old, self.meta, self.info = self.meta, meta, info
                     if self.on_reconnect is not None:
@@ -288,7 +291,7 @@ class VolumeSession:
         op = self._ops.next()
         await self._call(lambda m: m.removexattr(ino, name, op))
 
-    async def open(self, ino: int) -> tuple[Attr, dict[int, tuple[bytes, int]]]:
+    async def open(self, ino: int) -> tuple[Attr, BlockMap]:
         result = await self._call(lambda m: m.open(ino))
         self._open[ino] = self._open.get(ino, 0) + 1
         return result
@@ -337,11 +340,17 @@ class VolumeSession:
                 # Lost closes only delay freeing unlinked files until the coordinator restarts.
                 log.warning("volume=%s could not send %d closes: %s", self.volume, len(todo), err)
 
-    async def commit(self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int) -> Attr:
-        hashes = [h for h, _n in blocks.values()]
+    async def commit(self, ino: int, blocks: Mapping[int, BlockWrite], size: int, mtime_ns: int,
+                     put_started: float | None = None) -> Attr:
+        """``put_started``: trio clock time the chunks' puts began; each try says how long ago."""
+        hashes = [h for w in blocks.values() for h in slices.hashes(w.slices)]
         held = self.chunks.held_by(hashes) if self.chunks is not None else []
         op = self._ops.next()
-        attr = await self._call(lambda m: m.commit(ino, blocks, size, mtime_ns, held, op))
+
+        def age() -> float:
+            return 0.0 if put_started is None else trio.current_time() - put_started
+
+        attr = await self._call(lambda m: m.commit(ino, blocks, size, mtime_ns, held, op, age()))
         if self.chunks is not None:
             self.chunks.committed(hashes)
         return attr

@@ -1,8 +1,10 @@
-"""Errno mapping for FUSE handlers: the one place where the FUSE layer catches broad exceptions.
+"""The wrapper of every FUSE handler: errno mapping (the one place where the FUSE layer catches
+broad exceptions) and the handler's duration.
 
 pyfuse3 ends ``pyfuse3.main()`` (and leaves a dead mount) when anything but ``FUSEError`` escapes a
 handler, so every handler is wrapped: a ``PxfsError`` becomes its errno, anything else is a bug that
-is logged with the operation's name and answered with EIO.
+is logged with the operation's name and answered with EIO. The same wrapper times the handler for
+whoever set ``op_timer`` on the operations object (the mount's metrics), so no handler repeats it.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 
@@ -21,6 +24,14 @@ log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+OpTimer = Callable[[str, float], None]  # (operation name, seconds it took)
+
+
+class Timed(Protocol):
+    op_timer: OpTimer | None  # None: handlers are not timed (metrics off)
+
+
+S = TypeVar("S", bound=Timed)
 
 
 def _errno_of(exc: BaseException) -> int | None:
@@ -34,13 +45,15 @@ def _errno_of(exc: BaseException) -> int | None:
     return None
 
 
-def fuse_op(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def fuse_op(fn: Callable[Concatenate[S, P], Awaitable[T]]) -> Callable[Concatenate[S, P], Awaitable[T]]:
     name = fn.__name__
 
     @functools.wraps(fn)
-    async def handler(*args: P.args, **kwargs: P.kwargs) -> T:
+    async def handler(self: S, *args: P.args, **kwargs: P.kwargs) -> T:
+        timer = self.op_timer
+        start = time.perf_counter() if timer is not None else 0.0
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except Exception as exc:
@@ -53,5 +66,8 @@ def fuse_op(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
             else:
                 log.debug("fuse op=%s: %s", name, exc)
             raise pyfuse3.FUSEError(code) from None
+        finally:
+            if timer is not None:  # failures too: a slow ENOSPC is as slow as a slow success
+                timer(name, time.perf_counter() - start)
 
     return handler

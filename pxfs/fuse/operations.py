@@ -18,7 +18,7 @@ import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields, StatvfsData
 
 from pxfs.errors import FsError
-from pxfs.fuse.errors import fuse_op
+from pxfs.fuse.errors import OpTimer, fuse_op
 from pxfs.meta.names import NAME_MAX
 from pxfs.model import Attr
 from pxfs.vfs.vfs import Vfs
@@ -45,9 +45,10 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
 
     def __init__(self, vfs: Vfs, *, attr_timeout: float = 1.0, entry_timeout: float = 1.0,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, op_timer: OpTimer | None = None) -> None:
         super().__init__()
         self.vfs = vfs
+        self.op_timer = op_timer  # every handler's duration goes here (fuse_op)
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
         self.read_only = read_only

@@ -20,13 +20,14 @@ from collections.abc import Callable, Mapping
 from typing import ParamSpec, TypeVar
 
 from pxfs.errors import Corrupt, FsError, Invalid
-from pxfs.meta import dirs, handles, keys, opids, quota, xattrs
+from pxfs.meta import dirs, handles, keys, opids, quota, slices, xattrs
 from pxfs.meta.dirs import RENAME_EXCHANGE, RENAME_NOREPLACE
 from pxfs.meta.handles import OpenHandles, PendingPurge
 from pxfs.meta.keys import HASH_LEN, ROOT_INO, Attr
 from pxfs.meta.kv import KV
 from pxfs.meta.names import check_name
 from pxfs.meta.opids import Op
+from pxfs.meta.slices import BlockMap, BlockWrite, as_write
 from pxfs.meta.txn import Txn
 from pxfs.meta.xattrs import XATTR_CREATE, XATTR_REPLACE
 
@@ -310,7 +311,7 @@ class Meta:
             return 0
         freed = 0
         for key, value in past[:limit]:
-            freed += keys.decode_block(value)[1]
+            freed += slices.extent(keys.decode_block(value))
             txn.delete(key)
         txn.add_counter(keys.USED_BYTES, -freed)
         txn.commit()
@@ -323,11 +324,11 @@ class Meta:
         freed = 0
         for key, value in self.kv.scan(keys.block_prefix(ino), keys.block_key(ino, first)):
             idx = keys.block_idx(key)
-            digest, length = keys.decode_block(value)
-            keep = max(0, min(length, size - idx * bs))
-            freed += length - keep
-            if keep:
-                txn.put(key, keys.encode_block(digest, keep))
+            block = keys.decode_block(value)
+            kept = slices.cut(block, size - idx * bs)
+            freed += slices.extent(block) - slices.extent(kept)
+            if kept:
+                txn.put(key, keys.encode_block(kept))
             else:
                 txn.delete(key)
         if freed:
@@ -354,13 +355,13 @@ class Meta:
         self._commit(txn, op)
 
     # -- data -----------------------------------------------------------------------------------
-    def get_blocks(self, ino: int) -> tuple[Attr, dict[int, tuple[bytes, int]]]:
-        """Attrs and block map {index: (hash, length)}; indexes missing from the map are holes."""
+    def get_blocks(self, ino: int) -> tuple[Attr, BlockMap]:
+        """Attrs and block map {index: slices}; indexes missing from the map are holes."""
         a = self._txn().attr(ino)
         blocks = {keys.block_idx(k): keys.decode_block(v) for k, v in self.kv.scan(keys.block_prefix(ino))}
         return a, blocks
 
-    def block_page(self, ino: int, start: int, limit: int) -> tuple[Attr, dict[int, tuple[bytes, int]], bool]:
+    def block_page(self, ino: int, start: int, limit: int) -> tuple[Attr, BlockMap, bool]:
         """Attrs and up to ``limit`` block map entries from index ``start`` on; True when more follow."""
         a = self._txn().attr(ino)
         page = list(self.kv.scan(keys.block_prefix(ino), keys.block_key(ino, max(0, start)), max(1, limit) + 1))
@@ -369,14 +370,16 @@ class Meta:
 
     @_once
     def commit_blocks(
-        self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int | None = None,
-        dry_run: bool = False, *, op: Op | None = None,
+        self, ino: int, blocks: Mapping[int, BlockWrite | tuple[bytes, int]], size: int,
+        mtime_ns: int | None = None, dry_run: bool = False, *, op: Op | None = None,
     ) -> Attr:
         """Record written blocks and the new size; ENOSPC (nothing changed) past the quota.
 
-        A length of 0 punches a hole. A block may not reach past the resulting size: that would
-        be a block the file cannot show, counted against the quota. ``dry_run`` checks all of that
-        and writes nothing (the coordinator judges a commit before it makes replicas fetch chunks).
+        Each write replaces a block's slices, or adds slices over them (``BlockWrite``); a
+        ``(hash, length)`` pair is a whole block of one chunk, and a length of 0 punches a hole. A
+        block may not reach past the resulting size: that would be a block the file cannot show,
+        counted against the quota. ``dry_run`` checks all of that and writes nothing (the
+        coordinator judges a commit before it makes replicas fetch chunks).
         """
         txn = self._txn()
         a = txn.attr(ino)
@@ -389,17 +392,24 @@ class Meta:
         new_size = max(a.size, size)
         bs = self.block_size
         delta = 0
-        for idx, (digest, length) in sorted(blocks.items()):
-            if idx < 0 or not 0 <= length <= bs or len(digest) != HASH_LEN:
-                raise FsError(errno.EINVAL, f"inode {ino}", f"bad block {idx} ({length} bytes)")
+        for idx, w in sorted(blocks.items()):
+            w = as_write(w)
+            for digest, off, length in w.slices:
+                if idx < 0 or off < 0 or length < 0 or off + length > bs or len(digest) != HASH_LEN:
+                    raise FsError(errno.EINVAL, f"inode {ino}", f"bad slice of block {idx} ({length} bytes at {off})")
+            key = keys.block_key(ino, idx)
+            raw = txn.get(key)
+            old = keys.decode_block(raw) if raw is not None else ()
+            new = slices.add(old, w.slices) if w.append else slices.add((), w.slices)
+            if len(new) > slices.MAX_SLICES:
+                raise FsError(errno.EINVAL, f"inode {ino}", f"block {idx} would hold {len(new)} slices "
+                              f"(at most {slices.MAX_SLICES}): write it whole")
+            length = slices.extent(new)
             if idx * bs + length > new_size:
                 raise FsError(errno.EINVAL, f"inode {ino}", f"block {idx} reaches past size {new_size}")
-            key = keys.block_key(ino, idx)
-            old = txn.get(key)
-            if old is not None:
-                delta -= keys.decode_block(old)[1]
-            if length:
-                txn.put(key, keys.encode_block(digest, length))
+            delta -= slices.extent(old)
+            if new:
+                txn.put(key, keys.encode_block(new))
             else:
                 txn.delete(key)
             delta += length
@@ -419,8 +429,9 @@ class Meta:
     def chunk_refs(self) -> dict[bytes, int]:
         """Every chunk the volume's block maps name, with its size in use (for repair and scrub)."""
         refs: dict[bytes, int] = {}
-        for _key, digest, length in keys.block_entries(self.kv.scan(keys.INODE_PREFIX)):
-            refs[digest] = max(refs.get(digest, 0), length)
+        for _key, block in keys.block_entries(self.kv.scan(keys.INODE_PREFIX)):
+            for digest, _off, length in block:
+                refs[digest] = max(refs.get(digest, 0), length)
         return refs
 
     def locate_chunks(self, hashes: set[bytes]) -> list[tuple[bytes, bytes, int, int]]:
@@ -428,10 +439,11 @@ class Meta:
         order: scrub's report. It reads the keyspace in two scans and nothing else, so it may run in
         a worker thread while the volume is served: each scan is one RocksDB iterator, one point in
         time (a file renamed between the two is named where the second found it)."""
-        found: list[tuple[int, int, bytes, int]] = []
-        for key, digest, length in keys.block_entries(self.kv.scan(keys.INODE_PREFIX)):
-            if digest in hashes:
-                found.append((key.ino, key.idx, digest, length))
+        found: list[tuple[int, int, bytes, int]] = []  # (ino, offset in the file, hash, length)
+        for key, block in keys.block_entries(self.kv.scan(keys.INODE_PREFIX)):
+            for digest, off, length in block:
+                if digest in hashes:
+                    found.append((key.ino, key.idx * self.block_size + off, digest, length))
         if not found:
             return []
         files = {ino for ino, _idx, _h, _n in found}
@@ -458,7 +470,7 @@ class Meta:
             return b"/" + b"/".join(reversed(parts))
 
         paths = {ino: path(ino) for ino in files}
-        out = [(digest, paths[ino], idx * self.block_size, length) for ino, idx, digest, length in found]
+        out = [(digest, paths[ino], offset, length) for ino, offset, digest, length in found]
         return sorted(out, key=lambda p: (p[1], p[2]))
 
     def statfs(self) -> dict[str, int]:
@@ -583,7 +595,7 @@ class Meta:
                 continue
             entries = list(self.kv.scan(keys.block_prefix(key.ino), limit=limit - done))
             for bkey, value in entries:
-                freed += keys.decode_block(value)[1]
+                freed += slices.extent(keys.decode_block(value))
                 txn.delete(bkey)
             done += len(entries)
             if done < limit:

@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pxfs.errors import Corrupt
-from pxfs.meta import keys, maintenance, quota
+from pxfs.meta import keys, maintenance, quota, slices
 from pxfs.meta.keys import ROOT_INO, Attr
 from pxfs.meta.kv import KV, Op
+from pxfs.meta.slices import Block
 
 LOST_FOUND = b"lost+found"
 
@@ -124,7 +125,7 @@ class _Fsck:
         self.attrs: dict[int, Attr] = {}
         self.bad_attrs: set[int] = set()
         self.entries: list[_Entry] = []
-        self.blocks: dict[int, list[tuple[int, bytes, int]]] = {}
+        self.blocks: dict[int, list[tuple[int, Block]]] = {}
         self.inode_keys: dict[int, list[bytes]] = {}
         self.orphans: set[int] = set()
         self.purging: set[int] = set()  # on the purge list: block entries without attr are expected
@@ -247,13 +248,13 @@ class _Fsck:
         elif isinstance(key, keys.BlockKey):
             self.report.blocks += 1
             try:
-                digest, length = keys.decode_block(value)
+                block = keys.decode_block(value)
             except Corrupt as e:
                 if self.problem("bad-block", ino, f"block {key.idx}: {e.cause}"):
                     self.ops[raw] = None
                 return
-            self.blocks.setdefault(ino, []).append((key.idx, digest, length))
-            self.used_before += length
+            self.blocks.setdefault(ino, []).append((key.idx, block))
+            self.used_before += slices.extent(block)
 
     def _strays(self) -> None:
         """Keys of an inode without attr (entries of a lost directory too) are unreachable: drop them.
@@ -272,7 +273,7 @@ class _Fsck:
             if self.problem("stray-key", ino, f"{len(inode_keys)} keys of an inode without attr"):
                 for key in inode_keys:
                     self.ops[key] = None
-                self.used_removed += sum(length for _, _, length in self.blocks.get(ino, ()))
+                self.used_removed += sum(slices.extent(b) for _, b in self.blocks.get(ino, ()))
             self.blocks.pop(ino, None)
             self.gone.add(ino)
 
@@ -340,7 +341,7 @@ class _Fsck:
 
     def _purge(self, ino: int, fix: bool) -> None:
         """Drop every key of an orphan; its chunks leave ``chunk_refs`` even when only reporting."""
-        used = sum(length for _, _, length in self.blocks.pop(ino, ()))
+        used = sum(slices.extent(b) for _, b in self.blocks.pop(ino, ()))
         self.gone.add(ino)
         if fix:
             for key in self.inode_keys[ino]:
@@ -427,17 +428,19 @@ class _Fsck:
         for ino, blocks in self.blocks.items():
             a = self.attrs.get(ino)
             size = a.size if a is not None and stat.S_ISREG(a.mode) else 0
-            for idx, digest, length in blocks:
+            for idx, block in blocks:
+                length = slices.extent(block)
                 keep = length if a is None else max(0, min(length, self.bs, size - idx * self.bs))
+                kept = slices.cut(block, keep)
                 if keep < length or keep == 0:
                     what = "is empty" if length == 0 else f"({length} bytes) is past EOF {size}"
                     if keep:
                         what = f"runs past EOF {size} or block size: {length} -> {keep} bytes"
                     if self.problem("block-past-eof", ino, f"block {idx} {what}"):
                         key = keys.block_key(ino, idx)
-                        self.ops[key] = keys.encode_block(digest, keep) if keep else None
+                        self.ops[key] = keys.encode_block(kept) if kept else None
                         self.used_removed += length - keep
-                if keep:
+                for digest in slices.hashes(kept):
                     self.report.chunk_refs.setdefault(digest, []).append((ino, idx))
 
     def _check_counters(self) -> None:

@@ -6,8 +6,10 @@ inode starts with ``A<ino>``, so purging an inode is one prefix scan.
     A<ino>I            attr:    ver:1 mode:4 nlink:4 uid:4 gid:4 rdev:8 size:8
                                 atime_ns:8 mtime_ns:8 ctime_ns:8 parent:8   (parent: dirs only)
     A<ino>D<name>      dentry:  child ino:8 + file type:1 (mode >> 12)
-    A<ino>C<idx:8>     block:   BLAKE3-256 hash:32 + length:4; the block's data is chunk[:length]
-                                followed by zeros up to the block end; a missing entry is a hole
+    A<ino>C<idx:8>     block:   its slices (pxfs.meta.slices), later over earlier, zeros where none
+                                reaches; a missing entry is a hole. One slice at offset 0 is
+                                hash:32 + length:4 (the block is chunk[:length]); any other list
+                                is 0x01 + (hash:32 + offset:4 + length:4) per slice
     A<ino>S            symlink: target bytes
     A<ino>X<name>      xattr:   value bytes
     C<name>            counter: value:8 (nextInode, usedBytes, inodes, metaBytes: bytes of entry
@@ -43,6 +45,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pxfs.errors import Corrupt
+from pxfs.meta.slices import Block
 
 ROOT_INO = 1
 HASH_LEN = 32
@@ -57,6 +60,8 @@ _ATTR_VERSION = 1
 _ATTR = struct.Struct(">BIIIIQQqqqQ")
 _DENTRY = struct.Struct(">QB")
 _BLOCK = struct.Struct(f">{HASH_LEN}sI")
+_SLICE = struct.Struct(f">{HASH_LEN}sII")
+_SLICES_VERSION = 1
 
 
 @dataclass
@@ -221,15 +226,19 @@ def decode_dentry(value: bytes) -> tuple[int, int]:
     return ino, ftype << 12
 
 
-def encode_block(digest: bytes, length: int) -> bytes:
-    return _BLOCK.pack(digest, length)
+def encode_block(block: Block) -> bytes:
+    if len(block) == 1 and block[0][1] == 0:
+        return _BLOCK.pack(block[0][0], block[0][2])
+    return bytes([_SLICES_VERSION]) + b"".join(_SLICE.pack(*s) for s in block)
 
 
-def decode_block(value: bytes) -> tuple[bytes, int]:
-    if len(value) != _BLOCK.size:
-        raise Corrupt("block entry", f"{len(value)}-byte value, not {_BLOCK.size}")
-    digest, length = _BLOCK.unpack(value)
-    return digest, length
+def decode_block(value: bytes) -> Block:
+    if len(value) == _BLOCK.size:
+        digest, length = _BLOCK.unpack(value)
+        return ((digest, 0, length),)
+    if not value or value[0] != _SLICES_VERSION or (len(value) - 1) % _SLICE.size:
+        raise Corrupt("block entry", f"{len(value)}-byte value, neither one chunk nor a slice list")
+    return tuple(_SLICE.iter_unpack(memoryview(value)[1:]))
 
 
 def encode_u64(n: int) -> bytes:
@@ -388,9 +397,9 @@ def decode_key(raw: bytes) -> Key:
     raise BadKey(raw, "not in the schema")
 
 
-def block_entries(items: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[BlockKey, bytes, int]]:
-    """(key, hash, length) of every block entry among ``items`` (a scan of ``INODE_PREFIX``), for
-    the chunk scans; keys and values that do not decode are fsck's to report, skipped here."""
+def block_entries(items: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[BlockKey, Block]]:
+    """(key, slices) of every block entry among ``items`` (a scan of ``INODE_PREFIX``), for the
+    chunk scans; keys and values that do not decode are fsck's to report, skipped here."""
     for raw, value in items:
         if raw[9:10] != b"C":  # the cheap test first: most inode keys are not blocks
             continue
@@ -398,7 +407,7 @@ def block_entries(items: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[BlockK
             key = decode_key(raw)
             if not isinstance(key, BlockKey):
                 continue
-            digest, length = decode_block(value)
+            block = decode_block(value)
         except Corrupt:
             continue
-        yield key, digest, length
+        yield key, block

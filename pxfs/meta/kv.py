@@ -135,6 +135,11 @@ class KV(ABC):
         self.churn_bytes = 0
         self.churn_deletes = 0
         self._loading = self._raw_get(LOAD_KEY) is not None
+        # Group commit: with deferred_sync, batches are written without waiting for the disk, and the
+        # owner makes them durable with ``sync`` (in a worker thread, one sync for every batch written
+        # before it) before it counts them as held; ``synced`` is the last seq known to be on disk.
+        self.deferred_sync = False
+        self.synced = self._seq
         # Keys read (gets, keys a scan yielded) and written by the thread that opened the store, the
         # owner's event loop: what one step costs there, so that a coordinator can tell a step that
         # grows with the volume (issue 13). Scans in worker threads hold no loop: not counted.
@@ -299,6 +304,7 @@ class KV(ABC):
                          (LOAD_KEY, None)]
         self._raw_write(ops, durable=True)  # synced: covers the unsynced parts written before it
         self._seq, self._trimmed, self._loading = seq, seq - 1, False
+        self.synced = seq
 
     def _check(self, batch: Batch) -> None:
         for key, _ in batch.ops:
@@ -307,10 +313,24 @@ class KV(ABC):
         if self.check_batch is not None:
             self.check_batch(batch)
 
+    def sync(self) -> int:
+        """Put every batch written so far on disk; returns the seq that is now durable. Safe in a
+        worker thread while the owner writes (what it writes meanwhile may or may not be covered)."""
+        seq = self._seq
+        self._raw_sync()
+        self.synced = max(self.synced, seq)
+        return seq
+
+    @abstractmethod
+    def _raw_sync(self) -> None:
+        """Make every write so far durable."""
+
     def _commit(self, seq: int, batch: Batch, encoded: bytes) -> None:
         ops = [*batch.ops, (SEQ_KEY, _U64.pack(seq)), (_log_key(seq), encoded)]
-        self._raw_write(ops, durable=True)
+        self._raw_write(ops, durable=not self.deferred_sync)
         self._seq = seq
+        if not self.deferred_sync:
+            self.synced = seq
         self.touched += len(ops)
         self.churn_bytes += len(encoded)
         self.churn_deletes += sum(1 for _, v in batch.ops if v is None)
@@ -350,6 +370,9 @@ class MemKV(KV):
                     bisect.insort(self._keys, key)
                 self._data[key] = value
 
+    def _raw_sync(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -365,6 +388,7 @@ class RocksKV(KV):
         self._sync.sync = True
         self._nosync = WriteOptions()
         self._closed = False
+        self._syncing = threading.Lock()  # close() waits for a sync in a worker thread
         self.path = path
         # compact() runs in a worker thread; rocksdict refuses a close() during it ("Already
         # borrowed"), so close waits for it under this lock.
@@ -392,6 +416,11 @@ class RocksKV(KV):
             else:
                 wb.put(key, value)
         self._db.write(wb, write_opt=self._sync if durable else self._nosync)
+
+    def _raw_sync(self) -> None:
+        with self._syncing:
+            if not self._closed:
+                self._db.flush_wal(True)
 
     def checkpoint(self, path: str) -> None:
         """A consistent copy of the store as of now, in ``path`` (hard links: cost ~ metadata, not data)."""
@@ -424,7 +453,8 @@ class RocksKV(KV):
 
     def close(self) -> None:
         """Close the database; closing twice is harmless (shutdown paths may overlap)."""
-        with self._compacting:
+        with self._compacting, self._syncing:
             if not self._closed:
                 self._closed = True
+                self._db.flush_wal(True)  # batches written with deferred_sync and not yet synced
                 self._db.close()

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator
 
 from pxfs.errors import Exists, Invalid, NotFound
-from pxfs.meta import keys, maintenance
+from pxfs.meta import keys, maintenance, slices
 from pxfs.meta.kv import KV, Batch
 from pxfs.paths import is_name
 
@@ -95,8 +95,9 @@ def chunk_refs(kv: KV) -> tuple[dict[bytes, int], int]:
     """Distinct chunks a keyspace's block maps name (hash -> bytes in use), and the logical bytes."""
     refs: dict[bytes, int] = {}
     logical = 0
-    for _key, digest, length in keys.block_entries(kv.scan(keys.INODE_PREFIX)):
-        logical += length
-        if length > refs.get(digest, -1):
-            refs[digest] = length
+    for _key, block in keys.block_entries(kv.scan(keys.INODE_PREFIX)):
+        logical += slices.extent(block)
+        for digest, _off, length in block:
+            if length > refs.get(digest, -1):
+                refs[digest] = length
     return refs, logical

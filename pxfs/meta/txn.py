@@ -11,7 +11,7 @@ import errno
 import stat
 
 from pxfs.errors import FsError
-from pxfs.meta import keys, quota
+from pxfs.meta import keys, quota, slices
 from pxfs.meta.keys import Attr
 from pxfs.meta.kv import KV, Batch
 from pxfs.meta.names import check_length
@@ -104,7 +104,7 @@ class Txn:
         used = 0
         for key, value in self.kv.scan(prefix):
             if key.startswith(blocks):
-                used += keys.decode_block(value)[1]
+                used += slices.extent(keys.decode_block(value))
             self.delete(key)
         self._forget(a)
         if used:

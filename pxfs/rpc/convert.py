@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
+from pxfs.meta.slices import BlockMap, BlockWrite, Slice
 from pxfs.model import Attr, NodeInfo, PoolInfo, VolumeInfo
 
 
@@ -73,3 +75,37 @@ def attr_to(b: Any, a: Any) -> None:
 def attr_from(r: Any) -> Attr:
     return Attr(ino=r.ino, mode=r.mode, nlink=r.nlink, uid=r.uid, gid=r.gid, rdev=r.rdev, size=r.size,
                 atime_ns=r.atimeNs, mtime_ns=r.mtimeNs, ctime_ns=r.ctimeNs)
+
+
+def blocks_to(init: Any, blocks: BlockMap) -> Any:
+    """``init(n)`` makes the list of n ``BlockRef``: one per slice, a block's slices in order."""
+    refs = [(idx, s) for idx, block in sorted(blocks.items()) for s in block]
+    out = init(len(refs))
+    for i, (idx, (h, off, n)) in enumerate(refs):
+        out[i].index, out[i].hash, out[i].offset, out[i].length = idx, h, off, n
+    return out
+
+
+def blocks_from(refs: Any) -> BlockMap:
+    out: dict[int, list[Slice]] = {}
+    for r in refs:
+        out.setdefault(r.index, []).append((bytes(r.hash), r.offset, r.length))
+    return {idx: tuple(ss) for idx, ss in out.items()}
+
+
+def writes_to(init: Any, writes: Mapping[int, BlockWrite]) -> None:
+    """A commit's writes: a replace of no slices (a hole) is one ref of length 0."""
+    refs = [(idx, w.append, s) for idx, w in sorted(writes.items())
+            for s in (w.slices or ((b"", 0, 0),))]
+    out = init(len(refs))
+    for i, (idx, append, (h, off, n)) in enumerate(refs):
+        out[i].index, out[i].hash, out[i].offset, out[i].length, out[i].append = idx, h, off, n, append
+
+
+def writes_from(refs: Any) -> dict[int, BlockWrite]:
+    out: dict[int, tuple[bool, list[Slice]]] = {}
+    for r in refs:
+        append, ss = out.setdefault(r.index, (r.append, []))
+        if r.length:
+            ss.append((bytes(r.hash), r.offset, r.length))
+    return {idx: BlockWrite(tuple(ss), append) for idx, (append, ss) in out.items()}

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from pxfs.meta.slices import BlockMap, BlockWrite, as_write
 from pxfs.model import Attr, VolumeInfo
 from pxfs.rpc import convert
 from pxfs.rpc.client import _Caller
@@ -34,14 +35,15 @@ class VolumeServiceClient(_Caller):
         self.cap = cap
 
     async def open(self, name: str, mount_id: str, read_only: bool, on_invalidate: Invalidate | None = None,
-                   handles: list[int] | None = None) -> tuple[VolumeClient, VolumeInfo]:
+                   handles: list[int] | None = None, http: str = "") -> tuple[VolumeClient, VolumeInfo]:
         """Open the volume at its coordinator; ``on_invalidate`` hears what other mounts change.
 
         ``handles``: the inodes the mount holds open (one entry per handle), counted there anew.
+        ``http``: where the mount serves its /metrics, registered with it.
         """
         async def go() -> tuple[Any, VolumeInfo]:
             req = self.cap.open_request()
-            req.name, req.mountId, req.readOnly = name, mount_id, read_only
+            req.name, req.mountId, req.readOnly, req.http = name, mount_id, read_only, http
             if on_invalidate is not None:
                 req.watcher = WatcherServer(self.bridge, on_invalidate)
             held = req.init("handles", len(handles or []))
@@ -181,23 +183,23 @@ class VolumeClient(_Caller):
     async def removexattr(self, ino: int, name: bytes, op_id: bytes = b"") -> None:
         await self._void("removexattr", ino, name, op_id)
 
-    async def open(self, ino: int) -> tuple[Attr, dict[int, tuple[bytes, int]]]:
+    async def open(self, ino: int) -> tuple[Attr, BlockMap]:
         """Count a handle and read the whole block map, page by page (each page its own call: the
         later ones are reads, safe to retry at another coordinator)."""
-        async def go() -> tuple[Attr, dict[int, tuple[bytes, int]], bool]:
+        async def go() -> tuple[Attr, BlockMap, bool]:
             r = await self.cap.open(ino)
-            return convert.attr_from(r.attr), {b.index: (bytes(b.hash), b.length) for b in r.blocks}, r.more
+            return convert.attr_from(r.attr), convert.blocks_from(r.blocks), r.more
         attr, blocks, more = await self.call(go)
         while more:
             page, more = await self.block_page(ino, max(blocks) + 1, 0)
             blocks.update(page)
         return attr, blocks
 
-    async def block_page(self, ino: int, start: int, limit: int) -> tuple[dict[int, tuple[bytes, int]], bool]:
+    async def block_page(self, ino: int, start: int, limit: int) -> tuple[BlockMap, bool]:
         """Block map entries from index ``start`` on (``limit`` 0: the server's page size); True: more."""
-        async def go() -> tuple[dict[int, tuple[bytes, int]], bool]:
+        async def go() -> tuple[BlockMap, bool]:
             r = await self.cap.blocks(ino, start, limit)
-            return {b.index: (bytes(b.hash), b.length) for b in r.blocks}, r.more
+            return convert.blocks_from(r.blocks), r.more
         return await self.call(go)
 
     async def release(self, ino: int) -> None:
@@ -209,17 +211,16 @@ class VolumeClient(_Caller):
     async def release_many(self, inos: list[int]) -> None:
         await self._void("releaseMany", inos)
 
-    async def commit(self, ino: int, blocks: dict[int, tuple[bytes, int]], size: int, mtime_ns: int,
-                     held: list[str] | None = None, op_id: bytes = b"") -> Attr:
+    async def commit(self, ino: int, blocks: Mapping[int, BlockWrite | tuple[bytes, int]], size: int, mtime_ns: int,
+                     held: list[str] | None = None, op_id: bytes = b"", put_age: float = 0.0) -> Attr:
         async def go() -> Attr:
             req = self.cap.commit_request()
             req.ino, req.size, req.mtimeNs, req.opId = ino, size, mtime_ns, op_id
+            req.putAgeMs = min(2**32 - 1, max(0, int(put_age * 1000)))
             hl = req.init("held", len(held or []))
             for i, node in enumerate(held or []):
                 hl[i] = node
-            out = req.init("blocks", len(blocks))
-            for i, (idx, (h, length)) in enumerate(sorted(blocks.items())):
-                out[i].index, out[i].hash, out[i].length = idx, h, length
+            convert.writes_to(lambda n: req.init("blocks", n), {i: as_write(w) for i, w in blocks.items()})
             return convert.attr_from((await req.send()).attr)
         return await self.call(go)
 

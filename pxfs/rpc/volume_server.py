@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
+import re
 from typing import Any
 
 from pxfs.errors import FsError, Invalid
@@ -31,6 +32,7 @@ MAX_LOAD_ITEMS = 1 << 17  # keys in one part of a full copy (the coordinator sen
 WATCHER_TIMEOUT = 5.0
 MAX_DATA = 1 << 20  # xattr values, symlink targets and names are far smaller; refuse absurd payloads
 MAX_HANDLES = 1 << 20  # open handles a mount re-registers at once: more than a process may hold
+_HTTP = re.compile(r"(|[\w.\-]{1,253}:\d{1,5}|\[[0-9a-fA-F:.]{2,45}\]:\d{1,5})")  # shown on pages: nothing else
 
 Place = tuple[bytes, bytes, int, int]  # hash, path, offset, length
 
@@ -40,11 +42,6 @@ def _data(value: Any, what: str, limit: int = MAX_DATA) -> bytes:
     if len(b) > limit:
         raise Invalid(what, f"{len(b)} bytes is too large")
     return b
-
-
-def _block_refs(out: Any, blocks: dict[int, tuple[bytes, int]]) -> None:
-    for i, (idx, (h, length)) in enumerate(sorted(blocks.items())):
-        out[i].index, out[i].hash, out[i].length = idx, h, length
 
 
 class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
@@ -60,23 +57,25 @@ class VolumeServiceServer(pxfs_capnp.VolumeService.Server):
 
     @served
     async def open(self, name: str, mountId: str, readOnly: bool, watcher: Any, handles: Any,  # noqa: N803
-                   _context: Any, **_: Any) -> None:
+                   _context: Any, http: str = "", **_: Any) -> None:
         if not mountId or len(mountId) > 128 or "/" in mountId:
             raise Invalid("mount id", "must be 1-128 characters without '/'")
+        if not _HTTP.fullmatch(http):
+            raise Invalid(f"mount http address {http[:80]!r}", "not HOST:PORT")
         if not name or len(name) > 200 or "\0" in name or "/" in name:
             raise Invalid(f"volume {name[:80]!r}", "not a volume name")
         if len(handles) > MAX_HANDLES:
             raise Invalid("open", f"{len(handles)} open handles at once is more than {MAX_HANDLES}")
         require_volume(self._who, name, f'volume "{name}"')
         held = [int(i) for i in handles]
-        hv, info = await self._b.to_trio(self._h.open, name, mountId)
+        hv, info = await self._b.to_trio(self._h.open, name, mountId, http)
         if "@" not in name and (held or not mountId.startswith("tool:")):
             # Counted anew here (the mount's handles at its previous coordinator are gone with it);
             # this also tells a deferred orphan purge that the mount has come back. A tool holds
             # nothing and no purge waits for it: it connects even while a restore is under way.
             await self._b.to_trio(self._h.call, hv, lambda m: m.reopen(mountId, held))
         # A snapshot is read-only whatever the mount asked for.
-        server = VolumeServer(self._b, self._h, hv, mountId, readOnly or "@" in name, "@" in name, self._who)
+        server = VolumeServer(self._b, self._h, hv, mountId, readOnly or "@" in name, "@" in name, self._who, http)
         server.in_flight = getattr(self, "in_flight", None)  # the connection's budget (pxfs.rpc.server)
         if _context.params._has("watcher") and "@" not in name:  # scrub, fsck and tools pass none
             server.watch(watcher)
@@ -134,8 +133,9 @@ class VolumeServer(pxfs_capnp.Volume.Server):
     """One mount's view of one volume; every call is one Meta operation at the coordinator."""
 
     def __init__(self, bridge: Bridge, host: Any, hv: Any, mount_id: str, read_only: bool,
-                 snapshot: bool, who: Identity) -> None:
+                 snapshot: bool, who: Identity, http: str = "") -> None:
         self._b, self._h, self._hv, self._mount, self._ro = bridge, host, hv, mount_id, read_only
+        self._http = http  # renewed with the mount's registration
         self._who = who  # a mount may change files; snapshots, restore and fsck repair are admin work
         self._snapshot = snapshot  # a snapshot's keyspace is never written, not even to forget a mount
         self._watcher: Any = None
@@ -310,13 +310,13 @@ class VolumeServer(pxfs_capnp.Volume.Server):
 
         attr, blocks, more = await self._call(go)
         convert.attr_to(_context.results.init("attr"), attr)
-        _block_refs(_context.results.init("blocks", len(blocks)), blocks)
+        convert.blocks_to(lambda n: _context.results.init("blocks", n), blocks)
         _context.results.more = more
 
     @served
     async def blocks(self, ino: int, start: int, limit: int, _context: Any, **_: Any) -> None:
         _attr, blocks, more = await self._call(lambda m: m.block_page(ino, start, min(limit or BLOCK_PAGE, BLOCK_PAGE)))
-        _block_refs(_context.results.init("blocks", len(blocks)), blocks)
+        convert.blocks_to(lambda n: _context.results.init("blocks", n), blocks)
         _context.results.more = more
 
     @served
@@ -344,18 +344,19 @@ class VolumeServer(pxfs_capnp.Volume.Server):
 
     @served
     async def commit(self, ino: int, blocks: Any, size: int, mtimeNs: int, held: Any, opId: Any,  # noqa: N803
-                     _context: Any, **_: Any) -> None:
+                     putAgeMs: int, _context: Any, **_: Any) -> None:  # noqa: N803
         op = self._rw(opId)
-        bm = {b.index: (bytes(b.hash), b.length) for b in blocks}
+        bm = convert.writes_from(blocks)
         held = {str(n)[:64] for n in list(held)[:16]}
         changed = Changed()
-        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None, changed, held, op)
+        attr = await self._b.to_trio(self._h.commit, self._hv, ino, bm, size, mtimeNs or None, changed, held, op,
+                                     putAgeMs / 1000)
         self._tell_others(changed)
         convert.attr_to(_context.results.init("attr"), attr)
 
     @served
     async def statfs(self, _context: Any, **_: Any) -> None:
-        await self._b.to_trio(self._h.keepalive, self._hv, self._mount)
+        await self._b.to_trio(self._h.keepalive, self._hv, self._mount, False, self._http)
         st = await self._call(lambda m: m.statfs())
         r = _context.results
         r.capacity, r.used, r.inodes, r.blockSize = st["capacity"], st["used"], st["inodes"], st["block_size"]
@@ -440,5 +441,5 @@ class VolumeServer(pxfs_capnp.Volume.Server):
 
     @served
     async def info(self, _context: Any, **_: Any) -> None:
-        _h, spec = await self._b.to_trio(self._h.open, self._hv.name, self._mount)
+        _h, spec = await self._b.to_trio(self._h.open, self._hv.name, self._mount, self._http)
         convert.volume_to(_context.results.init("info"), spec)

@@ -18,16 +18,18 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import blake3
 import trio
 
-from pxfs.errors import PxfsError
+from pxfs.errors import PutsExpired, PxfsError
+from pxfs.meta import slices
+from pxfs.meta.slices import Block, BlockWrite
 from pxfs.model import Attr
 from pxfs.vfs.cache import ChunkCache, run_all
 from pxfs.vfs.openfile import DirtyBlock, OpenInode
-from pxfs.vfs.ports import BlockMap, ChunkPort, MetaPort
+from pxfs.vfs.ports import ChunkPort, MetaPort
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,11 @@ PUTS_IN_FLIGHT = 8
 # little enough that the writer gets room back in steps rather than all at the end.
 GROUP_BYTES = 16 << 20
 RETRY_AFTER = 1.0  # seconds without background uploads of an inode after one of them failed
+PUT_ROUNDS = 3  # puts and commit again when a commit comes too late after its puts (PutsExpired)
 
-Flight = list[tuple[int, DirtyBlock, bytes]]  # (block index, frozen block, bytes to store)
+# (append, old slices kept, [(offset in the block, bytes to store as a slice over them)])
+Pieces = tuple[bool, Block, list[tuple[int, bytes]]]
+Flight = list[tuple[int, DirtyBlock, Pieces]]  # (block index, frozen block, what to store of it)
 
 
 def _hash_all(datas: list[bytes]) -> list[bytes]:
@@ -94,9 +99,10 @@ class Writeback:
             # No checkpoint from here to the size update: an upload snapshots a block together
             # with the size that says how much of it to store.
             blk.buf[within:within + n] = src[pos - off:pos - off + n]
+            blk.wrote(within, within + n)
             if within <= blk.valid:
                 blk.valid = max(blk.valid, within + n)
-                completed |= blk.complete
+            completed |= blk.complete
             pos += n
             st.size = max(st.size, pos)
         st.mtime_ns = time.time_ns()
@@ -107,8 +113,8 @@ class Writeback:
                 self._start(other)
 
     async def _writable(self, st: OpenInode, idx: int, whole: bool) -> DirtyBlock:
-        """The writable dirty buffer of block ``idx``, made from the committed chunk unless ``whole`` is
-        about to be overwritten (a partial write must keep the bytes around it)."""
+        """The writable dirty buffer of block ``idx``: the whole block if it is a hole or about to be
+        overwritten whole, else only what is written to it (its slices, ``DirtyBlock.based``)."""
         bs = self._bs
         while True:
             blk = st.dirty.get(idx)
@@ -118,22 +124,16 @@ class Writeback:
             blk = st.dirty.get(idx)
             if blk is not None:
                 if blk.frozen:  # an upload holds it: copy on write, the upload keeps what it hashed
-                    return self._add(st, idx, bytearray(blk.buf), blk.valid, blk.since)
+                    # The copy keeps the ranges: if that upload fails, the copy is what is left.
+                    return self._add(st, idx, bytearray(blk.buf), blk.valid, blk.since, blk.based, list(blk.ranges))
                 continue
             valid = min(bs, max(0, st.size - idx * bs))  # below EOF: old content or a hole's zeros
-            old = st.blocks.get(idx)
-            if old is None or whole:
-                return self._add(st, idx, bytearray(bs), valid, trio.current_time())
-            h, length = old
-            data = await self._cache.get(h)
-            if idx in st.dirty:  # another writer made it while we fetched: theirs has newer bytes
-                continue
-            buf = bytearray(bs)
-            buf[:length] = memoryview(data)[:length]
-            return self._add(st, idx, buf, valid, trio.current_time())
+            based = whole or idx not in st.blocks
+            return self._add(st, idx, bytearray(bs), valid if based else 0, trio.current_time(), based, [])
 
-    def _add(self, st: OpenInode, idx: int, buf: bytearray, valid: int, since: float) -> DirtyBlock:
-        blk = st.dirty[idx] = DirtyBlock(buf, valid, since)
+    def _add(self, st: OpenInode, idx: int, buf: bytearray, valid: int, since: float, based: bool,
+             ranges: list[tuple[int, int]]) -> DirtyBlock:
+        blk = st.dirty[idx] = DirtyBlock(buf, valid, since, based, ranges)
         self.dirty_bytes += self._bs
         if st.dirty_since is None:
             st.dirty_since = since
@@ -179,6 +179,7 @@ class Writeback:
         if blk is not None and keep:
             blk.buf[keep:] = bytes(bs - keep)
             blk.valid = min(blk.valid, keep)
+            blk.clip(keep)
         st.size = min(st.size, size)
         self._check_clean(st)
 
@@ -228,36 +229,73 @@ class Writeback:
         """Put blocks ``idxs`` and commit them with ``size`` (caller holds ``st.lock``)."""
         bs = self._bs
         mtime_ns = st.mtime_ns
-        flight: Flight = []
+        frozen: list[tuple[int, DirtyBlock, int]] = []
         for idx in idxs:
             length = min(bs, size - idx * bs)  # the last block is stored without zeros past EOF
             if length <= 0:  # wholly past EOF (left by a racing truncate): nothing to commit
                 self._drop(st, idx)
                 continue
             blk = st.dirty[idx]
-            blk.buf = data = bytes(blk.buf)
+            blk.buf = bytes(blk.buf)
             self.dirty_bytes -= bs
             self.flying_bytes += bs
-            flight.append((idx, blk, data if length == bs else data[:length]))
-        if flight:
+            frozen.append((idx, blk, length))
+        if frozen:
             attr: Attr | None = None
+            flight: Flight = []
             try:
-                attr, entries, unique = await self._send(st.ino, flight, size, mtime_ns)
+                for idx, blk, length in frozen:
+                    flight.append((idx, blk, await self._pieces(st, idx, blk, length)))
+                attr, writes, unique = await self._send(st.ino, flight, size, mtime_ns)
             except PxfsError:
                 st.retry_at = trio.current_time() + RETRY_AFTER
                 raise
             finally:
-                self._land(st, flight, committed=attr is not None)
-            st.committed(attr, entries)
+                self._land(st, [(idx, blk) for idx, blk, _ in frozen], committed=attr is not None)
+            st.committed(attr, writes)
             st.retry_at = 0.0
             for h, data in unique.items():
                 self._cache.put(h, data)  # read-after-write is served from memory
-            log.debug("committed inode=%d blocks=%d size=%d", st.ino, len(entries), size)
+            log.debug("committed inode=%d blocks=%d size=%d", st.ino, len(writes), size)
         self._check_clean(st)
 
+    async def _pieces(self, st: OpenInode, idx: int, blk: DirtyBlock, length: int) -> Pieces:
+        """What to store of a frozen block. A block written whole, or a hole written into, is one
+        chunk; a block of which only parts were written gets those parts as slices over what it
+        holds, or, once its slices pile up, some of them merged (``slices.plan``)."""
+        buf = blk.buf
+        assert isinstance(buf, bytes)
+        if blk.based:
+            return False, (), [(0, buf if length == len(buf) else buf[:length])]
+        ranges = [(a, min(b, length)) for a, b in blk.ranges if a < length]
+        old = slices.cut(st.blocks.get(idx, ()), length)
+        end = max(slices.extent(old), max((b for _a, b in ranges), default=0))
+        if ranges == [(0, end)] or not old:
+            return False, (), [(0, buf[:end])]  # everything the block holds was written anew
+        how = slices.plan(old, ranges, end)
+        if how.append:
+            return True, (), [(a, buf[a:b]) for a, b in ranges]
+        under = [s for s in old if s[1] < how.hi and s[1] + s[2] > how.lo]
+        chunks = await self._fetch(slices.hashes(under))
+        merged = bytearray(slices.assemble(tuple(under), how.lo, how.hi, chunks.__getitem__))
+        for a, b in ranges:
+            merged[a - how.lo:b - how.lo] = buf[a:b]
+        return False, how.keep, [(how.lo, bytes(merged))]
+
+    async def _fetch(self, hs: list[bytes]) -> dict[bytes, bytes]:
+        got: dict[bytes, bytes] = {}
+
+        def fetch(h: bytes) -> Callable[[], Awaitable[None]]:
+            async def go() -> None:
+                got[h] = await self._cache.get(h)
+            return go
+
+        await run_all(fetch(h) for h in set(hs))
+        return got
+
     async def _send(self, ino: int, flight: Flight, size: int,
-                    mtime_ns: int) -> tuple[Attr, BlockMap, dict[bytes, bytes]]:
-        datas = [data for _, _, data in flight]
+                    mtime_ns: int) -> tuple[Attr, dict[int, BlockWrite], dict[bytes, bytes]]:
+        datas = [data for _, _, (_append, _keep, pieces) in flight for _off, data in pieces]
         if sum(map(len, datas)) > HASH_IN_THREAD:
             hashes = await trio.to_thread.run_sync(_hash_all, datas)
         else:
@@ -267,14 +305,24 @@ class Writeback:
         def put(h: bytes, data: bytes) -> Callable[[], object]:
             return lambda: self._chunks.put(h, data)
 
-        await run_all((put(h, d) for h, d in unique.items()), self._puts)
-        entries: BlockMap = {idx: (h, len(data)) for (idx, _, data), h in zip(flight, hashes, strict=True)}
-        attr = await self._meta.commit(ino, entries, size, mtime_ns)
-        return attr, entries, unique
+        named = iter(hashes)
+        writes = {idx: BlockWrite(keep + tuple((next(named), off, len(data)) for off, data in pieces), append)
+                  for idx, _, (append, keep, pieces) in flight}
+        for attempt in range(PUT_ROUNDS):
+            started = trio.current_time()
+            # A put of a chunk the replica has refreshes its age: the second round is cheap.
+            await run_all((put(h, d) for h, d in unique.items()), self._puts)
+            try:
+                return await self._meta.commit(ino, writes, size, mtime_ns, started), writes, unique
+            except PutsExpired:
+                if attempt == PUT_ROUNDS - 1:
+                    raise
+                log.info("inode=%d: commit came too long after its puts; putting again", ino)
+        raise AssertionError("unreachable")
 
-    def _land(self, st: OpenInode, flight: Flight, committed: bool) -> None:
+    def _land(self, st: OpenInode, flight: list[tuple[int, DirtyBlock]], committed: bool) -> None:
         """An upload ended: committed blocks are clean, failed ones writable and dirty again."""
-        for idx, blk, _ in flight:
+        for idx, blk in flight:
             self.flying_bytes -= self._bs
             if st.dirty.get(idx) is not blk:
                 continue  # rewritten meanwhile: its writable copy holds these bytes and newer ones

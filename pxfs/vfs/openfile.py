@@ -12,22 +12,30 @@ replaces it with a writable copy, so the bytes hashed are the bytes put and the 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import trio
 
 from pxfs.errors import NoSpace, PxfsError
+from pxfs.meta import slices
+from pxfs.meta.slices import BlockWrite
 from pxfs.model import Attr
 from pxfs.vfs.ports import BlockMap
 
 
 @dataclass(eq=False)
 class DirtyBlock:
-    buf: bytearray | bytes  # the whole block, block_size bytes; bytes past EOF stay zero
-    # Bytes [0, valid) are file content (written, or old content and holes below EOF): a block is worth
-    # uploading before fsync once the writer has filled it and moved on.
+    buf: bytearray | bytes  # block_size bytes; bytes past EOF stay zero
+    # Bytes [0, valid) are file content (written, or a hole's zeros below EOF) when ``based``: a block
+    # is worth uploading before fsync once the writer has filled it and moved on.
     valid: int
     since: float  # trio clock time of the oldest write to it not yet committed
+    # based: ``buf`` is the whole block (it was a hole, or is being written whole). Otherwise only the
+    # bytes of ``ranges`` are in ``buf``: a partial write of a stored block is never a read of it;
+    # the upload adds ``ranges`` to the block as slices.
+    based: bool = True
+    ranges: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # written since the commit
 
     @property
     def frozen(self) -> bool:
@@ -35,7 +43,21 @@ class DirtyBlock:
 
     @property
     def complete(self) -> bool:
-        return self.valid == len(self.buf)
+        bs = len(self.buf)
+        return (self.based and self.valid == bs) or self.ranges == [(0, bs)]
+
+    def wrote(self, lo: int, hi: int) -> None:
+        out: list[tuple[int, int]] = []
+        for a, b in sorted([*self.ranges, (lo, hi)]):
+            if out and a <= out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], b))
+            else:
+                out.append((a, b))
+        self.ranges = out
+
+    def clip(self, keep: int) -> None:
+        """Forget what was written at or past ``keep`` (a truncate)."""
+        self.ranges = [(a, min(b, keep)) for a, b in self.ranges if a < keep]
 
 
 class OpenInode:
@@ -79,10 +101,15 @@ class OpenInode:
             self.size = attr.size
             self.mtime_ns = attr.mtime_ns
 
-    def committed(self, attr: Attr, blocks: BlockMap) -> None:
-        """Record a successful commit of ``blocks``."""
+    def committed(self, attr: Attr, writes: Mapping[int, BlockWrite]) -> None:
+        """Record a successful commit of ``writes``, as the metadata applied them."""
         self.attr = attr
-        self.blocks.update(blocks)
+        for idx, w in writes.items():
+            block = slices.add(self.blocks.get(idx, ()) if w.append else (), w.slices)
+            if block:
+                self.blocks[idx] = block
+            else:
+                self.blocks.pop(idx, None)
         self.size = max(self.size, attr.size)
         if not self.dirty:
             self.mtime_ns = attr.mtime_ns
@@ -95,8 +122,7 @@ class OpenInode:
             del self.blocks[idx]
         idx, keep = divmod(size, bs)
         if keep and idx in self.blocks:
-            h, length = self.blocks[idx]
-            self.blocks[idx] = (h, min(length, keep))
+            self.blocks[idx] = slices.cut(self.blocks[idx], keep)
 
     def patch(self, attr: Attr) -> Attr:
         """``attr`` as this mount must show it: dirty data makes the file longer and newer."""

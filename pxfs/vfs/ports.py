@@ -8,11 +8,13 @@ fetches content-addressed chunks on the volume's replicas. Attr records have the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
+from pxfs.meta.slices import BlockMap, BlockWrite
 from pxfs.model import Attr
 
-BlockMap = dict[int, tuple[bytes, int]]  # block index -> (BLAKE3 hash of the chunk, bytes of it in use)
+__all__ = ["BlockMap", "BlockWrite", "ChunkPort", "MetaPort"]
 
 
 class MetaPort(Protocol):
@@ -39,7 +41,10 @@ class MetaPort(Protocol):
         """mknod of a regular file plus one open handle of it (``release`` closes it)."""
 
     async def release(self, ino: int) -> None: ...
-    async def commit(self, ino: int, blocks: BlockMap, size: int, mtime_ns: int) -> Attr: ...
+    async def commit(self, ino: int, blocks: Mapping[int, BlockWrite], size: int, mtime_ns: int,
+                     put_started: float | None = None) -> Attr:
+        """``put_started``: trio clock time the chunks' puts began. PutsExpired: too long ago (the
+        coordinator's commit window), put them again and retry."""
     async def statfs(self) -> dict[str, Any]: ...
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from pxfs.errors import FsError, PxfsError
-from pxfs.meta import xattrs
+from pxfs.meta import slices, xattrs
 from pxfs.meta.names import check_length
 from pxfs.model import Attr
 from pxfs.vfs.cache import ChunkCache, run_all
@@ -150,32 +150,55 @@ class Vfs:
         if off >= end:
             return b""
         first, last = off // bs, (end - 1) // bs
-        missing = {st.blocks[i][0] for i in range(first, last + 1)
-                   if i not in st.dirty and i in st.blocks and self.cache.peek(st.blocks[i][0]) is None}
-        if len(missing) > 1:
-            await run_all(lambda c=c: self.cache.get(c) for c in missing)
-        elif missing:
-            await self.cache.get(missing.pop())
+        chunks = await self._chunks_for(st, first, last)
         parts: list[bytes] = []
         for idx in range(first, last + 1):
             lo = max(off, idx * bs) - idx * bs
             hi = min(end, idx * bs + bs) - idx * bs
             blk = st.dirty.get(idx)
-            if blk is not None:
+            if blk is not None and blk.based:
                 parts.append(bytes(memoryview(blk.buf)[lo:hi]))
                 continue
-            ref = st.blocks.get(idx)
-            if ref is None:
-                parts.append(bytes(hi - lo))  # a hole
-                continue
-            data = self.cache.peek(ref[0]) or await self.cache.get(ref[0])
-            piece = data[lo:min(hi, ref[1])]
-            parts.append(piece + bytes(hi - lo - len(piece)) if len(piece) < hi - lo else piece)
+            block = st.blocks.get(idx, ())
+            piece = slices.assemble(block, lo, hi, chunks.__getitem__) if block else bytes(hi - lo)
+            if blk is not None:  # what this mount wrote over the stored slices
+                mine = bytearray(piece)
+                for a, b in blk.ranges:
+                    a, b = max(a, lo), min(b, hi)
+                    if a < b:
+                        mine[a - lo:b - lo] = memoryview(blk.buf)[a:b]
+                piece = bytes(mine)
+            parts.append(piece)
         out = parts[0] if len(parts) == 1 else b"".join(parts)
         if off in (0, h.next_off):
             self._read_ahead(st, last + 1)
         h.next_off = off + len(out)
         return out
+
+    async def _chunks_for(self, st: OpenInode, first: int, last: int) -> dict[bytes, bytes]:
+        """The chunks a read of blocks ``first..last`` needs, fetched at once where not cached."""
+        need = {h for i in range(first, last + 1) if not (i in st.dirty and st.dirty[i].based)
+                for h in slices.hashes(st.blocks.get(i, ()))}
+        got: dict[bytes, bytes] = {}
+        missing = []
+        for h in need:
+            data = self.cache.peek(h)
+            if data is None:
+                missing.append(h)
+            else:
+                got[h] = data
+
+        self.cache.hits += len(got)
+        self.cache.misses += len(missing)
+
+        async def fetch(h: bytes) -> None:
+            got[h] = await self.cache.get(h)
+
+        if len(missing) > 1:
+            await run_all(lambda h=h: fetch(h) for h in missing)
+        elif missing:
+            await fetch(missing[0])
+        return got
 
     def _read_ahead(self, st: OpenInode, start: int) -> None:
         if self._nursery is None:
@@ -184,9 +207,11 @@ class Vfs:
         for idx in range(start, start + self.readahead):
             if idx * bs >= st.size:
                 break
-            ref = st.blocks.get(idx)
-            if ref is not None and idx not in st.dirty and self.cache.wanted(ref[0]):
-                self._nursery.start_soon(self.cache.prefetch, ref[0])
+            if idx in st.dirty:
+                continue
+            for h in slices.hashes(st.blocks.get(idx, ())):
+                if self.cache.wanted(h):
+                    self._nursery.start_soon(self.cache.prefetch, h)
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         await self.writeback.write(self._handle(fh).inode, off, data)

@@ -13,6 +13,7 @@ import trio
 
 from pxfs.cluster import records
 from pxfs.cluster.admin import check_volume_name
+from pxfs.cluster.config import COMMIT_WINDOW
 from pxfs.cluster.guard import StoreGuard
 from pxfs.cluster.peers import Peers
 from pxfs.cluster.store import ControlStore
@@ -32,8 +33,9 @@ class HostContext:
     """The node's hosted volumes by name, the control store and the peers; the roles build on it."""
 
     def __init__(self, node_id: str, state_dir: Path, store: ControlStore, peers: Peers,
-                 repair_rate: float = 200e6) -> None:
+                 repair_rate: float = 200e6, commit_window: float = COMMIT_WINDOW) -> None:
         self.node_id = node_id
+        self.commit_window = commit_window  # pxfs.cluster.config.COMMIT_WINDOW
         self._dir = state_dir / "volumes"
         self._store = store
         self._peers = peers  # pxfs.cluster.peers.Peers: logged-in connections to other nodes

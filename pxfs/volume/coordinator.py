@@ -6,21 +6,21 @@ and, for a commit, every chunk it names (``InSync.ensure_chunks``): acknowledged
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import trio
 
 from pxfs.cluster import records
 from pxfs.cluster.repair import ChunkRepair
-from pxfs.errors import Conflict, Invalid, NotFound, PxfsError, Unavailable
-from pxfs.meta import keys, snapshots
+from pxfs.errors import Conflict, Invalid, NotFound, PutsExpired, PxfsError, Unavailable
+from pxfs.meta import keys, slices, snapshots
 from pxfs.meta import maintenance as jobs
 from pxfs.meta.fs import Meta, Op
 from pxfs.meta.kv import KV, Batch
+from pxfs.meta.slices import BlockWrite
 from pxfs.model import Attr, Changed, VolumeInfo
 from pxfs.observe import metrics
 from pxfs.volume import mounts
@@ -153,7 +153,7 @@ class Coordinator(HostContext):
             await filling.done.wait()
         return self._activate(spec)
 
-    async def open(self, name: str, mount_id: str) -> tuple[Served, VolumeInfo]:
+    async def open(self, name: str, mount_id: str, http: str = "") -> tuple[Served, VolumeInfo]:
         """Called when a mount opens a volume (or ``VOLUME@SNAPSHOT``) here: this node must coordinate it."""
         volume, _, snap = name.partition("@")
         spec = await self._serving_spec(volume)
@@ -168,7 +168,7 @@ class Coordinator(HostContext):
         if self.node_id not in spec.replicas:
             raise Conflict(f'volume "{name}"', f"node {self.node_id} is not one of its replicas")
         hv = await self._activated(spec)
-        await self.keepalive(hv, mount_id, force=True)
+        await self.keepalive(hv, mount_id, force=True, http=http)
         return hv, spec
 
     async def call(self, hv: Served, fn: Callable[[Meta], T], changed: Changed | None = None, *,
@@ -199,8 +199,30 @@ class Coordinator(HostContext):
         # batch that holds it may so far be on this replica only, so wait for the in-sync set too.
         if hv.kv.seq != before or meta.replays != replays:
             with metrics.METADATA_BATCH_SECONDS.labels(hv.name.split("@", 1)[0]).time():
-                await self._acknowledge(hv, hv.kv.seq)
+                await self._held_everywhere(hv, hv.kv.seq)
         return result
+
+    async def _held_everywhere(self, hv: Served, seq: int) -> None:
+        """This replica's disk and the in-sync followers at once: the slower of the two, not both."""
+        failed: list[PxfsError] = []
+
+        async def here() -> None:
+            if not isinstance(hv, HostedVolume):
+                return  # a snapshot view writes nothing
+            try:
+                await hv.durable(seq)
+            except PxfsError as err:
+                failed.append(err)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(here)
+            try:
+                await self._acknowledge(hv, seq)
+            except PxfsError as err:
+                failed.append(err)
+                nursery.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
 
     def _weigh(self, hv: Served, fn: Callable[..., object], touched: int, seconds: float) -> None:
         """Every Meta call holds the node's event loop while it runs: say so when one reads and
@@ -280,11 +302,12 @@ class Coordinator(HostContext):
         hv.heard.pop(mount_id, None)
         await self._store.delete(f"mounts/{hv.name}/{mount_id}")
 
-    async def commit(self, hv: Served, ino: int, blocks: dict[int, tuple[bytes, int]], size: int,
+    async def commit(self, hv: Served, ino: int, blocks: Mapping[int, BlockWrite], size: int,
                      mtime_ns: int | None, changed: Changed | None = None, held: set[str] | None = None,
-                     op: Op | None = None) -> Attr:
+                     op: Op | None = None, put_age: float = 0.0) -> Attr:
         insync = hv.insync
-        hashes = [h for h, n in blocks.values() if n]  # length 0 punches a hole: no chunk
+        hashes = [h for w in blocks.values() for h in slices.hashes(w.slices)]
+        started = time.monotonic() - put_age
         if insync is not None and hashes and hv.meta is not None:
             hv.meta.commit_blocks(ino, blocks, size, mtime_ns, dry_run=True, op=op)  # a bad commit costs no copies
             # Before the block map names the chunks: every in-sync replica holds them, or leaves the set.
@@ -293,11 +316,15 @@ class Coordinator(HostContext):
             except Deposed:
                 hv.demote()
                 raise
+        if hashes and time.monotonic() - started > self.commit_window:
+            # Collection counts on it: no chunk is named later than the window after its put.
+            raise PutsExpired(f"inode {ino}", f"chunks put {time.monotonic() - started:.0f} s ago, longer than "
+                              f"the commit window of {self.commit_window:g} s: put them again")
         attr = await self.call(hv, lambda m: m.commit_blocks(ino, blocks, size, mtime_ns, op=op), changed)
         now = time.monotonic()
         fresh = [r for r, until in hv.fresh_replicas.items() if until > now]
         if fresh and blocks:
-            await self._complete_on(hv, fresh, [h for h, _n in blocks.values()])
+            await self._complete_on(hv, fresh, hashes)
         return attr
 
     async def cut_ahead(self, hv: Served, ino: int, size: int, changed: Changed | None = None) -> None:
@@ -320,7 +347,7 @@ class Coordinator(HostContext):
             if todo:
                 await hv.insync.copy_to(node, todo, dict.fromkeys(todo, sources))
 
-    async def keepalive(self, hv: HostedVolume, mount_id: str, force: bool = False) -> None:
+    async def keepalive(self, hv: HostedVolume, mount_id: str, force: bool = False, http: str = "") -> None:
         """Renew the mount's registration (what orphan purges and forgetting wait for), at most every
         3 s. The coordinator remembers when it heard each mount, so a store that was unreachable
         for a while cannot make its mounts look silent (see ``mounts.forget_silent``)."""
@@ -330,8 +357,7 @@ class Coordinator(HostContext):
         hv.heard[mount_id] = now
         if force or now - hv.mounts.get(mount_id, 0) > 3:
             try:
-                await self._store.put(f"mounts/{hv.name}/{mount_id}",
-                                      json.dumps({"ts": now, "node": self.node_id}).encode())
+                await self._store.put(f"mounts/{hv.name}/{mount_id}", records.encode_mount(now, self.node_id, http))
             except Unavailable as err:
                 self._warn(f"keepalive/{hv.name}", "node=%s volume=%s: mount registrations not renewed: %s",
                            self.node_id, hv.name, err)

@@ -79,7 +79,10 @@ class Follower(HostContext):
                     break  # a gap: the coordinator resends from our seq
             if trimmed:
                 hv.kv.trim_to(trimmed)  # never our newest entry: it names our history
-            return hv.kv.seq
+            seq = hv.kv.seq
+        # Held means on disk; outside the lock, so that batches arriving meanwhile share the sync.
+        await hv.durable(seq)
+        return seq
 
     async def last_seq(self, name: str) -> tuple[int, int, bytes]:
         check_volume_name(name)

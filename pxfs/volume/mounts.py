@@ -16,7 +16,6 @@ from typing import Protocol, TypeVar
 from pxfs.cluster import records
 from pxfs.cluster.admin import MOUNT_TTL
 from pxfs.cluster.store import ControlStore
-from pxfs.errors import Corrupt
 from pxfs.meta.fs import Meta
 
 log = logging.getLogger(__name__)
@@ -42,16 +41,7 @@ def mount_prefix(volume: str) -> str:
 async def registered(store: ControlStore, volume: str) -> dict[str, float]:
     """mount id -> time (``time.time``) its registration was last renewed; bad records are skipped."""
     prefix = mount_prefix(volume)
-    out: dict[str, float] = {}
-    for key, raw in await store.range(prefix):
-        try:
-            ts = records.decode_json(key, raw).get("ts", 0)
-        except Corrupt as err:
-            records.skip_bad(key, err)
-            continue
-        if isinstance(ts, int | float):
-            out[key.removeprefix(prefix)] = float(ts)
-    return out
+    return {m["id"]: m["ts"] for m in records.mounts(await store.range(prefix), prefix)}
 
 
 def defer_purge(meta: Meta) -> None:

@@ -19,7 +19,7 @@ import trio
 from pxfs.cluster import records
 from pxfs.cluster.repair import ChunkRepair
 from pxfs.durable import replace_file
-from pxfs.errors import Conflict, NotFound
+from pxfs.errors import Conflict, NotFound, Unavailable
 from pxfs.meta import keys, snapshots
 from pxfs.meta.fs import Meta
 from pxfs.meta.kv import Batch, RocksKV
@@ -43,6 +43,7 @@ class HostedVolume:
         self.loading: dict[str, RocksKV] = {}  # snapshots a full copy is filling in (follower side)
         # Frozen views a full copy is sent from (coordinator side): none outlives its process.
         shutil.rmtree(self.path / "copies", ignore_errors=True)
+        self._sync_running: trio.Event | None = None
         self.kv = self._open_kv()
         # Compaction bookkeeping (pxfs.volume.host): when the last one ran, what it left on disk,
         # and when a batch was last committed here (compactions wait for a quiet moment).
@@ -86,7 +87,28 @@ class HostedVolume:
         kv = RocksKV(str(self.path / "meta"))
         kv.after_commit = self._after_commit
         kv.check_batch = snapshots.check_batch
+        # Batches are written at once and made durable by ``durable`` before anyone counts on them:
+        # the event loop never waits for the disk, and one sync covers every batch before it.
+        kv.deferred_sync = True
         return kv
+
+    async def durable(self, seq: int) -> None:
+        """Return once batches up to ``seq`` are on this replica's disk (group commit: one sync in a
+        worker thread covers every batch written before it; a later caller waits for that one or
+        starts the next)."""
+        while self.kv.synced < seq:
+            running = self._sync_running
+            if running is not None:
+                await running.wait()
+                continue
+            self._sync_running = done = trio.Event()
+            try:
+                await trio.to_thread.run_sync(self.kv.sync)
+            except Exception as exc:  # noqa: BLE001 - the engine's error, named for the caller
+                raise Unavailable(f'volume "{self.name}"', f"metadata not written to disk: {exc}") from exc
+            finally:
+                self._sync_running = None
+                done.set()
 
     def _after_commit(self, seq: int, batch: Batch) -> None:
         self.last_commit = time.monotonic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import blake3
@@ -313,3 +314,17 @@ def test_properties(tmp_path: Path) -> None:
     pool.open()
     st = os.statvfs(pool.path)
     assert pool.free <= max(0, st.f_bavail * st.f_frsize - GiB)
+
+
+def test_sweep_keeps_what_is_named_and_young_and_stops_at_its_deadline(pool: Pool) -> None:
+    (h1, d1), (h2, d2), (h3, d3) = chunk(1), chunk(2), chunk(3)
+    for h, d in [(h1, d1), (h2, d2), (h3, d3)]:
+        pool.put(h, d)
+    old = time.time() - 1000
+    for h in (h1, h2):
+        os.utime(chunk_file(pool, h), (old, old))
+    # Past its deadline a sweep deletes nothing: the mark it was given may be out of date.
+    assert pool.sweep({h1}, time.time() - 100, False, until=time.time() - 1) == (0, 0, 0)
+    scanned, deleted, _freed = pool.sweep({h1}, time.time() - 100, False)
+    assert (scanned, deleted) == (3, 1)
+    assert pool.has(h1) and not pool.has(h2) and pool.has(h3)  # named, unnamed and old, young

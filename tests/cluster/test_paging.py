@@ -10,6 +10,7 @@ import stat
 import blake3
 import trio
 
+from pxfs.meta.slices import whole
 from tests.cluster.test_hostile import BLOCK, create_volume, node_index, opened
 from tests.cluster.test_opids import seqs
 from tests.conftest import Cluster, node_connection
@@ -35,6 +36,7 @@ async def test_a_block_map_of_many_pages(shared_cluster: Cluster) -> None:
             part = {i: blocks[i] for i in range(lo, lo + 10000)}
             await vol.commit(f.ino, part, (lo + 9999) * BLOCK + 1, 0, held=list(info.replicas))
         attr, got = await vol.open(f.ino)
+        blocks = {i: whole(h, n) for i, (h, n) in blocks.items()}
         assert attr.size == (N - 1) * BLOCK + 1 and got == blocks
         page, more = await vol.block_page(f.ino, 100, 10)
         assert page == {i: blocks[i] for i in range(100, 110)} and more

@@ -98,9 +98,9 @@ async def test_gc_grace_below_the_minimum_is_refused_by_the_node(cluster: Cluste
     for bad in ("0", "139"):
         proc = await trio.to_thread.run_sync(lambda bad=bad: cluster.cli("gc", "--grace", bad, check=False))
         assert proc.returncode == 1 and proc.stdout == "", proc
-        assert proc.stderr.strip().splitlines() == [f"pxfs: --grace {bad}: must be {MIN_GC_GRACE:g} s (a write's "
-                                                   "longest wait for its commit, doubled) to 30 days: a younger "
-                                                   "chunk may be about to be named by a commit"], proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"pxfs: --grace {bad}: must be {MIN_GC_GRACE:g} s (twice the "
+                                                   "commit window of 60 s, and 20 s) to 30 days: a younger chunk "
+                                                   "may be about to be named by a commit"], proc.stderr
     ok = await trio.to_thread.run_sync(lambda: cluster.json("gc", "--dry-run", "--grace", f"{MIN_GC_GRACE:g}"))
     assert all("error" not in n for n in ok["nodes"]), ok
     known = await put_known(cluster, 1)

@@ -19,9 +19,18 @@ from tests.vfs.fakes import FakeChunks, FakeMeta
 CTX = SimpleNamespace(uid=1000, gid=100, pid=1, umask=0o022)
 
 
-@fuse_op
-async def failing(exc: BaseException) -> None:
-    raise exc
+class Handlers:
+    def __init__(self) -> None:
+        self.timed: list[tuple[str, float]] = []
+        self.op_timer = lambda op, seconds: self.timed.append((op, seconds))
+
+    @fuse_op
+    async def failing(self, exc: BaseException) -> None:
+        raise exc
+
+    @fuse_op
+    async def working(self, value: int) -> int:
+        return value
 
 
 @pytest.mark.parametrize(("exc", "code"), [
@@ -32,15 +41,26 @@ async def failing(exc: BaseException) -> None:
 ])
 async def test_errors_map_to_errno(exc: BaseException, code: int) -> None:
     with pytest.raises(pyfuse3.FUSEError) as info:
-        await failing(exc)
+        await Handlers().failing(exc)
     assert info.value.errno == code
 
 
 async def test_bugs_become_eio_and_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR), pytest.raises(pyfuse3.FUSEError) as info:
-        await failing(KeyError("oops"))
+        await Handlers().failing(KeyError("oops"))
     assert info.value.errno == errno.EIO
     assert "op=failing" in caplog.text
+
+
+async def test_every_handler_is_timed_once_failures_too() -> None:
+    h = Handlers()
+    assert await h.working(7) == 7
+    with pytest.raises(pyfuse3.FUSEError):
+        await h.failing(NotFound("x", "gone"))
+    assert [op for op, _ in h.timed] == ["working", "failing"]
+    assert all(0 <= s < 10 for _, s in h.timed)
+    h.op_timer = None  # metrics off: nothing is measured
+    assert await h.working(1) == 1 and len(h.timed) == 2
 
 
 async def test_entries_and_lookup_counts() -> None:

@@ -12,6 +12,7 @@ import pytest
 from pxfs.errors import FsError, NoSpace
 from pxfs.meta.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE, Attr, Meta
 from pxfs.meta.kv import MemKV, RocksKV
+from pxfs.meta.slices import whole
 
 ROOT = 1
 BLOCK = 4096  # the block size of the Meta fixtures in conftest.py
@@ -352,7 +353,7 @@ def test_rename_over_open_file_keeps_it_until_release(meta: Meta) -> None:
     meta.open(b.ino)
     meta.rename(ROOT, b"a", ROOT, b"b")
     attr, blocks = meta.get_blocks(b.ino)
-    assert attr.nlink == 0 and blocks == {0: (H1, 10)}
+    assert attr.nlink == 0 and blocks == {0: whole(H1, 10)}
     meta.release(b.ino)
     fails(errno.ENOENT, meta.getattr, b.ino)
     assert used(meta) == 0
@@ -375,7 +376,7 @@ def test_truncate_shrinks_the_block_map(meta: Meta) -> None:
     assert used(meta) == 2 * BLOCK + 100
     a = meta.setattr(f.ino, size=BLOCK + 10)
     assert a.size == BLOCK + 10 and a.mtime_ns == a.ctime_ns
-    assert meta.get_blocks(f.ino)[1] == {0: (H1, BLOCK), 1: (H2, 10)}
+    assert meta.get_blocks(f.ino)[1] == {0: whole(H1, BLOCK), 1: whole(H2, 10)}
     assert used(meta) == BLOCK + 10
     meta.setattr(f.ino, size=0)
     assert meta.get_blocks(f.ino)[1] == {} and used(meta) == 0
@@ -385,7 +386,7 @@ def test_truncate_grows_sparsely(meta: Meta) -> None:
     f = mkfile(meta, ROOT, b"f")
     meta.commit_blocks(f.ino, {0: (H1, 10)}, 10)
     a = meta.setattr(f.ino, size=100 * BLOCK)
-    assert a.size == 100 * BLOCK and meta.get_blocks(f.ino)[1] == {0: (H1, 10)} and used(meta) == 10
+    assert a.size == 100 * BLOCK and meta.get_blocks(f.ino)[1] == {0: whole(H1, 10)} and used(meta) == 10
 
 
 def test_truncate_errors(meta: Meta) -> None:
@@ -444,7 +445,7 @@ def test_commit_blocks(meta: Meta) -> None:
     a = meta.commit_blocks(f.ino, {0: (H2, 10)}, 10)  # overwrite; size never shrinks here
     assert a.size == BLOCK + 5 and used(meta) == 15
     meta.commit_blocks(f.ino, {0: (H2, 0)}, 0)  # a hole
-    assert meta.get_blocks(f.ino)[1] == {1: (H2, 5)} and used(meta) == 5
+    assert meta.get_blocks(f.ino)[1] == {1: whole(H2, 5)} and used(meta) == 5
 
 
 def test_commit_blocks_errors(meta: Meta) -> None:
@@ -494,7 +495,7 @@ def test_unlinked_open_file_lives_until_last_release(meta: Meta) -> None:
     meta.open(f.ino)
     meta.unlink(ROOT, b"f")
     fails(errno.ENOENT, meta.lookup, ROOT, b"f")
-    assert meta.getattr(f.ino).nlink == 0 and meta.get_blocks(f.ino)[1] == {0: (H1, 10)}
+    assert meta.getattr(f.ino).nlink == 0 and meta.get_blocks(f.ino)[1] == {0: whole(H1, 10)}
     meta.commit_blocks(f.ino, {1: (H2, 10)}, BLOCK + 10)  # still writable through its handle
     fails(errno.ENOENT, meta.link, f.ino, ROOT, b"back")
     meta.release(f.ino)
@@ -571,7 +572,7 @@ def test_rocks_tree_survives_reopen(rocks_meta: Meta, tmp_path: Path) -> None:
     m2 = Meta(RocksKV(str(tmp_path / "meta")), 10 * BLOCK, BLOCK, m.clock)
     try:
         assert names(m2, ROOT) == [b"d", b"g"]
-        assert m2.get_blocks(f.ino)[1] == {0: (H1, 10)}
+        assert m2.get_blocks(f.ino)[1] == {0: whole(H1, 10)}
         assert m2.statfs()["used"] == 10 and m2.statfs()["inodes"] == 3
         assert mkfile(m2, ROOT, b"h").ino == f.ino + 1
     finally:

@@ -25,6 +25,7 @@ from pxfs.meta.fsck import LOST_FOUND, FsckReport, fsck
 from pxfs.meta.keys import Attr
 from pxfs.meta.kv import KV, Batch, MemKV, RocksKV
 from pxfs.meta.opids import Op
+from pxfs.meta.slices import whole
 
 from .conftest import BLOCK, FakeClock
 
@@ -220,7 +221,7 @@ def test_deleted_dir_attr_adopts_its_children(tree: Tree) -> None:
     assert tree.attr(tree.d).nlink == d_nlink - 1
     lf = lost_found(tree)
     assert tree.meta.lookup(lf.ino, b"#%d" % tree.g).ino == tree.g
-    assert tree.meta.get_blocks(tree.g)[1] == {0: (H1, 10)}
+    assert tree.meta.get_blocks(tree.g)[1] == {0: whole(H1, 10)}
 
 
 def test_entry_type(tree: Tree) -> None:
@@ -330,17 +331,17 @@ def test_blocks_past_eof(tree: Tree) -> None:
     """Whole blocks past EOF go, long ones are trimmed; the counter is set to match (as found)."""
     used = counter(tree.kv, keys.USED_BYTES)
     damage(tree.kv, {
-        keys.block_key(tree.f, 7): keys.encode_block(H3, 10),  # wholly past EOF
-        keys.block_key(tree.f, 1): keys.encode_block(H2, 900),  # past EOF (size is BLOCK + 100)
-        keys.block_key(tree.g, 0): keys.encode_block(H1, BLOCK + 5),  # longer than a block
-        keys.block_key(tree.e, 0): keys.encode_block(H3, 1),  # a directory has no data
-        keys.block_key(tree.s, 0): keys.encode_block(H3, 0),  # an empty entry
+        keys.block_key(tree.f, 7): keys.encode_block(((H3, 0, 10),)),  # wholly past EOF
+        keys.block_key(tree.f, 1): keys.encode_block(((H2, 0, 900),)),  # past EOF (size is BLOCK + 100)
+        keys.block_key(tree.g, 0): keys.encode_block(((H1, 0, BLOCK + 5),)),  # longer than a block
+        keys.block_key(tree.e, 0): keys.encode_block(((H3, 0, 1),)),  # a directory has no data
+        keys.block_key(tree.s, 0): keys.encode_block(((H3, 0, 0),)),  # an empty entry
         keys.counter_key(keys.USED_BYTES): keys.encode_u64(used + 10 + 800 + BLOCK - 5 + 1),
     })  # fmt: skip
     report = check(tree, "block-past-eof")
     assert len(report.problems) == 5
-    assert tree.meta.get_blocks(tree.f)[1] == {0: (H1, BLOCK), 1: (H2, 100)}
-    assert tree.meta.get_blocks(tree.g)[1] == {0: (H1, 10)}
+    assert tree.meta.get_blocks(tree.f)[1] == {0: whole(H1, BLOCK), 1: whole(H2, 100)}
+    assert tree.meta.get_blocks(tree.g)[1] == {0: whole(H1, 10)}
     assert list(tree.kv.scan(keys.block_prefix(tree.e))) == list(tree.kv.scan(keys.block_prefix(tree.s))) == []
     assert counter(tree.kv, keys.USED_BYTES) == used
     assert report.chunk_refs[H3] == [(tree.orphan, 0)]
@@ -350,11 +351,11 @@ def test_undecodable_blocks(tree: Tree) -> None:
     used = counter(tree.kv, keys.USED_BYTES)
     damage(tree.kv, {
         keys.block_key(tree.f, 1): b"short",
-        keys.block_prefix(tree.f) + b"xx": keys.encode_block(H3, 1),  # index of the wrong length
+        keys.block_prefix(tree.f) + b"xx": keys.encode_block(((H3, 0, 1),)),  # index of the wrong length
     })  # fmt: skip
     report = check(tree, "bad-block", "counter-used")
     assert len([p for p in report.problems if p.kind == "bad-block"]) == 2
-    assert tree.meta.get_blocks(tree.f)[1] == {0: (H1, BLOCK)}  # block 1 is now a hole
+    assert tree.meta.get_blocks(tree.f)[1] == {0: whole(H1, BLOCK)}  # block 1 is now a hole
     assert counter(tree.kv, keys.USED_BYTES) == used - 100
 
 
@@ -410,7 +411,7 @@ def test_counters(tree: Tree, name: bytes, value: bytes | None, kind: str) -> No
 def test_many_problems_in_one_batch(tree: Tree) -> None:
     damage(tree.kv, {
         keys.attr_key(tree.f): put_attr(tree, tree.f, nlink=1),
-        keys.block_key(tree.g, 3): keys.encode_block(H2, 5),
+        keys.block_key(tree.g, 3): keys.encode_block(((H2, 0, 5),)),
         keys.dentry_key(ROOT, b"ghost"): keys.encode_dentry(999, stat.S_IFLNK),
         keys.counter_key(keys.INODES): keys.encode_u64(2),
     }, deletes=(keys.dentry_key(ROOT, b"s"),))  # fmt: skip
@@ -460,7 +461,7 @@ def test_repair_on_rocks_replicates(tmp_path: Path, clock: FakeClock) -> None:
     t = build(m)
     damage(store, {
         keys.attr_key(t.d): put_attr(t, t.d, nlink=1),
-        keys.block_key(t.f, 9): keys.encode_block(H3, 1),
+        keys.block_key(t.f, 9): keys.encode_block(((H3, 0, 1),)),
     }, deletes=(keys.dentry_key(t.e, b"g"),))  # fmt: skip
     check(t, "nlink", "block-past-eof", "orphan-inode", "counter-used")
     follower = MemKV()

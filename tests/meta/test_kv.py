@@ -258,6 +258,27 @@ def test_compaction_gives_back_the_space_of_deleted_and_trimmed_records(tmp_path
     kv.compact()  # after close: nothing to do, no error
 
 
+def test_deferred_sync_counts_what_is_on_disk(tmp_path: Path) -> None:
+    """Group commit: batches written with deferred_sync are durable once ``sync`` returns (which
+    covers all of them at once), and a close puts any that were not synced on disk."""
+    kv = RocksKV(str(tmp_path / "kv"))
+    kv.deferred_sync = True
+    for i in range(3):
+        b = Batch()
+        b.put(b"k%d" % i, b"v")
+        kv.write(b)
+    assert (kv.seq, kv.synced) == (3, 0)
+    assert kv.sync() == 3 and kv.synced == 3
+    b = Batch()
+    b.put(b"k9", b"v")
+    kv.write(b)
+    assert kv.synced == 3
+    kv.close()
+    again = RocksKV(str(tmp_path / "kv"))
+    assert again.seq == again.synced == 4 and again.get(b"k9") == b"v"
+    again.close()
+
+
 def test_touched_counts_the_owners_gets_scanned_keys_and_writes(kv: KV) -> None:
     b = Batch()
     for i in range(10):

@@ -13,6 +13,7 @@ from pxfs.meta import keys
 from pxfs.meta.fs import Meta
 from pxfs.meta.fsck import fsck
 from pxfs.meta.kv import Batch
+from pxfs.meta.slices import whole
 from tests.meta.conftest import BLOCK
 
 ROOT = 1
@@ -108,7 +109,7 @@ def test_a_big_truncate_cuts_ahead_in_bounded_batches(meta: Meta) -> None:
     assert cuts == [SMALL, SMALL]  # what is left (SMALL entries past the cut) fits the truncate's batch
     meta.setattr(ino, size=BLOCK + 10)
     assert last_batch_ops(meta) <= SMALL + 4
-    assert meta.get_blocks(ino)[1] == {0: (H, BLOCK), 1: (H, 10)}
+    assert meta.get_blocks(ino)[1] == {0: whole(H, BLOCK), 1: whole(H, 10)}
     assert meta.statfs()["used"] == BLOCK + 10
     assert meta.cut_ahead(ino, 0) == 0 and meta.cut_ahead(ino, -1) == 0 and meta.cut_ahead(ino, 1 << 40) == 0
     assert fsck(meta.kv, block_size=BLOCK).problems == []

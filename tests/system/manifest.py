@@ -41,6 +41,8 @@ import trio
 from pxfs.cluster.config import load_config, load_credential
 from pxfs.cluster.peers import Peers
 from pxfs.errors import NotFound, PxfsError, Unauthorized, Unavailable
+from pxfs.meta import slices
+from pxfs.meta.slices import BlockMap
 from pxfs.model import VolumeInfo
 from pxfs.rpc.bridge import Bridge, open_bridge
 from pxfs.rpc.client import ChunkClient, Connection
@@ -346,8 +348,8 @@ class VerifySession:
     peers: Peers
     stack: AsyncExitStack
 
-    async def block_map(self, ino: int) -> tuple[int, dict[int, tuple[bytes, int]]]:
-        """The file's size and {block index: (hash, length)}, as the coordinator holds them now."""
+    async def block_map(self, ino: int) -> tuple[int, BlockMap]:
+        """The file's size and {block index: slices}, as the coordinator holds them now."""
         attr, blocks = await self.meta.open(ino)
         try:
             return attr.size, blocks
@@ -422,13 +424,13 @@ async def verify_session(cluster: Cluster, volume: str) -> AsyncIterator[VerifyS
         yield VerifySession(info, meta, peers, stack)
 
 
-def _assemble(size: int, block_size: int, blocks: dict[int, tuple[bytes, int]],
-              chunks: dict[bytes, bytes]) -> bytes:
+def _assemble(size: int, block_size: int, blocks: BlockMap, chunks: dict[bytes, bytes]) -> bytes:
     buf = bytearray(size)  # holes (blocks not in the map) read as zeros
-    for idx, (h, length) in blocks.items():
+    for idx, block in blocks.items():
         lo = idx * block_size
-        piece = chunks[h][:min(length, block_size, max(0, size - lo))]
-        buf[lo:lo + len(piece)] = piece
+        hi = min(block_size, max(0, size - lo))
+        if hi:
+            buf[lo:lo + hi] = slices.assemble(block, 0, hi, chunks.__getitem__)
     return bytes(buf)
 
 
@@ -465,7 +467,8 @@ async def verify_on_replicas(cluster: Cluster, volume: str, directory: Path, ent
             if size != e.size:
                 problems.append(Problem(e.name, None, f"coordinator says size {size}, manifest says {e.size}"))
                 continue
-            for idx, (_h, length) in sorted(blocks.items()):
+            for idx, block in sorted(blocks.items()):
+                length = slices.extent(block)
                 if idx * bs >= size or length > bs:
                     problems.append(Problem(e.name, None, f"block {idx} (length {length}) does not fit size {size} "
                                                           f"with block size {bs}"))
@@ -478,10 +481,10 @@ async def verify_on_replicas(cluster: Cluster, volume: str, directory: Path, ent
 
 
 async def _check_replica(e: Entry, node: str, client: ChunkClient, size: int, bs: int,
-                         blocks: dict[int, tuple[bytes, int]]) -> list[Problem]:
+                         blocks: BlockMap) -> list[Problem]:
     problems = []
     got: dict[bytes, bytes] = {}
-    for idx, (h, length) in sorted(blocks.items()):
+    for idx, h, length in sorted((i, h, n) for i, b in blocks.items() for h, _off, n in b):
         if h in got:
             continue
         what = f"block {idx} chunk {h.hex()[:16]}"

@@ -75,3 +75,49 @@ def test_pool_at_reserve_gives_enospc_and_damages_nothing(small: Cluster, tmp_pa
         assert (m.path / "after-gc").read_bytes() == data
         for name in list(written)[20:]:
             assert hashlib.sha256((m.path / name).read_bytes()).hexdigest() == written[name]
+
+
+@pytest.fixture
+def quick_gc(tmp_path: Path) -> Iterator[Cluster]:
+    # Automatic rounds only when woken (the interval is an hour); a commit window of 5 s allows the
+    # shortest grace, 30 s.
+    yield from make_cluster(tmp_path, nodes=2, pool_size="48M",
+                            up_args=("--gc-interval", "3600", "--commit-window", "5", "--gc-grace", "30"))
+
+
+def test_a_pool_full_of_garbage_collects_at_once(quick_gc: Cluster, tmp_path: Path) -> None:
+    """Rewriting one file fills the pools with the chunks it replaced; the writer's ENOSPC wakes a GC
+    round on the full nodes, and once the garbage is older than the grace the retried flush lands:
+    no `pxfs gc`, no hour of waiting."""
+    quick_gc.cli("volume", "create", "churn", "--size", "150M", "--repl", "2")
+    with mounted(quick_gc, "churn", tmp_path / "mnt") as m:
+        target = m.path / "f"
+        failure: OSError | None = None
+        for _ in range(30):
+            data = os.urandom(8 << 20)
+            try:
+                with open(target, "r+b" if target.exists() else "wb") as fh:
+                    fh.write(data)
+                    os.fsync(fh.fileno())
+            except OSError as exc:
+                failure = exc
+                break
+        assert failure is not None and failure.errno == errno.ENOSPC, failure
+        age_chunks(quick_gc)  # as the grace passing would: nothing is in flight but the failed flush
+
+        def lands() -> bool:
+            try:
+                with open(target, "r+b") as fh:
+                    fh.write(data)
+                    os.fsync(fh.fileno())
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                return False
+            return True
+
+        eventually(lands, timeout=60, what="a flush after the full pools collected their garbage")
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    with mounted(quick_gc, "churn", tmp_path / "mnt2") as m:  # a fresh mount: no cached chunk
+        assert hashlib.sha256((m.path / "f").read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    pools = quick_gc.json("pool", "list")
+    assert all(p["used"] < 3 * (8 << 20) for p in pools), pools

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from pxfs.meta import slices
+from pxfs.meta.slices import BlockMap
 from tests.conftest import Cluster, mounted
 from tests.system.manifest import (
     Entry,
@@ -40,7 +42,7 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 async def block_maps(cluster: Cluster, volume: str, directory: Path,
-                     entries: list[Entry]) -> tuple[int, list[str], dict[str, dict[int, tuple[bytes, int]]]]:
+                     entries: list[Entry]) -> tuple[int, list[str], dict[str, BlockMap]]:
     """The volume's block size and replica nodes, and each entry's block map at the coordinator."""
     async with verify_session(cluster, volume) as s:
         maps = {}
@@ -81,8 +83,9 @@ def test_writer_manifest_verifies_and_a_bad_replica_is_caught(shared_cluster: Cl
         # Victim: the largest file's first stored block, ~1 MiB of random bytes that no other file
         # shares (a one-byte chunk, by contrast, may well be deduplicated with another file's tail).
         victim: Entry = max(entries, key=lambda e: e.size)
-        h = maps[victim.name][min(maps[victim.name])][0]
-        assert [e.name for e in entries if any(c == h for c, _n in maps[e.name].values())] == [victim.name]
+        h = maps[victim.name][min(maps[victim.name])][0][0]
+        assert [e.name for e in entries
+                if any(h in slices.hashes(b) for b in maps[e.name].values())] == [victim.name]
         node = replicas[-1]
         path = chunk_file(shared_cluster, node, h)
         assert path.exists(), f"chunk {h.hex()} not in node {node}'s pool"

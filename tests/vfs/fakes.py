@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import blake3
@@ -11,7 +12,7 @@ from pxfs.errors import Corrupt, NotFound, PxfsError
 from pxfs.meta.fs import Meta
 from pxfs.meta.kv import MemKV
 from pxfs.model import Attr
-from pxfs.vfs.ports import BlockMap
+from pxfs.vfs.ports import BlockMap, BlockWrite
 
 
 class FakeMeta:
@@ -20,7 +21,7 @@ class FakeMeta:
     def __init__(self, capacity: int, block_size: int) -> None:
         self.meta = Meta(MemKV(), capacity, block_size)
         self.meta.init_root()
-        self.commits: list[tuple[int, BlockMap, int]] = []
+        self.commits: list[tuple[int, dict[int, BlockWrite], int]] = []
 
     def __getattr__(self, name: str) -> Any:
         fn = getattr(self.meta, name)
@@ -36,7 +37,8 @@ class FakeMeta:
         self.meta.open(ino)
         return self.meta.get_blocks(ino)
 
-    async def commit(self, ino: int, blocks: BlockMap, size: int, mtime_ns: int) -> Attr:
+    async def commit(self, ino: int, blocks: Mapping[int, BlockWrite], size: int, mtime_ns: int,
+                     put_started: float | None = None) -> Attr:
         await trio.lowlevel.checkpoint()
         attr = self.meta.commit_blocks(ino, blocks, size, mtime_ns)
         self.commits.append((ino, dict(blocks), size))

@@ -26,11 +26,11 @@ async def test_sequential_reads_prefetch_next_blocks(meta: FakeMeta, chunks: Fak
         fh = await vfs.open(ino, 0)
         assert await vfs.read(fh, 0, BLOCK) == data[:BLOCK]
         await trio.testing.wait_all_tasks_blocked()
-        assert chunks.gets[0] == blocks[0][0]
-        assert sorted(chunks.gets) == sorted(blocks[i][0] for i in range(5))  # 1..4 in the background
+        assert chunks.gets[0] == blocks[0][0][0]
+        assert sorted(chunks.gets) == sorted(blocks[i][0][0] for i in range(5))  # 1..4 in the background
         assert await vfs.read(fh, BLOCK, 3 * BLOCK) == data[BLOCK:4 * BLOCK]
         await trio.testing.wait_all_tasks_blocked()
-        assert sorted(chunks.gets) == sorted(blocks[i][0] for i in range(8))  # from cache; 5..7 fetched ahead
+        assert sorted(chunks.gets) == sorted(blocks[i][0][0] for i in range(8))  # from cache; 5..7 fetched ahead
         await vfs.release(fh)
 
 

@@ -6,6 +6,8 @@ import blake3
 import trio
 import trio.testing
 
+from pxfs.meta import slices
+from pxfs.meta.slices import BlockWrite, whole
 from pxfs.vfs.vfs import Vfs
 from tests.vfs.conftest import BLOCK, ROOT, pattern, running
 from tests.vfs.fakes import FakeChunks, FakeMeta
@@ -40,9 +42,9 @@ async def test_fsync_commits_once_with_trimmed_last_block(vfs: Vfs, meta: FakeMe
     assert len(meta.commits) == 1
     c_ino, blocks, size = meta.commits[0]
     assert (c_ino, size) == (ino, len(data))
-    assert blocks == {i: (blake3.blake3(data[i * BLOCK:(i + 1) * BLOCK]).digest(), min(BLOCK, len(data) - i * BLOCK))
-                      for i in range(3)}
-    assert blocks[2][1] == 10  # no zeros past EOF are stored
+    assert blocks == {i: BlockWrite(whole(blake3.blake3(data[i * BLOCK:(i + 1) * BLOCK]).digest(),
+                                          min(BLOCK, len(data) - i * BLOCK))) for i in range(3)}
+    assert slices.extent(blocks[2].slices) == 10  # no zeros past EOF are stored
     await vfs.fsync(fh)
     await vfs.release(fh)
     assert len(meta.commits) == 1  # nothing dirty: no second commit
@@ -75,7 +77,7 @@ async def test_sparse_file_and_holes(vfs: Vfs, meta: FakeMeta) -> None:
     await vfs.fsync(fh)
     _, blocks, _ = meta.commits[-1]
     assert sorted(blocks) == [0, 10]
-    assert blocks[10][1] == 9
+    assert slices.extent(blocks[10].slices) == 9
     got = await vfs.read(fh, 0, size + 100)
     assert got == bytes(10) + b"head" + bytes(size - 14 - 4) + b"tail"
     assert await vfs.read(fh, 3 * BLOCK, BLOCK) == bytes(BLOCK)
@@ -132,6 +134,30 @@ async def test_remount_reads_back(meta: FakeMeta, chunks: FakeChunks) -> None:
         fh = await vfs.open(ino, 0)
         assert await vfs.read(fh, 0, len(data) + BLOCK) == data
         assert (await vfs.lookup(ROOT, b"f")).size == len(data)
+        await vfs.release(fh)
+
+
+async def test_read_cache_counts_hits_and_misses_of_stored_blocks(meta: FakeMeta, chunks: FakeChunks) -> None:
+    data = pattern(3 * BLOCK, seed=5)
+    async with running(meta, chunks) as vfs:
+        fh, ino = await new_file(vfs)
+        await vfs.write(fh, 0, data)
+    async with running(meta, chunks, readahead=0) as vfs:  # a fresh cache; no fetch but the reader's
+        fh = await vfs.open(ino, 0)
+        assert await vfs.read(fh, 0, len(data)) == data
+        assert (vfs.cache.hits, vfs.cache.misses) == (0, 3)
+        assert await vfs.read(fh, BLOCK, 2 * BLOCK) == data[BLOCK:]
+        assert (vfs.cache.hits, vfs.cache.misses) == (2, 3)
+        # A block written in part reads the stored chunk under the new bytes (a lookup); one written
+        # whole and holes are none.
+        await vfs.write(fh, 0, b"x")
+        assert await vfs.read(fh, 0, BLOCK) == b"x" + data[1:BLOCK]
+        assert (vfs.cache.hits, vfs.cache.misses) == (3, 3)
+        await vfs.write(fh, BLOCK, bytes(BLOCK))
+        assert await vfs.read(fh, BLOCK, BLOCK) == bytes(BLOCK)
+        await vfs.setattr(ino, size=5 * BLOCK)
+        assert await vfs.read(fh, 4 * BLOCK, BLOCK) == bytes(BLOCK)
+        assert (vfs.cache.hits, vfs.cache.misses) == (3, 3)
         await vfs.release(fh)
 
 
