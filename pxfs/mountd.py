@@ -81,7 +81,7 @@ def mount_gauges(cfg: MountConfig, vfs: Vfs) -> list[Gauge]:
          [], [([], wb.dirty_bytes + wb.flying_bytes)]),
         ("pxfs_writeback_limit_bytes", "Write-back buffer bound: writers wait beyond it", [], [([], wb.limit)]),
         ("pxfs_read_cache_bytes", "Bytes of chunks in the mount's read cache", [], [([], cache.size)]),
-        ("pxfs_read_cache_total", "Block reads answered by the mount's read cache (hit) or fetched (miss)",
+        ("pxfs_read_cache_total", "Chunks that reads needed, found in the read cache (hit) or fetched (miss)",
          ["result"], [(["hit"], cache.hits), (["miss"], cache.misses)]),
     ]
 

@@ -1,11 +1,12 @@
 """What a node's cluster page shows beside the status document: recent events and I/O rates.
 
 Events are the node's own log records at WARNING and above (pxfs logs every failover, replica
-change, change of the in-sync set, quarantined chunk and failed repair there, by design) and its
-repair rounds; a bounded ring keeps the newest, in memory only. Rates come from running totals the
-node keeps (bytes put and read, chunks verified by scrubs), sampled over a short window. Each node
-serves its own at ``/api/activity``; a page asks every node that is up, so any node's page shows the
-whole cluster (a node that is down shows nothing, and its ring is gone with it).
+change, change of the in-sync set, quarantined chunk and failed repair there, by design), its
+repair rounds and the volumes it starts to coordinate; a bounded ring keeps the newest, in memory
+only. Rates come from running totals the node keeps (bytes put and read, chunks verified by
+scrubs), sampled over a short window. Each node serves its own at ``/api/activity``; a page asks
+every node that is up, so any node's page shows the whole cluster (a node that is down shows
+nothing, and its ring is gone with it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ EVENTS_KEPT = 200
 WINDOW = 10.0  # seconds the rates are averaged over
 SAMPLE_EVERY = 2.0
 FETCH_TIMEOUT = 2.0  # per node, at each page view: a silent node costs the page this much at most
-EVENT_LOGGERS = ("pxfs.cluster.repair",)  # whose INFO records are events too: repair rounds that copied
+# Whose INFO records are events too: repair rounds that copied, a node taking over a volume.
+EVENT_LOGGERS = ("pxfs.cluster.repair", "pxfs.volume.coordinator")
 
 
 @dataclass

@@ -26,7 +26,7 @@ class ChunkCache:
         self._lru: OrderedDict[bytes, bytes] = OrderedDict()
         self._bytes = 0
         self._inflight: dict[bytes, trio.Event] = {}
-        # Block reads found in memory or not, counted by the reader (Vfs.read): readahead and
+        # Chunks a read needed, found in memory or not, counted by the reader (Vfs.read): readahead and
         # read-modify-write also look here, and are no reads an application waits for.
         self.hits = 0
         self.misses = 0

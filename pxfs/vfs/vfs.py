@@ -187,7 +187,6 @@ class Vfs:
                 missing.append(h)
             else:
                 got[h] = data
-
         self.cache.hits += len(got)
         self.cache.misses += len(missing)
 
