@@ -188,9 +188,6 @@ class Vfs:
             else:
                 got[h] = data
 
-        self.cache.hits += len(got)
-        self.cache.misses += len(missing)
-
         async def fetch(h: bytes) -> None:
             got[h] = await self.cache.get(h)
 

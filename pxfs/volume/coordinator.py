@@ -6,7 +6,6 @@ and, for a commit, every chunk it names (``InSync.ensure_chunks``): acknowledged
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -20,8 +19,7 @@ from pxfs.errors import Conflict, Invalid, NotFound, PutsExpired, PxfsError, Una
 from pxfs.meta import keys, slices, snapshots
 from pxfs.meta import maintenance as jobs
 from pxfs.meta.fs import Meta, Op
-from pxfs.meta.fsck import FsckReport, check
-from pxfs.meta.kv import Batch
+from pxfs.meta.kv import KV, Batch
 from pxfs.meta.slices import BlockWrite
 from pxfs.model import Attr, Changed, VolumeInfo
 from pxfs.observe import metrics
@@ -41,6 +39,14 @@ FRESH_WINDOW = 20.0  # longer than a mount's refresh interval
 STEP_KEYS = 1 << 15
 
 
+class Filling(Unavailable):
+    """A new clone is being filled from its snapshot: served once ``done`` is set."""
+
+    def __init__(self, obj: str, cause: str, done: trio.Event) -> None:
+        super().__init__(obj, cause)
+        self.done = done
+
+
 class Coordinator(HostContext):
     """The volumes this node coordinates (the record names it, with an epoch)."""
 
@@ -57,7 +63,8 @@ class Coordinator(HostContext):
             hv.set_epoch(spec.epoch)
         hv.spec = spec
         if hv.meta is None and spec.source and hv.kv.get(keys.counter_key(CLONE_DONE)) is None:
-            self._clone(hv, spec)
+            raise Filling(f'volume "{name}"', f"being filled from snapshot {spec.source}; retry in a moment",
+                          self._start_clone(hv, spec))
         if hv.meta is None:
             hv.meta = Meta(hv.kv, spec.size, spec.block_size, max_inodes=spec.inode_limit)
             # Orphans may still be open in mounts that have not reconnected yet: freed once they have
@@ -102,30 +109,56 @@ class Coordinator(HostContext):
             hv.repair = ChunkRepair(name, self._peers, self._repair_rate)
         return hv
 
-    def _clone(self, hv: HostedVolume, spec: VolumeInfo) -> None:
+    def _start_clone(self, hv: HostedVolume, spec: VolumeInfo) -> trio.Event:
         """Fill a new clone from the source snapshot held on this node (clones share their source's
-        replicas, so every replica has it), then mark it done; a half-made clone starts over."""
+        replicas, so every replica has it), then mark it done; a half-made clone starts over. The
+        copy runs in a worker thread (a snapshot of a million files takes many seconds, which the
+        event loop must not wait: heartbeats and every other volume go on); returns its end."""
+        if hv.cloned is not None:
+            return hv.cloned
         src_volume, _, snap = spec.source.partition("@")
-        if hv.kv.seq:
-            hv.wipe()
         source = self._volumes.get(src_volume) or self._hosted(src_volume)
         try:
             src_kv = source.snapshot_kv(snap)
         except NotFound:
             raise Unavailable(f'volume "{spec.name}"', f"source snapshot {spec.source} is not on node "
                               f"{self.node_id}") from None
-        n = snapshots.copy_into(hv.kv, src_kv)
-        done = Batch()
-        done.put(keys.counter_key(CLONE_DONE), keys.encode_u64(1))
-        hv.kv.write(done)
-        log.info("volume=%s cloned from %s: %d keys", spec.name, spec.source, n)
+        if hv.kv.seq:
+            hv.wipe()
+        done = hv.cloned = trio.Event()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._clone, hv, spec, src_kv, done)
+        return done
+
+    async def _clone(self, hv: HostedVolume, spec: VolumeInfo, src_kv: KV, done: trio.Event) -> None:
+        try:
+            # Nothing else writes the keyspace meanwhile: the clone is served by nobody until it is done.
+            n = await trio.to_thread.run_sync(snapshots.copy_into, hv.kv, src_kv)
+            mark = Batch()
+            mark.put(keys.counter_key(CLONE_DONE), keys.encode_u64(1))
+            hv.kv.write(mark)
+            log.info("volume=%s cloned from %s: %d keys", spec.name, spec.source, n)
+        except PxfsError as err:
+            log.warning("volume=%s not cloned from %s: %s (tried again at the next open)", spec.name, spec.source,
+                        err)
+        finally:
+            hv.cloned = None
+            done.set()
+
+    async def _activated(self, spec: VolumeInfo) -> HostedVolume:
+        """``_activate``, waiting first (the loop free) for a new clone to be filled."""
+        try:
+            return self._activate(spec)
+        except Filling as filling:
+            await filling.done.wait()
+        return self._activate(spec)
 
     async def open(self, name: str, mount_id: str, http: str = "") -> tuple[Served, VolumeInfo]:
         """Called when a mount opens a volume (or ``VOLUME@SNAPSHOT``) here: this node must coordinate it."""
         volume, _, snap = name.partition("@")
         spec = await self._serving_spec(volume)
         if snap:
-            hv = self._activate(spec)
+            hv = await self._activated(spec)
             hv.snapshot_kv(snap)
             hs = hv.snapshots[snap]
             if hs.meta is None:
@@ -134,7 +167,7 @@ class Coordinator(HostContext):
         name = volume
         if self.node_id not in spec.replicas:
             raise Conflict(f'volume "{name}"', f"node {self.node_id} is not one of its replicas")
-        hv = self._activate(spec)
+        hv = await self._activated(spec)
         await self.keepalive(hv, mount_id, force=True, http=http)
         return hv, spec
 
@@ -229,71 +262,13 @@ class Coordinator(HostContext):
                                   f"{','.join(sorted(slow))} do not answer and fewer than min-replicas "
                                   f"{insync.min_replicas} would stay in sync (waited {MIN_REPLICAS_WAIT:g}s)")
 
-    # -- jobs under the maintenance mark: restore, fsck repair (pxfs.meta.maintenance) -----------
-
     def _not_in_maintenance(self, hv: Served) -> None:
+        """Refuse what is not a step of the job under way (pxfs.volume.jobs): the keyspace is a mix."""
         if isinstance(hv, HostedVolume):
             pending = jobs.pending(hv.kv)
             if pending is not None:
                 raise Unavailable(f'volume "{hv.name}"', f"{pending.describe()} is under way; the volume is "
                                   "served again once it is finished")
-
-    async def _finish_job(self, hv: HostedVolume, steps: int = 0) -> bool:
-        """Drive the job the mark names, ``steps`` steps at most (0: to its end); True once no mark
-        is left. The caller holds ``hv.job_lock``."""
-        done = 0
-        while steps == 0 or done < steps:
-            pending = jobs.pending(hv.kv)
-            if pending is None:
-                return True
-            if pending.job == jobs.RESTORE:
-                snap = hv.snapshot_kv(pending.snapshot)
-                await self.call(hv, lambda m, snap=snap: jobs.restore_step(m.kv, snap), job=True)
-            else:
-                await self._fsck_repair(hv)
-            done += 1
-            await trio.lowlevel.checkpoint()  # a volume without followers acknowledges at once
-        return jobs.pending(hv.kv) is None
-
-    async def _fsck_repair(self, hv: HostedVolume) -> FsckReport:
-        """Under the mark: check in a worker thread (nothing else writes), then the repairs as
-        bounded batches, then the end of the mark. Run again in full after a crash half way."""
-        meta = hv.meta
-        if meta is None:
-            raise Unavailable(f'volume "{hv.name}"', f"no longer coordinated by node {self.node_id}; reopen")
-        report, ops = await trio.to_thread.run_sync(
-            lambda: check(hv.kv, block_size=meta.block_size, repair=True, is_open=meta._is_open))
-        for batch in jobs.batches(ops):
-            await self.call(hv, lambda m, b=batch: m.kv.write(b), job=True)
-        await self.call(hv, lambda m: jobs.end(m.kv), job=True)
-        return report
-
-    async def fsck(self, hv: HostedVolume, repair: bool) -> str:
-        """Run fsck on the coordinator's keyspace, in a worker thread: a check reads one consistent
-        scan (one RocksDB iterator) while mounts go on; a repair runs under the maintenance mark
-        (no metadata operation may interleave with the scan its writes are computed from), and its
-        batches ship to the followers like any other."""
-        meta = hv.meta
-        if meta is None:
-            raise Unavailable(f'volume "{hv.name}"', f"no longer coordinated by node {self.node_id}; reopen")
-        self._not_in_maintenance(hv)
-        if not repair:
-            report, _ = await trio.to_thread.run_sync(
-                lambda: check(hv.kv, block_size=meta.block_size, is_open=meta._is_open))
-            return json.dumps(report.to_json())
-        async with hv.job_lock:
-            await self.call(hv, lambda m: jobs.begin_fsck(m.kv), job=True)
-            report = await self._fsck_repair(hv)
-        return json.dumps(report.to_json())
-
-    async def locate(self, hv: Served, hashes: set[bytes]) -> list[tuple[bytes, bytes, int, int]]:
-        """Where ``hashes`` are used (``Meta.locate_chunks``), found in a worker thread: it reads
-        the whole keyspace, and mounts go on meanwhile."""
-        meta = hv.meta
-        if meta is None:
-            raise Unavailable(f'volume "{hv.name}"', f"no longer coordinated by node {self.node_id}; reopen")
-        self._not_in_maintenance(hv)
-        return await trio.to_thread.run_sync(meta.locate_chunks, hashes)
 
     # -- snapshots -------------------------------------------------------------------------------
 
@@ -321,18 +296,6 @@ class Coordinator(HostContext):
 
     async def snapshot_list(self, hv: Served) -> list[tuple[str, int]]:
         return snapshots.listing(self._volume_only(hv).kv)
-
-    async def restore(self, hv: Served, name: str) -> None:
-        """Roll the volume back to snapshot ``name`` in bounded batches under the maintenance mark
-        (any job half done is superseded: a restore sets every key)."""
-        hv = self._volume_only(hv)
-        snap_kv = hv.snapshot_kv(name)
-        async with hv.job_lock:
-            await self.call(hv, lambda m: jobs.begin_restore(m.kv, name, snap_kv), job=True)
-            before = hv.kv.seq
-            await self._finish_job(hv)
-        log.warning("volume=%s restored to snapshot %s (%d batches)", hv.name, name, hv.kv.seq - before + 1)
-        hv.space_due = 0.0
 
     async def detach(self, hv: HostedVolume, mount_id: str) -> None:
         hv.mounts.pop(mount_id, None)

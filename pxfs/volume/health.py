@@ -17,8 +17,9 @@ from pxfs.meta import maintenance as jobs
 from pxfs.meta.fs import Meta
 from pxfs.model import VolumeInfo
 from pxfs.volume import mounts
-from pxfs.volume.coordinator import CLONE_DONE, Coordinator
+from pxfs.volume.coordinator import CLONE_DONE
 from pxfs.volume.insync import REJOIN_LAG, Deposed
+from pxfs.volume.jobs import Jobs
 from pxfs.volume.replica import HostedVolume, Served
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ PURGE_STEPS = 256  # purge batches per supervision round: ~1M block entries a se
 JOB_STEPS = 256  # steps of an unfinished restore or fsck repair per round (pxfs.meta.maintenance)
 
 
-class Health(Coordinator):
+class Health(Jobs):
     """Run by every supervision round for each volume this node coordinates."""
 
     async def _health(self, hv: HostedVolume) -> None:

@@ -8,7 +8,8 @@ volume's health. As a follower it applies the batches it receives in sequence or
 from an older epoch, so a deposed coordinator can never get a write acknowledged by a follower.
 
 The roles live in their own files: ``coordinator`` (Meta for the mounts, acknowledgement by the
-in-sync set), ``health`` (repair, rejoin, space, scheduled snapshots), ``follower`` (fenced apply),
+in-sync set), ``jobs`` (restore and fsck under the maintenance mark, whole-keyspace reads in worker
+threads), ``health`` (repair, rejoin, space, scheduled snapshots), ``follower`` (fenced apply),
 on ``context`` (the copies on disk) and ``replica`` (one copy). This file decides, every round,
 which role the node plays for each volume, and deletes a copy only when the store says so.
 """
@@ -23,6 +24,7 @@ import trio
 
 from pxfs.cluster import records
 from pxfs.errors import Conflict, PxfsError
+from pxfs.volume.coordinator import Filling
 from pxfs.volume.follower import Follower
 from pxfs.volume.health import Health
 from pxfs.volume.replica import HostedSnapshot, HostedVolume
@@ -110,6 +112,8 @@ class VolumeHost(Health, Follower):
                 except Conflict as err:
                     log.warning("node=%s volume=%s: %s", self.node_id, name, err)
                     continue
+                except Filling:
+                    continue  # a new clone: its copy runs, the next round finds it done
                 try:
                     await self._health(hv)
                 except PxfsError as err:  # one volume's trouble never stops the others' supervision

@@ -78,6 +78,7 @@ class HostedVolume:
         # One driver at a time of the job under the maintenance mark (pxfs.meta.maintenance): a
         # restore or fsck repair asked for, or a supervision round finishing one.
         self.job_lock = trio.Lock()
+        self.cloned: trio.Event | None = None  # set when the copy filling this new clone is done
         self.changed_keys: list[bytes] | None = None  # keys written by the operation VolumeHost.call runs
         # mount id -> its Volume server, which holds the mount's Watcher (capnp thread only)
         self.watchers: dict[str, Any] = {}

@@ -2,8 +2,8 @@
 through real `pxfs node` processes: every call the coordinator runs counts the keys it reads and
 writes (``KV.touched``) and warns past ``STEP_KEYS``; the workload makes a volume of some 85000 keys
 (two 40000-block files, small files) and does what used to be one unbounded step: open, truncate and
-unlink of the big files, a snapshot and a restore, fsck and its repair, locate and chunk references.
-No warning may come. The nodes' loop watch (``pxfs.loopwatch``) reports the longest steps in wall
+unlink of the big files, a snapshot and a restore, fsck and its repair, locate and chunk references,
+a clone. No warning may come. The nodes' loop watch (``pxfs.loopwatch``) reports the longest steps in wall
 and CPU time; they are printed, not asserted: a loaded machine stretches any step."""
 
 from __future__ import annotations
@@ -76,6 +76,14 @@ async def workload(c: FaultCluster, vol: str) -> None:
         report = await v.fsck(True)
         assert report["ok"] is True and report["blocks"] == 2 * N, report
         assert len(await v.locate([HASHES[0]])) == 2 * N // len(HASHES)
+    # A clone of it: its copy runs in a worker thread, the first open waits for it.
+    async with node_connection(c, 0) as conn:
+        await (await conn.admin()).clone_volume(f"{vol}@s", f"{vol}-copy")
+    async with opened(c, f"{vol}-copy") as (_vs, v, _info):
+        a = await v.lookup(1, b"a")
+        _attr, blocks = await v.open(a.ino)
+        assert len(blocks) == N
+        await v.release(a.ino)
 
 
 def test_no_meta_call_touches_more_keys_than_a_bounded_step(cluster3: FaultCluster) -> None:
