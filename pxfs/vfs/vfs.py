@@ -187,6 +187,8 @@ class Vfs:
                 missing.append(h)
             else:
                 got[h] = data
+        self.cache.hits += len(got)
+        self.cache.misses += len(missing)
 
         async def fetch(h: bytes) -> None:
             got[h] = await self.cache.get(h)

@@ -137,7 +137,7 @@ async def test_remount_reads_back(meta: FakeMeta, chunks: FakeChunks) -> None:
         await vfs.release(fh)
 
 
-async def test_read_cache_counts_hits_and_misses_of_stored_blocks(meta: FakeMeta, chunks: FakeChunks) -> None:
+async def test_read_cache_counts_hits_and_misses_of_the_chunks_reads_need(meta: FakeMeta, chunks: FakeChunks) -> None:
     data = pattern(3 * BLOCK, seed=5)
     async with running(meta, chunks) as vfs:
         fh, ino = await new_file(vfs)
