@@ -393,21 +393,25 @@ class Meta:
         bs = self.block_size
         delta = 0
         for idx, w in sorted(blocks.items()):
-            w = as_write(w)
-            for digest, off, length in w.slices:
+            w = w if isinstance(w, BlockWrite) else as_write(w)
+            ss = w.slices
+            for digest, off, length in ss:
                 if idx < 0 or off < 0 or length < 0 or off + length > bs or len(digest) != HASH_LEN:
                     raise FsError(errno.EINVAL, f"inode {ino}", f"bad slice of block {idx} ({length} bytes at {off})")
             key = keys.block_key(ino, idx)
             raw = txn.get(key)
-            old = keys.decode_block(raw) if raw is not None else ()
-            new = slices.add(old, w.slices) if w.append else slices.add((), w.slices)
+            if w.append:
+                new = slices.add(keys.decode_block(raw) if raw is not None else (), ss)
+            else:  # the common case, a block written whole: one slice, nothing to hide
+                new = ss if len(ss) == 1 and ss[0][2] > 0 else slices.add((), ss)
             if len(new) > slices.MAX_SLICES:
                 raise FsError(errno.EINVAL, f"inode {ino}", f"block {idx} would hold {len(new)} slices "
                               f"(at most {slices.MAX_SLICES}): write it whole")
             length = slices.extent(new)
             if idx * bs + length > new_size:
                 raise FsError(errno.EINVAL, f"inode {ino}", f"block {idx} reaches past size {new_size}")
-            delta -= slices.extent(old)
+            if raw is not None:
+                delta -= keys.block_length(raw)
             if new:
                 txn.put(key, keys.encode_block(new))
             else:

@@ -45,7 +45,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pxfs.errors import Corrupt
-from pxfs.meta.slices import Block
+from pxfs.meta.slices import Block, extent
 
 ROOT_INO = 1
 HASH_LEN = 32
@@ -61,6 +61,7 @@ _ATTR = struct.Struct(">BIIIIQQqqqQ")
 _DENTRY = struct.Struct(">QB")
 _BLOCK = struct.Struct(f">{HASH_LEN}sI")
 _SLICE = struct.Struct(f">{HASH_LEN}sII")
+_LEN_AT_END = struct.Struct(">I")
 _SLICES_VERSION = 1
 
 
@@ -230,6 +231,13 @@ def encode_block(block: Block) -> bytes:
     if len(block) == 1 and block[0][1] == 0:
         return _BLOCK.pack(block[0][0], block[0][2])
     return bytes([_SLICES_VERSION]) + b"".join(_SLICE.pack(*s) for s in block)
+
+
+def block_length(value: bytes) -> int:
+    """``slices.extent`` of an encoded block entry, without decoding the common one-chunk form."""
+    if len(value) == _BLOCK.size:
+        return _LEN_AT_END.unpack_from(value, HASH_LEN)[0]
+    return extent(decode_block(value))
 
 
 def decode_block(value: bytes) -> Block:
