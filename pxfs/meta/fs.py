@@ -562,19 +562,27 @@ class Meta:
         return None if pending is None else pending.known
 
     def purge_due(self) -> int:
-        """Run a deferred purge once every mount it waits for settled; returns the orphans freed.
+        """Run a deferred purge once every mount it waits for settled, one bounded batch per call;
+        returns the orphans freed (the purge stays due until a batch finds none left).
 
         The coordinator calls this periodically, through its call path so that the batch replicates.
         """
         pending = self.handles.pending
         if pending is None or pending.waiting() != []:
             return 0
-        self.handles.pending = None
-        return self.purge_orphans()
+        freed, more = handles.purge_orphans(self._txn(), self.handles)
+        if not more:
+            self.handles.pending = None
+        return freed
 
     def purge_orphans(self) -> int:
-        """Free every orphan no handle counted here holds; returns how many."""
-        return handles.purge_orphans(self._txn(), self.handles)
+        """Free every orphan no handle counted here holds, in bounded batches; returns how many."""
+        total = 0
+        while True:
+            freed, more = handles.purge_orphans(self._txn(), self.handles)
+            total += freed
+            if not more:
+                return total
 
     # -- the purge list: block entries of freed inodes, PURGE_BATCH per batch -------------------
     def purging(self) -> bool:

@@ -19,6 +19,8 @@ from pxfs.meta import keys
 from pxfs.meta.keys import OP_SLOTS
 from pxfs.meta.txn import Txn
 
+ORPHAN_BATCH = 256  # orphans one batch frees at most (each up to PURGE_BATCH keys)
+
 
 class PendingPurge:
     """The mounts a new coordinator waits for before it frees orphans nobody reopened.
@@ -151,10 +153,15 @@ def reopen(txn: Txn, handles: OpenHandles, mount: str, inos: list[int]) -> list[
     return gone
 
 
-def purge_orphans(txn: Txn, handles: OpenHandles) -> int:
-    """Free every orphan that no handle counted here holds; returns how many; commits ``txn``."""
+def purge_orphans(txn: Txn, handles: OpenHandles) -> tuple[int, bool]:
+    """Free the orphans that no handle counted here holds, as one bounded batch (a few hundred
+    inodes, or PURGE_BATCH keys: a file's blocks past that go to the purge list); commits ``txn``.
+    Returns how many were freed and whether some are left for the next batch."""
     count = 0
     for key, _ in txn.kv.scan(keys.ORPHAN_PREFIX):
+        if count >= ORPHAN_BATCH or txn.size >= keys.PURGE_BATCH:
+            txn.commit()
+            return count, True
         ino = keys.orphan_ino(key)
         if handles.counted(ino):
             continue
@@ -165,4 +172,4 @@ def purge_orphans(txn: Txn, handles: OpenHandles) -> int:
             txn.purge(a)
         count += 1
     txn.commit()
-    return count
+    return count, False

@@ -28,6 +28,11 @@ class Txn:
         self._attrs: dict[int, Attr | None] = {}
         self._dirty: set[int] = set()
 
+    @property
+    def size(self) -> int:
+        """Keys written so far: what bounds one batch."""
+        return len(self._pending)
+
     # -- raw keys -------------------------------------------------------------------------------
     def get(self, key: bytes) -> bytes | None:
         if key in self._pending:

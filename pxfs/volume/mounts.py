@@ -61,7 +61,12 @@ async def tend(meta: Meta, call: Call, store: ControlStore, volume: str) -> int:
         return 0
     if pending is False:
         meta.mounts_registered(await registered(store, volume))
-    freed = await call(lambda m: m.purge_due())
+    freed = 0
+    while True:  # a bounded batch per call: the loop is free between them
+        n = await call(lambda m: m.purge_due())
+        freed += n
+        if not n or meta.purge_pending() is None:
+            break
     if freed:
         log.info("volume=%s freed %d orphan inode(s) no mount reopened after the coordinator changed", volume, freed)
     return freed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 
+from pxfs.meta import handles, keys
 from pxfs.meta.fs import Meta
 from tests.meta.test_fs import BLOCK, H1, ROOT, fails, mkfile, used
 
@@ -168,3 +169,26 @@ def test_registrations_read_after_the_purge_was_deferred(meta: Meta) -> None:
     fails(errno.ENOENT, m.getattr, y)
     fails(errno.ENOENT, m.getattr, f.ino)
     assert m.getattr(x).nlink == 0 and m.purge_pending() is None
+
+
+def test_a_due_purge_frees_orphans_in_bounded_batches(meta: Meta) -> None:
+    """Hundreds of orphans whose mount never came back after a failover: freed a bounded number per
+    batch (the coordinator calls again while some are left), never all in one."""
+    n = 2 * handles.ORPHAN_BATCH + 10
+    for i in range(n):
+        orphan(meta, b"o%d" % i, "gone")
+    clock = Clock()
+    m = new_coordinator(meta, {"gone": clock.now}, clock)
+    assert m.purge_due() == 0  # its registration has not expired yet
+    clock.now += TTL + 1
+    batches = []
+    while True:
+        seq = m.kv.seq
+        freed = m.purge_due()
+        if not freed:
+            break
+        batches.append(freed)
+        assert m.kv.seq == seq + 1  # one batch each
+    assert batches == [handles.ORPHAN_BATCH, handles.ORPHAN_BATCH, 10]
+    assert m.purge_pending() is None
+    assert not list(m.kv.scan(keys.ORPHAN_PREFIX)) and used(m) == 0
