@@ -41,6 +41,7 @@ PUTS_IN_FLIGHT = 8
 # little enough that the writer gets room back in steps rather than all at the end.
 GROUP_BYTES = 16 << 20
 RETRY_AFTER = 1.0  # seconds without background uploads of an inode after one of them failed
+STREAMING_HOLD = 5  # intervals a timer flush waits at most for a writer to pause
 PUT_ROUNDS = 3  # puts and commit again when a commit comes too late after its puts (PutsExpired)
 
 # (append, old slices kept, [(offset in the block, bytes to store as a slice over them)])
@@ -106,6 +107,7 @@ class Writeback:
             pos += n
             st.size = max(st.size, pos)
         st.mtime_ns = time.time_ns()
+        st.last_write = trio.current_time()
         if completed:
             self._start(st)
         if self.dirty_bytes > self.high_water:
@@ -387,10 +389,15 @@ class Writeback:
         self._notify()
 
     async def flush_due(self, max_age: float) -> None:
-        """Timer flush: every inode whose oldest dirty byte is older than ``max_age`` seconds."""
+        """Timer flush: every inode whose oldest dirty byte is older than ``max_age`` seconds, unless
+        it is being written right now (a write in the last half interval): a block the writer is
+        still filling would be stored in pieces (slices), so it waits for a pause, or at most
+        ``STREAMING_HOLD`` intervals."""
         now = trio.current_time()
         for st in self.dirty_inodes():
             if st.dirty_since is None or now - st.dirty_since < max_age:
+                continue
+            if now - st.last_write < max_age / 2 and now - st.dirty_since < STREAMING_HOLD * max_age:
                 continue
             try:
                 await self.sync(st)

@@ -73,6 +73,7 @@ class OpenInode:
         self.error_seq = 0  # failures so far
         self.error_seen = True  # some handle reported the latest one
         self.retry_at = 0.0  # after a failed upload, background uploads wait until then (trio clock)
+        self.last_write = 0.0  # trio clock time of the latest write to it (the timer waits for a pause)
         # One upload (or truncate) at a time per inode: commits of one file land in order, and a
         # truncate never races an upload of the blocks it cuts.
         self.lock = trio.Lock()

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import random
 
+import blake3
+import trio
+import trio.testing
+
 from pxfs.errors import PutsExpired
 from pxfs.meta import slices
+from pxfs.meta.slices import whole
 from tests.vfs.conftest import BLOCK, ROOT, pattern, running
 from tests.vfs.fakes import FakeChunks, FakeMeta
 
@@ -135,3 +140,23 @@ async def test_a_commit_too_late_after_its_puts_puts_them_again(meta: FakeMeta, 
     assert refused and refused[0] is not None  # the commit said when its puts began
     assert chunks.started == 2  # the one chunk, put twice
     assert meta.meta.getattr(attr.ino).size == BLOCK
+
+
+async def test_the_timer_waits_for_a_writer_to_pause(meta: FakeMeta, chunks: FakeChunks,
+                                                     autojump_clock: trio.testing.MockClock) -> None:
+    """A block still being filled is not flushed in pieces by the timer while writes keep coming
+    (it would be stored as slices); it is once the writer pauses, or after STREAMING_HOLD intervals."""
+    data = pattern(BLOCK)
+    async with running(meta, chunks, flush_interval=1.0) as vfs:
+        fh, attr = await vfs.create(ROOT, b"f", 0o644, 0, 0, 0)
+        for off in range(0, BLOCK // 2, 256):  # a slow writer: 256 bytes every 0.2 s, for 1.6 s
+            await vfs.write(fh, off, data[off:off + 256])
+            await trio.sleep(0.2)
+        assert meta.commits == []  # dirty for longer than the interval, but never idle for half of it
+        for off in range(BLOCK // 2, BLOCK, 256):
+            await vfs.write(fh, off, data[off:off + 256])
+            await trio.sleep(0.05)
+        await trio.sleep(2)  # the pause: now it goes, in one piece
+        assert [list(w) for _ino, w, _size in meta.commits] == [[0]]
+        assert meta.meta.get_blocks(attr.ino)[1] == {0: whole(blake3.blake3(data).digest(), BLOCK)}
+        await vfs.release(fh)
