@@ -57,7 +57,7 @@ def test_scrub_heals_one_bad_copy_and_reports_what_is_lost(shared_cluster: Clust
     r1, r2 = shared_cluster.json("volume", "inspect", "rot2")["replicas"]
     first_block = keep[: 1 << 20]
     flip(chunk_file(shared_cluster, r1, first_block))
-    proc = shared_cluster.cli("scrub", "rot2", "--json")
+    proc = shared_cluster.cli("scrub", "rot2", "--json", timeout=240)
     report = json.loads(proc.stdout)
     assert report["replicas"][r1]["corrupt"] == 1 and report["replicas"][r2]["corrupt"] == 0
     assert report["volumes"]["rot2"]["state"] == "healthy" and report["volumes"]["rot2"]["lost"] == []
@@ -65,11 +65,11 @@ def test_scrub_heals_one_bad_copy_and_reports_what_is_lost(shared_cluster: Clust
 
     for node in (r1, r2):
         flip(chunk_file(shared_cluster, node, doomed))
-    proc = shared_cluster.cli("scrub", "rot2", "--json", check=False)
+    proc = shared_cluster.cli("scrub", "rot2", "--json", check=False, timeout=240)
     assert proc.returncode == 1
     lost = json.loads(proc.stdout)["volumes"]["rot2"]["lost"]
     assert [(p["path"], p["offset"], p["length"]) for p in lost] == [("/doomed", 0, 100_000)]
-    text = shared_cluster.cli("scrub", "rot2", check=False).stdout
+    text = shared_cluster.cli("scrub", "rot2", check=False, timeout=240).stdout
     assert "/doomed" in text and "no good copy" in text
     # Never returned: a read of the lost block fails with EIO instead of handing out wrong bytes.
     with mounted(shared_cluster, "rot2", tmp_path / "c") as m:
