@@ -114,6 +114,15 @@ async def get_volume(cluster: Cluster, name: str) -> VolumeInfo:
         return await (await conn.admin()).get_volume(name)
 
 
+async def put_everywhere(cluster: Cluster, info: VolumeInfo, datas: list[bytes]) -> None:
+    """Put chunks on every replica of the volume, as a mount does before it commits them."""
+    for node in info.replicas:
+        async with node_connection(cluster, node_index(node)) as conn:
+            chunks = await conn.chunks()
+            for d in datas:
+                await chunks.put(blake3.blake3(d).digest(), d)
+
+
 async def create_volume(cluster: Cluster, name: str, repl: int = 3) -> VolumeInfo:
     async with node_connection(cluster, 0) as conn:
         return await (await conn.admin()).create_volume(name, 256 * MiB, repl, BLOCK, {})

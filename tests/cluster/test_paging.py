@@ -11,9 +11,9 @@ import blake3
 import trio
 
 from pxfs.meta.slices import whole
-from tests.cluster.test_hostile import BLOCK, create_volume, node_index, opened
+from tests.cluster.test_hostile import BLOCK, create_volume, opened, put_everywhere
 from tests.cluster.test_opids import seqs
-from tests.conftest import Cluster, node_connection
+from tests.conftest import Cluster
 
 REG = stat.S_IFREG | 0o644
 DATA = [b"chunk %d" % i for i in range(5)]
@@ -25,11 +25,7 @@ async def test_a_block_map_of_many_pages(shared_cluster: Cluster) -> None:
     c = shared_cluster
     await create_volume(c, "paged")
     async with opened(c, "paged") as (_vs, vol, info):
-        for node in info.replicas:
-            async with node_connection(c, node_index(node)) as conn:
-                chunks = await conn.chunks()
-                for d, h in zip(DATA, HASHES, strict=True):
-                    await chunks.put(h, d)
+        await put_everywhere(c, info, DATA)
         f = await vol.create(1, b"f", REG, 0, 0)
         blocks = {i: (HASHES[i % 5], 1) for i in range(N)}  # one byte of each block: a sparse file
         for lo in range(0, N, 10000):

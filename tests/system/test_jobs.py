@@ -18,9 +18,8 @@ from pxfs.errors import Conflict, Unavailable
 from pxfs.meta import keys, maintenance
 from pxfs.meta.kv import Batch, RocksKV
 from pxfs.meta.slices import whole
-from tests.cluster.test_hostile import BLOCK, create_volume, get_volume, node_index, opened
+from tests.cluster.test_hostile import BLOCK, create_volume, get_volume, opened, put_everywhere
 from tests.cluster.test_opids import seqs
-from tests.conftest import node_connection
 from tests.system.faults import FaultCluster, fault_cluster, healthy, wait_volume
 
 REG = stat.S_IFREG | 0o644
@@ -44,11 +43,7 @@ async def populate(c: FaultCluster, vol: str) -> None:
     and other files made: the restore has N block entries and more to put back."""
     await create_volume(c, vol)
     async with opened(c, vol) as (_vs, v, info):
-        for node in info.replicas:
-            async with node_connection(c, node_index(node)) as conn:
-                chunks = await conn.chunks()
-                for d, h in zip(DATA, HASHES, strict=True):
-                    await chunks.put(h, d)
+        await put_everywhere(c, info, DATA)
         f = await v.create(1, b"big", REG, 0, 0)
         want = blocks()
         for lo in range(0, N, N // 2):

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from pxfs.volume.coordinator import STEP_KEYS
-from tests.cluster.test_hostile import BLOCK, create_volume, node_index, opened
+from tests.cluster.test_hostile import BLOCK, create_volume, opened, put_everywhere
 from tests.conftest import node_connection
 from tests.system.faults import FaultCluster, fault_cluster
 
@@ -40,11 +40,7 @@ def cluster3(tmp_path: Path) -> Iterator[FaultCluster]:
 async def workload(c: FaultCluster, vol: str) -> None:
     await create_volume(c, vol)
     async with opened(c, vol) as (_vs, v, info):
-        for node in info.replicas:
-            async with node_connection(c, node_index(node)) as conn:
-                chunks = await conn.chunks()
-                for d, h in zip(DATA, HASHES, strict=True):
-                    await chunks.put(h, d)
+        await put_everywhere(c, info, DATA)
         big = []
         for name in (b"a", b"b"):
             f = await v.create(1, name, REG, 0, 0)
