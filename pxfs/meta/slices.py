@@ -80,7 +80,7 @@ def add(block: Block, new: Iterable[Slice]) -> Block:
         _h, off, n = s
         if not _within(covered, off, off + n):
             kept.append(s)
-            covered = _union(covered, off, off + n)
+            covered = union(covered, off, off + n)
     return tuple(reversed(kept))
 
 
@@ -132,7 +132,8 @@ def _within(ranges: list[tuple[int, int]], lo: int, hi: int) -> bool:
     return any(a <= lo and hi <= b for a, b in ranges)
 
 
-def _union(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+def union(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    """Sorted, disjoint ``ranges`` with ``[lo, hi)`` added (touching ranges merge)."""
     out: list[tuple[int, int]] = []
     for a, b in sorted([*ranges, (lo, hi)]):
         if out and a <= out[-1][1]:

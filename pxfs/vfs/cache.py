@@ -80,6 +80,26 @@ class ChunkCache:
             done.set()
         return data
 
+    async def get_many(self, hashes: Iterable[bytes]) -> tuple[dict[bytes, bytes], int]:
+        """Every chunk of ``hashes``, those not cached fetched at once; and how many were fetched."""
+        got: dict[bytes, bytes] = {}
+        missing = []
+        for h in set(hashes):
+            data = self.peek(h)
+            if data is None:
+                missing.append(h)
+            else:
+                got[h] = data
+
+        async def fetch(h: bytes) -> None:
+            got[h] = await self.get(h)
+
+        if len(missing) > 1:
+            await run_all(lambda h=h: fetch(h) for h in missing)
+        elif missing:
+            await fetch(missing[0])
+        return got, len(missing)
+
     async def prefetch(self, h: bytes) -> None:
         """Background readahead: a failure only costs the later read a fetch of its own."""
         try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import blake3
 import trio
@@ -278,22 +278,11 @@ class Writeback:
         if how.append:
             return True, (), [(a, buf[a:b]) for a, b in ranges]
         under = [s for s in old if s[1] < how.hi and s[1] + s[2] > how.lo]
-        chunks = await self._fetch(slices.hashes(under))
+        chunks, _fetched = await self._cache.get_many(slices.hashes(under))
         merged = bytearray(slices.assemble(tuple(under), how.lo, how.hi, chunks.__getitem__))
         for a, b in ranges:
             merged[a - how.lo:b - how.lo] = buf[a:b]
         return False, how.keep, [(how.lo, bytes(merged))]
-
-    async def _fetch(self, hs: list[bytes]) -> dict[bytes, bytes]:
-        got: dict[bytes, bytes] = {}
-
-        def fetch(h: bytes) -> Callable[[], Awaitable[None]]:
-            async def go() -> None:
-                got[h] = await self._cache.get(h)
-            return go
-
-        await run_all(fetch(h) for h in set(hs))
-        return got
 
     async def _send(self, ino: int, flight: Flight, size: int,
                     mtime_ns: int) -> tuple[Attr, dict[int, BlockWrite], dict[bytes, bytes]]:

@@ -47,13 +47,7 @@ class DirtyBlock:
         return (self.based and self.valid == bs) or self.ranges == [(0, bs)]
 
     def wrote(self, lo: int, hi: int) -> None:
-        out: list[tuple[int, int]] = []
-        for a, b in sorted([*self.ranges, (lo, hi)]):
-            if out and a <= out[-1][1]:
-                out[-1] = (out[-1][0], max(out[-1][1], b))
-            else:
-                out.append((a, b))
-        self.ranges = out
+        self.ranges = slices.union(self.ranges, lo, hi)
 
     def clip(self, keep: int) -> None:
         """Forget what was written at or past ``keep`` (a truncate)."""

@@ -24,7 +24,7 @@ from pxfs.errors import FsError, PxfsError
 from pxfs.meta import slices, xattrs
 from pxfs.meta.names import check_length
 from pxfs.model import Attr
-from pxfs.vfs.cache import ChunkCache, run_all
+from pxfs.vfs.cache import ChunkCache
 from pxfs.vfs.dircache import KnownDirs
 from pxfs.vfs.flush import Writeback
 from pxfs.vfs.openfile import Handle, OpenInode
@@ -179,24 +179,9 @@ class Vfs:
         """The chunks a read of blocks ``first..last`` needs, fetched at once where not cached."""
         need = {h for i in range(first, last + 1) if not (i in st.dirty and st.dirty[i].based)
                 for h in slices.hashes(st.blocks.get(i, ()))}
-        got: dict[bytes, bytes] = {}
-        missing = []
-        for h in need:
-            data = self.cache.peek(h)
-            if data is None:
-                missing.append(h)
-            else:
-                got[h] = data
-        self.cache.hits += len(got)
-        self.cache.misses += len(missing)
-
-        async def fetch(h: bytes) -> None:
-            got[h] = await self.cache.get(h)
-
-        if len(missing) > 1:
-            await run_all(lambda h=h: fetch(h) for h in missing)
-        elif missing:
-            await fetch(missing[0])
+        got, fetched = await self.cache.get_many(need)
+        self.cache.hits += len(got) - fetched
+        self.cache.misses += fetched
         return got
 
     def _read_ahead(self, st: OpenInode, start: int) -> None:
