@@ -14,7 +14,7 @@ the rest.
 Why the grace suffices: coordinators refuse a commit more than the commit window after its puts
 began (``PutsExpired``), so a chunk that a commit names after this round's mark was put at most a
 window before that commit, i.e. after mark start minus a window. The sweep stops at mark start plus
-the grace minus the window (``sweep_until``): by then such a chunk is still younger than the grace.
+the grace minus the window (the sweep's ``until``): by then such a chunk is still younger than the grace.
 
 When: every ``interval`` seconds, and sooner when woken: a put found no room (a full pool collects
 at once, as far as the grace allows), or this node stored a tenth of its capacity since the last
@@ -32,7 +32,7 @@ from typing import Any
 import trio
 
 from pxfs.cluster import records
-from pxfs.cluster.config import COMMIT_WINDOW
+from pxfs.cluster.config import COMMIT_WINDOW, check_gc_grace
 from pxfs.cluster.store import ControlStore
 from pxfs.errors import PxfsError, Unavailable
 from pxfs.model import VolumeInfo
@@ -95,6 +95,8 @@ class Collector:
                                   f"the record names uid {spec.uid}: nothing deleted")
 
     async def collect(self, dry_run: bool, grace: float) -> dict[str, Any]:
+        # Whoever asks: a shorter grace could sweep a chunk whose commit is still on its way.
+        check_gc_grace(grace, f"gc on node {self.node_id} with grace {grace:g} s", self._window)
         async with self._lock:
             start = time.monotonic()
             if self._guard is not None:
